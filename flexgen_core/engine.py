@@ -1,0 +1,206 @@
+"""The engine: load a checkpoint onto tiers per a policy, then generate with the block schedule.
+
+    from flexgen_core import Engine, Policy
+    with Engine.from_pretrained("facebook/opt-1.3b", policy=Policy(w_gpu_percent=50, w_cpu_percent=50)) as engine:
+        results = engine.generate([[2, 100, 200]], max_new_tokens=8)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Sequence as Seq
+
+import torch
+
+from flexgen_core import checkpoint, memory
+from flexgen_core.decoding import DecodeSettings, GenerationResult, Sequence, sequence_generator
+from flexgen_core.models.registry import family_for
+from flexgen_core.policy import Policy
+from flexgen_core.schedule import Batch, BlockRunner
+from flexgen_core.storage import TORCH_DTYPES, Devices, OffloadDir
+from flexgen_core.weights import WeightStore
+
+log = logging.getLogger(__name__)
+
+
+def _as_policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
+    if policy is None:
+        return Policy()
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, Mapping):
+        return Policy.from_dict(policy)
+    if policy == "auto":
+        raise ValueError("policy='auto' needs the planner, which this version does not have yet; pass a Policy")
+    raise ValueError(f"policy must be a Policy, a mapping of Policy fields or 'auto', got {policy!r}")
+
+
+class Engine:
+    def __init__(self, folder, config, layers, policy: Policy, devices: Devices, dtype: torch.dtype,
+                 offload: OffloadDir, weights: WeightStore):
+        self.folder = folder
+        self.config = config
+        self.layers = layers
+        self.policy = policy
+        self.devices = devices
+        self.dtype = dtype
+        self.offload = offload
+        self.weights = weights
+        self.runner = BlockRunner(layers, weights, config, policy, devices, dtype, offload)
+        self._closed = False
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, policy: Policy | Mapping[str, Any] | str | None = None,
+                        offload_dir: str | os.PathLike | None = None, device: str = "auto",
+                        dtype: str = "float32") -> "Engine":
+        policy = _as_policy(policy)
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
+        if policy.compress_weight or policy.compress_cache:
+            raise ValueError("compress_weight/compress_cache are not supported by this version yet")
+        devices = Devices(device)
+        folder = checkpoint.resolve(name_or_path)
+        family = family_for(checkpoint.read_config(folder))
+        config = family.config_from_hf(checkpoint.read_config(folder))
+        layers = family.build_layers(config)
+        files = checkpoint.weight_files(folder)
+        sources = _match_checkpoint(layers, checkpoint.checkpoint_keys(files), folder)
+
+        offload = OffloadDir(offload_dir)
+        try:
+            weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
+            for key, tensor in checkpoint.iter_tensors(files, set(sources)):
+                for layer_idx, name in sources[key]:
+                    weights.put(layer_idx, name, tensor)
+                del tensor
+            engine = cls(folder, config, layers, policy, devices, TORCH_DTYPES[dtype], offload, weights)
+        except BaseException:
+            offload.close()
+            raise
+        log.info("loaded %s (%s, %d layers) with policy %s on %s", folder, config.family, config.num_layers,
+                 policy.percent, devices.compute)
+        return engine
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(self, prompts: Seq[Seq[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, num_completions: int = 1, stop: Seq[Seq[int]] | None = None,
+                 echo_prompt: bool = False, top_k_logprobs: int = 0,
+                 seed: int | Seq[int] | None = None) -> list[GenerationResult]:
+        """Generate for every prompt (token-id lists used as given). See README for the result fields."""
+        if self._closed:
+            raise ValueError("this engine is closed")
+        prompts = [list(p) for p in prompts]
+        seeds = self._validate(prompts, max_new_tokens, temperature, top_p, num_completions, stop,
+                               top_k_logprobs, seed)
+        settings = DecodeSettings(max_new_tokens, float(temperature), float(top_p), top_k_logprobs,
+                                  tuple(tuple(s) for s in stop or ()), self.config.eos_token_id)
+        # Greedy completions of one prompt are identical: compute one and copy it.
+        distinct = num_completions if temperature > 0 and max_new_tokens > 0 else 1
+        seqs = [
+            Sequence(prompt, sequence_generator(seeds[p_idx], c_idx) if temperature > 0 else None)
+            for p_idx, prompt in enumerate(prompts) for c_idx in range(distinct)
+        ]
+        # Longest first, so each block pads little.
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].prompt))
+        block = self.policy.block_size
+        for start in range(0, len(order), block):
+            self._run_block([seqs[i] for i in order[start:start + block]], settings, echo_prompt)
+
+        results = []
+        for p_idx, prompt in enumerate(prompts):
+            own = seqs[p_idx * distinct:(p_idx + 1) * distinct]
+            completions = [own[c % distinct].out for c in range(num_completions)]
+            if distinct == 1 and num_completions > 1:
+                completions = [completions[0]] + [_copy(c) for c in completions[1:]]
+            results.append(GenerationResult(prompt, completions, own[0].prompt_logprobs if echo_prompt else None))
+        return results
+
+    def _run_block(self, seqs: list[Sequence], settings: DecodeSettings, echo_prompt: bool) -> None:
+        prompt_len = max(len(s.prompt) for s in seqs)
+        pad_id = 0
+        batches = []
+        for start in range(0, len(seqs), self.policy.gpu_batch_size):
+            members = seqs[start:start + self.policy.gpu_batch_size]
+            pads = [prompt_len - len(s.prompt) for s in members]
+            ids = torch.tensor([[pad_id] * pad + s.prompt for pad, s in zip(pads, members)],
+                               dtype=torch.long, device=self.devices.compute)
+            batches.append(Batch(ids, pads, members))
+        self.runner.run(batches, settings, echo_prompt)
+
+    def _validate(self, prompts, max_new_tokens, temperature, top_p, num_completions, stop, top_k_logprobs,
+                  seed) -> list[int]:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not isinstance(num_completions, int) or num_completions < 1:
+            raise ValueError(f"num_completions must be an integer >= 1, got {num_completions!r}")
+        if not isinstance(top_k_logprobs, int) or top_k_logprobs < 0:
+            raise ValueError(f"top_k_logprobs must be an integer >= 0, got {top_k_logprobs!r}")
+        for s in stop or ():
+            if len(s) == 0:
+                raise ValueError("stop sequences must be non-empty token-id lists")
+        vocab, limit = self.config.vocab_size, self.config.max_positions
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+            if len(prompt) + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                    f"the model's context of {limit} positions"
+                )
+        if seed is None:
+            return [int(torch.seed()) for _ in prompts]
+        if isinstance(seed, int):
+            return [seed] * len(prompts)
+        if len(seed) != len(prompts):
+            raise ValueError(f"seed has {len(seed)} values for {len(prompts)} prompts")
+        return list(seed)
+
+    # ---- memory -------------------------------------------------------------------------------
+    def memory(self, prompt_len: int, gen_len: int, echo_prompt: bool = False) -> memory.MemoryReport:
+        """Bytes per tier for a block of prompts padded to `prompt_len` generating `gen_len` tokens."""
+        return memory.account(self.layers, self.config, self.policy, prompt_len, gen_len, self.dtype.itemsize,
+                              self.devices.cuda, echo_prompt)
+
+    # ---- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.runner.close()
+            self.offload.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _copy(completion):
+    from dataclasses import replace
+
+    return replace(completion, token_ids=list(completion.token_ids), logprobs=list(completion.logprobs),
+                   top_logprobs=[dict(t) for t in completion.top_logprobs])
+
+
+def _match_checkpoint(layers, keys: set[str], folder) -> dict[str, list[tuple[int, str]]]:
+    """checkpoint key -> the (layer, weight) places it fills; tied weights fill two."""
+    sources: dict[str, list[tuple[int, str]]] = {}
+    for layer_idx, layer in enumerate(layers):
+        for spec in layer.specs:
+            key = next((k for k in spec.checkpoint_names if k in keys), None)
+            if key is None:
+                raise ValueError(
+                    f"checkpoint {str(folder)!r} has no tensor for {layer.name}.{spec.name} "
+                    f"(looked for {spec.checkpoint_names[0]!r})"
+                )
+            sources.setdefault(key, []).append((layer_idx, spec.name))
+    return sources

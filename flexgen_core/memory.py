@@ -1,0 +1,209 @@
+"""Where each tensor lives, and the exact bytes each tier holds (shared by the engine and the planner).
+
+Pure arithmetic: no torch. The engine allocates exactly the buffers these functions describe, and a
+test checks the engine's real allocations against `account()`.
+
+Terms (per tier "gpu" = the compute device, "cpu" = host RAM, "disk" = files under the offload dir):
+- weights: each layer's weights, split by the policy's weight percentages (midpoint rule below);
+- weight_staging: buffers that receive a layer's off-device weights for compute, one per slot
+  (2 slots when overlapping, so layer l+1 streams in while layer l computes);
+- cache: K and V of every attention layer for every GPU batch of a block, split by KV heads;
+- cache_staging: buffers that receive a batch's off-device cache for attention, one per slot;
+- activations: the hidden state of every GPU batch between layers, split by batch rows;
+- workspace: an upper bound on the transient tensors of one layer's compute on one GPU batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+TIERS = ("gpu", "cpu", "disk")
+ALIGN_BYTES = 64  # offsets of tensors packed into one buffer or file
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def align(nbytes: int) -> int:
+    return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+
+
+def split_counts(n: int, gpu_percent: int, cpu_percent: int) -> tuple[int, int, int]:
+    """Split n units (heads, batch rows) into (gpu, cpu, disk) counts, rounding cumulative shares."""
+    gpu_end = (n * gpu_percent + 50) // 100
+    cpu_end = (n * (gpu_percent + cpu_percent) + 50) // 100
+    return gpu_end, cpu_end - gpu_end, n - cpu_end
+
+
+def split_ranges(n: int, gpu_percent: int, cpu_percent: int) -> list[tuple[str, int, int]]:
+    """Non-empty (tier, start, stop) ranges of a split, in tier order."""
+    ranges, start = [], 0
+    for tier, count in zip(TIERS, split_counts(n, gpu_percent, cpu_percent)):
+        if count:
+            ranges.append((tier, start, start + count))
+            start += count
+    return ranges
+
+
+def weight_tiers(sizes: Sequence[int], gpu_percent: int, cpu_percent: int) -> list[str]:
+    """Tier of each of a layer's weights: a weight goes to the tier whose share of the layer's bytes
+    contains the midpoint of the weight's own bytes (FlexGen paper's per-layer percentages)."""
+    total = sum(sizes)
+    tiers, before = [], 0
+    for size in sizes:
+        mid = (before + size / 2) / total * 100 if total else 0.0
+        tiers.append("gpu" if mid < gpu_percent else "cpu" if mid < gpu_percent + cpu_percent else "disk")
+        before += size
+    return tiers
+
+
+def packed_offsets(sizes: Iterable[int]) -> tuple[list[int], int]:
+    """Offsets of tensors packed one after another at ALIGN_BYTES boundaries, and the total size."""
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += align(size)
+    return offsets, end
+
+
+@dataclass(frozen=True)
+class WeightPlacement:
+    """One weight's place: its tier and its stored size in bytes."""
+
+    name: str
+    tier: str
+    nbytes: int
+
+
+def weight_nbytes(spec, dtype_bytes: int, compression=None) -> int:
+    """Stored bytes of one weight; compressed when a compression config is given and the weight allows it."""
+    if compression is not None and spec.compress_group_dim is not None:
+        from flexgen_core.compression import compressed_nbytes
+
+        return compressed_nbytes(spec.shape, compression.with_group_dim(spec.compress_group_dim))
+    return spec.numel * dtype_bytes
+
+
+def place_layer_weights(specs, policy, dtype_bytes: int, compression=None) -> list[WeightPlacement]:
+    sizes = [weight_nbytes(s, dtype_bytes, compression) for s in specs]
+    tiers = weight_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent)
+    return [WeightPlacement(s.name, t, n) for s, t, n in zip(specs, tiers, sizes)]
+
+
+def _bytes_by_tier(placements: Sequence[WeightPlacement]) -> dict[str, int]:
+    """Bytes per tier of one layer's weights as stored: packed (aligned) off the compute device."""
+    out = dict.fromkeys(TIERS, 0)
+    for p in placements:
+        out[p.tier] += p.nbytes if p.tier == "gpu" else align(p.nbytes)
+    return out
+
+
+@dataclass
+class MemoryReport:
+    """Bytes per tier, by term. `peak` sums the terms; workspace is an upper bound, the rest exact."""
+
+    weights: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    weight_staging: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    cache: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    cache_staging: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    activations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    workspace: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+
+    TERMS = ("weights", "weight_staging", "cache", "cache_staging", "activations", "workspace")
+
+    @property
+    def peak(self) -> dict[str, int]:
+        return {tier: sum(getattr(self, term)[tier] for term in self.TERMS) for tier in TIERS}
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {term: dict(getattr(self, term)) for term in self.TERMS} | {"peak": self.peak}
+
+
+@dataclass(frozen=True)
+class CacheSegment:
+    """KV heads [start, stop) of one attention layer, stored on `tier`; attention runs on `compute_on`."""
+
+    tier: str
+    start: int
+    stop: int
+    compute_on: str  # "gpu" or "cpu"
+
+    @property
+    def num_heads(self) -> int:
+        return self.stop - self.start
+
+
+def cache_segments(num_kv_heads: int, policy, cuda: bool) -> list[CacheSegment]:
+    segments = []
+    for tier, start, stop in split_ranges(num_kv_heads, policy.cache_gpu_percent, policy.cache_cpu_percent):
+        on_cpu = tier != "gpu" and policy.cpu_cache_compute and cuda
+        segments.append(CacheSegment(tier, start, stop, "cpu" if on_cpu else "gpu"))
+    return segments
+
+
+def cache_staging_tiers(segment: CacheSegment, cuda: bool) -> list[str]:
+    """Where a segment's cache is staged for attention: host buffer for disk reads, device buffer for
+    host->device copies. Resident segments attend in place."""
+    tiers = []
+    if segment.tier == "disk":
+        tiers.append("cpu")
+    if cuda and segment.tier != "gpu" and segment.compute_on == "gpu":
+        tiers.append("gpu")
+    return tiers
+
+
+def num_slots(policy) -> int:
+    return 2 if policy.overlap else 1
+
+
+def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int, cuda: bool,
+            echo_prompt: bool = False, compression=None) -> MemoryReport:
+    """Exact bytes per tier for generating `gen_len` tokens after prompts padded to `prompt_len`."""
+    report = MemoryReport()
+    slots = num_slots(policy)
+
+    # Weights and their staging slots (each slot fits the largest layer's off-device share).
+    max_host_stage = max_device_stage = 0
+    for layer in layers:
+        per_tier = _bytes_by_tier(place_layer_weights(layer.specs, policy, dtype_bytes, compression))
+        for tier in TIERS:
+            report.weights[tier] += per_tier[tier]
+        max_host_stage = max(max_host_stage, per_tier["disk"])
+        if cuda:
+            max_device_stage = max(max_device_stage, per_tier["cpu"] + per_tier["disk"])
+    report.weight_staging["cpu"] += slots * max_host_stage
+    report.weight_staging["gpu"] += slots * max_device_stage
+
+    # KV cache: per attention layer, per GPU batch, K and V of (total_len, B, heads, head_dim).
+    total_len = prompt_len + gen_len
+    batch = policy.gpu_batch_size
+    row_bytes = total_len * batch * shape.head_dim * dtype_bytes  # one head of K (or V)
+    num_attention = sum(1 for layer in layers if layer.kind.value == "attention")
+    for seg in cache_segments(shape.num_kv_heads, policy, cuda):
+        seg_bytes = 2 * row_bytes * seg.num_heads
+        report.cache[seg.tier] += num_attention * policy.num_gpu_batches * seg_bytes
+        for tier in cache_staging_tiers(seg, cuda):
+            report.cache_staging[tier] += slots * seg_bytes
+
+    # Activations: hidden (B, s, H) of every GPU batch, split by rows; the prompt pass is the peak.
+    row_hidden = prompt_len * shape.hidden_size * dtype_bytes
+    for tier, count in zip(TIERS, split_counts(batch, policy.act_gpu_percent, policy.act_cpu_percent)):
+        report.activations[tier] += policy.num_gpu_batches * count * row_hidden
+
+    report.workspace["gpu"] = workspace_bound(shape, batch, prompt_len, total_len, dtype_bytes, echo_prompt)
+    return report
+
+
+def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_bytes: int, echo_prompt: bool) -> int:
+    """Upper bound on one layer's transient tensors for one GPU batch (the prompt pass dominates)."""
+    tokens = batch * prompt_len
+    hidden = tokens * shape.hidden_size * dtype_bytes
+    kv = 2 * tokens * shape.kv_width * dtype_bytes
+    # input copy, normed input, q, attention output, projected output, layer output; scores of the
+    # unfused attention path; the mask.
+    scores = batch * shape.num_heads * prompt_len * prompt_len * max(dtype_bytes, 4)
+    attention = 6 * hidden + kv + scores + batch * prompt_len * total_len
+    mlp = 4 * hidden + tokens * shape.ffn_size * dtype_bytes * 2
+    logit_rows = tokens if echo_prompt else batch
+    output = 2 * hidden + logit_rows * shape.vocab_size * (dtype_bytes + 4 + 4)  # logits, fp32 log-softmax
+    return max(attention, mlp, output)

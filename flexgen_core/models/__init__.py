@@ -1,0 +1,1 @@
+"""Model families: pure math and checkpoint layouts, no knowledge of where tensors live."""

@@ -1,0 +1,53 @@
+"""What a model family provides to the engine: a config, a list of layers, their weight specs.
+
+The engine treats a model as a sequence of layers (FlexGen paper, Sec. 4: input embedding,
+then attention and MLP of every decoder block as separate layers, then the output embedding).
+Each layer declares its weights (`WeightSpec`) so storage can place them on tiers without
+knowing the family, and exposes pure forward functions that take those weights as tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from math import prod
+
+
+class LayerKind(enum.Enum):
+    INPUT = "input"          # token ids (B, s) -> hidden (B, s, H)
+    ATTENTION = "attention"  # hidden -> hidden, reading and extending the KV cache
+    MLP = "mlp"              # hidden -> hidden
+    OUTPUT = "output"        # hidden -> logits (B, s, V)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str                     # engine-side name, unique within its layer
+    checkpoint_names: tuple[str, ...]  # keys tried in the checkpoint, in order (tied weights share one)
+    shape: tuple[int, ...]
+    # Dimension grouped by 4-bit compression (the output channel for matrices); None = never compressed.
+    compress_group_dim: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Family-independent shape: what memory accounting and the cost model need."""
+
+    family: str
+    num_layers: int          # decoder blocks
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_size: int
+    vocab_size: int
+    max_positions: int
+
+    @property
+    def kv_width(self) -> int:
+        """Width of one token's K (or V) in one layer."""
+        return self.num_kv_heads * self.head_dim

@@ -1,0 +1,50 @@
+"""Shared layer math. Pure functions on tensors: no idea of tiers, batches in a block or files."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, seq, width = x.shape
+    return x.view(batch, seq, num_heads, width // num_heads)  # (B, s, nh, hd)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention.
+
+    q: (B, s_q, nh, hd); k, v: (s_k, B, nkv, hd), the cache layout (positions first, so appending a
+    token is one contiguous write); allowed: (B, 1, s_q, s_k) bool. nh may be a multiple of nkv
+    (grouped-query attention). Returns (B, s_q, nh, hd).
+    """
+    q = q.transpose(1, 2)      # (B, nh, s_q, hd)
+    k = k.permute(1, 2, 0, 3)  # (B, nkv, s_k, hd)
+    v = v.permute(1, 2, 0, 3)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    enable_gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=enable_gqa)
+    return out.transpose(1, 2)  # (B, s_q, nh, hd)

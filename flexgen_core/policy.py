@@ -1,0 +1,104 @@
+"""The offloading policy: batch shape, placement percentages and switches (FlexGen paper, Sec. 4).
+
+Percentages are integers 0-100. For each of weights, KV cache and activations, the GPU share and the
+CPU share are given; whatever the two do not take lives on disk. "GPU" means the compute device: a
+CUDA device, or the CPU itself on a CPU-only host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+_PERCENT_PAIRS = (
+    ("w_gpu_percent", "w_cpu_percent"),
+    ("cache_gpu_percent", "cache_cpu_percent"),
+    ("act_gpu_percent", "act_cpu_percent"),
+)
+_SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache", "pin_weight")
+
+
+@dataclass(frozen=True)
+class Policy:
+    gpu_batch_size: int = 1
+    num_gpu_batches: int = 1
+    w_gpu_percent: int = 100
+    w_cpu_percent: int = 0
+    cache_gpu_percent: int = 100
+    cache_cpu_percent: int = 0
+    act_gpu_percent: int = 100
+    act_cpu_percent: int = 0
+    overlap: bool = True
+    cpu_cache_compute: bool = False
+    compress_weight: bool = False
+    compress_cache: bool = False
+    # Pin host copies of CPU-resident weights (CUDA hosts only). The paper turns this off for 175B.
+    pin_weight: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_batch_size", "num_gpu_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Policy.{name} must be an integer >= 1, got {value!r}")
+        for gpu_name, cpu_name in _PERCENT_PAIRS:
+            for name in (gpu_name, cpu_name):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+                    raise ValueError(f"Policy.{name} must be an integer percent in 0..100, got {value!r}")
+            total = getattr(self, gpu_name) + getattr(self, cpu_name)
+            if total > 100:
+                raise ValueError(
+                    f"Policy.{gpu_name} + Policy.{cpu_name} = {total} exceeds 100 "
+                    f"({getattr(self, gpu_name)} + {getattr(self, cpu_name)})"
+                )
+        for name in _SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Policy.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def w_disk_percent(self) -> int:
+        return 100 - self.w_gpu_percent - self.w_cpu_percent
+
+    @property
+    def cache_disk_percent(self) -> int:
+        return 100 - self.cache_gpu_percent - self.cache_cpu_percent
+
+    @property
+    def act_disk_percent(self) -> int:
+        return 100 - self.act_gpu_percent - self.act_cpu_percent
+
+    @property
+    def block_size(self) -> int:
+        """Sequences per block: the effective batch size."""
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def percent(self) -> tuple[int, int, int, int, int, int]:
+        """The six numbers in the paper's order: weights, cache, activations; GPU then CPU each."""
+        return (
+            self.w_gpu_percent, self.w_cpu_percent,
+            self.cache_gpu_percent, self.cache_cpu_percent,
+            self.act_gpu_percent, self.act_cpu_percent,
+        )
+
+    @classmethod
+    def from_percent(cls, percent: tuple[int, ...] | list[int], **kwargs: Any) -> "Policy":
+        if len(percent) != 6:
+            raise ValueError(f"percent needs 6 numbers (W_G W_C C_G C_C A_G A_C), got {len(percent)}: {percent}")
+        names = [name for pair in _PERCENT_PAIRS for name in pair]
+        return cls(**dict(zip(names, percent)), **kwargs)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Policy":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Policy field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Policy":
+        return dataclasses.replace(self, **changes)

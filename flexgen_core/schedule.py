@@ -1,0 +1,312 @@
+"""The zig-zag block schedule (FlexGen paper, Sec. 4.2, Algorithm 1) and its overlapped I/O.
+
+For each generation step, for each layer, for each GPU batch of the block: compute (step, layer,
+batch) while the next layer's weights, the next batch's KV cache and hidden states load, and the
+previous batch's cache and hidden states store. A layer's weights are loaded once per step and
+reused by every GPU batch. `overlap=False` runs the very same order with each copy done in place.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from flexgen_core.activations import Activations
+from flexgen_core.decoding import DecodeSettings, Sequence, record_prompt_logprobs, select_tokens
+from flexgen_core.kv_cache import KVCache
+from flexgen_core.models import layers as math
+from flexgen_core.models.base import LayerKind
+from flexgen_core.storage import Devices
+
+
+class IOQueue:
+    """Copies off the compute path: one background thread (with its own CUDA stream on GPU hosts).
+
+    Each job first waits for the compute queued before it was submitted (a CUDA event) and for the
+    futures it depends on. With overlap off, jobs run at once on the caller's thread.
+    """
+
+    def __init__(self, overlap: bool, devices: Devices, name: str):
+        self.devices = devices
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"flexgen-{name}") if overlap else None
+        self.stream = torch.cuda.Stream(devices.compute) if overlap and devices.cuda else None
+
+    def submit(self, fn: Callable, *args, waits: tuple[Future | None, ...] = ()) -> Future:
+        if self.pool is None:
+            done: Future = Future()
+            result = fn(*args)
+            if self.devices.cuda:
+                torch.cuda.current_stream(self.devices.compute).synchronize()
+            done.set_result(result)
+            return done
+        event = None
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record()
+        return self.pool.submit(self._run, event, waits, fn, args)
+
+    def _run(self, event, waits, fn, args):
+        for f in waits:
+            if f is not None:
+                f.result()
+        if self.stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(event)
+            result = fn(*args)
+        self.stream.synchronize()
+        return result
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+@dataclass
+class Batch:
+    """One GPU batch of a block: left-padded prompts and the sequences they feed."""
+
+    token_ids: torch.Tensor  # (B, prompt_len) on the compute device
+    pads: list[int]
+    seqs: list[Sequence]
+
+    def positions(self, start: int, length: int) -> torch.Tensor:
+        """Positions of padded indices [start, start+length): index - pad, and -1 on padding."""
+        index = torch.arange(start, start + length, device=self.token_ids.device)
+        pads = torch.tensor(self.pads, device=self.token_ids.device)[:, None]
+        return torch.where(index >= pads, index - pads, -1)  # (B, length)
+
+    def allowed(self, start: int, length: int, key_len: int, device) -> torch.Tensor:
+        """Attention mask (B, 1, length, key_len): causal, no padding keys; each query also sees itself
+        so padding rows stay finite (their outputs are never used)."""
+        query = torch.arange(start, start + length, device=device)[:, None]
+        key = torch.arange(key_len, device=device)[None, :]
+        pads = torch.tensor(self.pads, device=device)[:, None, None]
+        allowed = ((key <= query)[None] & (key[None] >= pads)) | (key == query)[None]
+        return allowed[:, None]
+
+
+class BlockRunner:
+    """Runs one block of GPU batches through every layer for every generation step."""
+
+    def __init__(self, layers, weights, shape, policy, devices: Devices, dtype, offload):
+        self.layers = layers
+        self.weights = weights
+        self.shape = shape
+        self.policy = policy
+        self.devices = devices
+        self.dtype = dtype
+        self.offload = offload
+        self.loads = IOQueue(policy.overlap, devices, "load")
+        self.stores = IOQueue(policy.overlap, devices, "store")
+        self.attention_index = {}
+        for layer_idx, layer in enumerate(layers):
+            if layer.kind is LayerKind.ATTENTION:
+                self.attention_index[layer_idx] = len(self.attention_index)
+        self.load_counts = {"weights": 0, "cache": 0}  # per-kind counters pick staging slots
+        self.last_allocated: dict[str, dict[str, int]] = {}  # real bytes per term, after a prompt pass
+
+    def close(self) -> None:
+        self.loads.close()
+        self.stores.close()
+
+    def run(self, batches: list[Batch], settings: DecodeSettings, echo_prompt: bool) -> None:
+        prompt_len = batches[0].token_ids.shape[1]
+        total_len = prompt_len + settings.max_new_tokens
+        batch_sizes = [len(b.pads) for b in batches]
+        cache = KVCache(self.shape, self.policy, self.devices, self.dtype, self.offload,
+                        len(self.attention_index), batch_sizes, total_len)
+        acts = Activations(self.policy, self.devices, self.dtype, self.offload, batch_sizes,
+                           prompt_len, self.shape.hidden_size)
+        try:
+            _BlockPass(self, batches, cache, acts, settings, echo_prompt, prompt_len).run()
+        finally:
+            cache.close()
+            acts.close()
+
+    def next_slot(self, kind: str) -> int:
+        n = self.load_counts[kind]
+        self.load_counts[kind] = n + 1
+        return n
+
+
+class _BlockPass:
+    """The state of one block's schedule: pending loads and stores, the units in order."""
+
+    def __init__(self, runner: BlockRunner, batches, cache: KVCache, acts: Activations,
+                 settings: DecodeSettings, echo_prompt: bool, prompt_len: int):
+        self.r = runner
+        self.batches = batches
+        self.cache = cache
+        self.acts = acts
+        self.settings = settings
+        self.echo_prompt = echo_prompt
+        self.prompt_len = prompt_len
+        self.num_steps = max(settings.max_new_tokens, 1)
+        self.cache_loads: dict[tuple[int, int], tuple[Future, int]] = {}  # (layer, batch) -> (future, slot)
+        self.cache_stores: dict[tuple[int, int], Future] = {}
+        self.slot_stores: dict[int, Future] = {}  # staging slot -> last store reading from it
+        self.act_loads: dict[int, Future] = {}
+        self.act_stores: dict[int, Future] = {}
+        self.last_tokens: dict[int, torch.Tensor] = {}  # batch -> ids chosen at the previous step
+
+    # ---- the schedule -------------------------------------------------------------------------
+    def run(self) -> None:
+        layers, num_batches = self.r.layers, len(self.batches)
+        weight_order = [(step, layer_idx) for step in range(self.num_steps) for layer_idx in range(len(layers))]
+        # Without overlap there is one staging slot per kind: load each thing only when it is needed.
+        prefetch = self.r.policy.overlap
+        pending_weights = self._load_weights(weight_order[0][1])
+        for order_idx, (step, layer_idx) in enumerate(weight_order):
+            weights = pending_weights.result()
+            if order_idx + 1 < len(weight_order):
+                next_layer = weight_order[order_idx + 1][1]
+                pending_weights = self._load_weights(next_layer) if prefetch else None
+            for batch_idx in range(num_batches):
+                if prefetch:
+                    self._prefetch_next(step, layer_idx, batch_idx)
+                self._compute(step, layer_idx, batch_idx, weights)
+            if not prefetch and order_idx + 1 < len(weight_order):
+                pending_weights = self._load_weights(next_layer)
+            if layers[layer_idx].kind is LayerKind.OUTPUT:
+                if step == 0:
+                    self.r.last_allocated = self._allocated()
+                if all(seq.done for batch in self.batches for seq in batch.seqs):
+                    break
+        # Never leave a copy running into a buffer that is about to be reused or freed.
+        pending = [pending_weights] + [f for f, _ in self.cache_loads.values()] + list(self.act_loads.values())
+        for f in pending + list(self.cache_stores.values()) + list(self.act_stores.values()):
+            f.result()
+
+    def _allocated(self) -> dict[str, dict[str, int]]:
+        return self.r.weights.allocated() | self.cache.allocated() | {"activations": self.acts.allocated()}
+
+    def _load_weights(self, layer_idx: int) -> Future:
+        slot = self.r.next_slot("weights")
+        return self.r.loads.submit(self.r.weights.load, layer_idx, slot)
+
+    def _next_unit(self, step: int, layer_idx: int, batch_idx: int) -> tuple[int, int, int] | None:
+        if batch_idx + 1 < len(self.batches):
+            return step, layer_idx, batch_idx + 1
+        if layer_idx + 1 < len(self.r.layers):
+            return step, layer_idx + 1, 0
+        return (step + 1, 0, 0) if step + 1 < self.num_steps else None
+
+    def _prefetch_next(self, step: int, layer_idx: int, batch_idx: int) -> None:
+        """Start loading the next unit's cache and (when already stored) its hidden states."""
+        nxt = self._next_unit(step, layer_idx, batch_idx)
+        if nxt is None:
+            return
+        n_step, n_layer, n_batch = nxt
+        if n_step > 0 and n_layer in self.r.attention_index:
+            self._request_cache(n_step, n_layer, n_batch)
+        if n_batch != batch_idx and self.r.layers[n_layer].kind is not LayerKind.INPUT:
+            self._request_act(n_batch)
+
+    def _request_cache(self, step: int, layer_idx: int, batch_idx: int) -> None:
+        key = (layer_idx, batch_idx)
+        if key in self.cache_loads:
+            return
+        slot = self.r.next_slot("cache")
+        upto = self.prompt_len + step - 1  # rows already written
+        attn_idx = self.r.attention_index[layer_idx]
+        waits = (self.cache_stores.get(key), self.slot_stores.get(slot % 2))
+        future = self.r.loads.submit(self.cache.load, attn_idx, batch_idx, upto, slot, waits=waits)
+        self.cache_loads[key] = (future, slot)
+
+    def _request_act(self, batch_idx: int) -> None:
+        if batch_idx in self.act_loads or self.acts.on_device[batch_idx]:
+            return
+        self.act_loads[batch_idx] = self.r.loads.submit(
+            self.acts.load, batch_idx, waits=(self.act_stores.get(batch_idx),))
+
+    def _hidden(self, batch_idx: int) -> torch.Tensor:
+        if self.acts.on_device[batch_idx]:
+            return self.acts.load(batch_idx)
+        self._request_act(batch_idx)  # no-op when prefetched
+        return self.act_loads.pop(batch_idx).result()
+
+    def _keep_hidden(self, batch_idx: int, hidden: torch.Tensor) -> None:
+        if self.acts.on_device[batch_idx]:
+            self.acts.store(batch_idx, hidden)
+        else:
+            self.act_stores[batch_idx] = self.r.stores.submit(
+                self.acts.store, batch_idx, hidden, waits=(self.act_stores.get(batch_idx),))
+
+    # ---- one unit: (step, layer, batch) ----------------------------------------------------------
+    def _compute(self, step: int, layer_idx: int, batch_idx: int, weights) -> None:
+        layer = self.r.layers[layer_idx]
+        batch = self.batches[batch_idx]
+        start = 0 if step == 0 else self.prompt_len + step - 1
+        length = self.prompt_len if step == 0 else 1
+        if layer.kind is LayerKind.INPUT:
+            tokens = batch.token_ids if step == 0 else self.last_tokens[batch_idx][:, None]
+            hidden = layer.forward(weights, tokens, batch.positions(start, length))
+        elif layer.kind is LayerKind.ATTENTION:
+            hidden = self._attention(layer, layer_idx, batch_idx, weights, step, start, length)
+        elif layer.kind is LayerKind.MLP:
+            hidden = layer.forward(weights, self._hidden(batch_idx))
+        else:
+            self._output(layer, batch_idx, weights, step)
+            return
+        self._keep_hidden(batch_idx, hidden)
+
+    def _attention(self, layer, layer_idx, batch_idx, weights, step, start, length) -> torch.Tensor:
+        batch = self.batches[batch_idx]
+        x = self._hidden(batch_idx)
+        q, k, v = layer.qkv(weights, x, batch.positions(start, length))  # each (B, s, heads, hd)
+        group = self.r.shape.num_heads // self.r.shape.num_kv_heads
+        key_len = start + length
+        compute = self.r.devices.compute
+        if step == 0:
+            buffers, slot = None, None
+        else:
+            future, slot = self.cache_loads.pop((layer_idx, batch_idx), (None, None))
+            if future is None:
+                self._request_cache(step, layer_idx, batch_idx)
+                future, slot = self.cache_loads.pop((layer_idx, batch_idx))
+            buffers = future.result()
+        masks: dict[torch.device, torch.Tensor] = {}
+        outputs, rows = [], []
+        for seg_idx, seg in enumerate(self.cache.segments):
+            new_kv = torch.stack((k[:, :, seg.start:seg.stop], v[:, :, seg.start:seg.stop]))  # (2, B, s, h, hd)
+            new_kv = new_kv.permute(2, 0, 1, 3, 4)  # (s, 2, B, h, hd): the cache layout
+            if buffers is None:  # prompt pass: attend over the fresh K/V, then store them
+                kv = new_kv
+                rows.append(new_kv.contiguous())
+            else:  # decode: write the new row into the loaded buffer, attend over rows [0, key_len)
+                kv = buffers[seg_idx]
+                kv[start].copy_(new_kv[0])
+                kv = kv[:key_len]
+                rows.append(buffers[seg_idx][start:start + 1])
+            device = kv.device
+            if device not in masks:
+                masks[device] = batch.allowed(start, length, key_len, device)
+            q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
+            out = math.attend(q_seg, kv[:, 0], kv[:, 1], masks[device])
+            outputs.append(out.to(compute))
+        attn_idx = self.r.attention_index[layer_idx]
+        key = (layer_idx, batch_idx)
+        waits = (self.cache_stores.get(key),)
+        store = self.r.stores.submit(self.cache.store, attn_idx, batch_idx, start, rows, waits=waits)
+        self.cache_stores[key] = store
+        if slot is not None:
+            self.slot_stores[slot % 2] = store
+        attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return layer.finish(weights, x, attn)
+
+    def _output(self, layer, batch_idx, weights, step) -> None:
+        batch = self.batches[batch_idx]
+        x = self._hidden(batch_idx)
+        if step == 0 and self.echo_prompt:
+            logits = layer.forward(weights, x)  # (B, s, V)
+            record_prompt_logprobs(logits, batch.token_ids, batch.pads, batch.seqs)
+            logits = logits[:, -1]
+        else:
+            logits = layer.forward(weights, x[:, -1:])[:, 0]  # (B, V)
+        if self.settings.max_new_tokens == 0:
+            return
+        self.last_tokens[batch_idx] = select_tokens(logits, batch.seqs, self.settings)
