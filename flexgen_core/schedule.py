@@ -152,34 +152,55 @@ class _BlockPass:
         self.act_loads: dict[int, Future] = {}
         self.act_stores: dict[int, Future] = {}
         self.last_tokens: dict[int, torch.Tensor] = {}  # batch -> ids chosen at the previous step
+        self.pending_weights: Future | None = None
+        self.failed = False
 
     # ---- the schedule -------------------------------------------------------------------------
     def run(self) -> None:
+        try:
+            self._schedule()
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Wait for every copy still in flight: none may write into a buffer about to be reused or freed."""
+        pending = [f for f, _ in self.cache_loads.values()] + list(self.act_loads.values())
+        pending += list(self.cache_stores.values()) + list(self.act_stores.values()) + [self.pending_weights]
+        errors = []
+        for f in pending:
+            if f is not None:
+                try:
+                    f.result()
+                except Exception as e:  # the first failure is re-raised by whoever waits on it
+                    errors.append(e)
+        if errors and not self.failed:
+            raise errors[0]
+
+    def _schedule(self) -> None:
         layers, num_batches = self.r.layers, len(self.batches)
         weight_order = [(step, layer_idx) for step in range(self.num_steps) for layer_idx in range(len(layers))]
         # Without overlap there is one staging slot per kind: load each thing only when it is needed.
         prefetch = self.r.policy.overlap
-        pending_weights = self._load_weights(weight_order[0][1])
+        self.pending_weights = self._load_weights(weight_order[0][1])
         for order_idx, (step, layer_idx) in enumerate(weight_order):
-            weights = pending_weights.result()
+            weights = self.pending_weights.result()
             if order_idx + 1 < len(weight_order):
                 next_layer = weight_order[order_idx + 1][1]
-                pending_weights = self._load_weights(next_layer) if prefetch else None
+                self.pending_weights = self._load_weights(next_layer) if prefetch else None
             for batch_idx in range(num_batches):
                 if prefetch:
                     self._prefetch_next(step, layer_idx, batch_idx)
                 self._compute(step, layer_idx, batch_idx, weights)
             if not prefetch and order_idx + 1 < len(weight_order):
-                pending_weights = self._load_weights(next_layer)
+                self.pending_weights = self._load_weights(next_layer)
             if layers[layer_idx].kind is LayerKind.OUTPUT:
                 if step == 0:
                     self.r.last_allocated = self._allocated()
                 if all(seq.done for batch in self.batches for seq in batch.seqs):
                     break
-        # Never leave a copy running into a buffer that is about to be reused or freed.
-        pending = [pending_weights] + [f for f, _ in self.cache_loads.values()] + list(self.act_loads.values())
-        for f in pending + list(self.cache_stores.values()) + list(self.act_stores.values()):
-            f.result()
 
     def _allocated(self) -> dict[str, dict[str, int]]:
         return self.r.weights.allocated() | self.cache.allocated() | {"activations": self.acts.allocated()}
