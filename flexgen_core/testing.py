@@ -1,4 +1,7 @@
-"""Small, deterministic, offline OPT checkpoints for tests, benchmarks and the demo.
+"""Small, deterministic, offline OPT and Llama-style checkpoints for tests, benchmarks and the demo.
+
+Llama-style presets (`llama`, `llama3`, `mistral`, `qwen2`) and their Llama-2-like tokenizer are built
+by `flexgen_core.testing_llama` through the same functions; what follows describes the OPT ones.
 
 No network is touched. `build_tokenizer` trains a byte-level BPE tokenizer (the `tokenizers`
 library) on a fixed, sorted list of Python standard-library source files and saves it in the layout
@@ -40,6 +43,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
+
+from flexgen_core.testing_llama import LLAMA_PRESETS, LlamaPreset
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: importing this module stays cheap.
     import torch
@@ -138,7 +143,7 @@ class Preset:
         )
 
 
-PRESETS: dict[str, Preset] = {
+PRESETS: dict[str, Preset | LlamaPreset] = {
     preset.name: preset
     for preset in (
         Preset("tiny", layers=2, hidden=64, heads=4, ffn=256, vocab=1024, tokenizer_vocab=1000, max_positions=256),
@@ -166,6 +171,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "large", layers=16, hidden=1024, heads=16, ffn=4096, vocab=8192, tokenizer_vocab=8192, max_positions=2048
         ),
+        *LLAMA_PRESETS,  # llama, llama3, mistral, qwen2: see testing_llama
     )
 }
 
@@ -408,7 +414,7 @@ def _fill_weights(model: "torch.nn.Module", preset: Preset, seed: int, scales: _
             param.copy_(_scaled_weight(name, noise, preset, scales))
 
 
-def _checkpoint_key(preset: Preset, seed: int, sharded: bool, dtype: str) -> str:
+def _checkpoint_key(preset: Preset | LlamaPreset, seed: int, sharded: bool, dtype: str) -> str:
     layout = "sharded" if sharded else "single"
     return f"model-{preset.name}-seed{seed}-{dtype}-{layout}-v{FACTORY_VERSION}-{_corpus_digest()}"
 
@@ -445,9 +451,9 @@ def build_checkpoint(
     sharded: bool = False,
     dtype: str = "float32",
 ) -> Path:
-    """Build (or reuse) a random-weight OPT checkpoint with its tokenizer; returns its folder.
+    """Build (or reuse) a random-weight checkpoint (OPT or Llama-style) with its tokenizer; returns its folder.
 
-    The folder loads with `OPTForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. Same
+    The folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. Same
     arguments, same files: weights come from `seed` alone (not from HF's init or the global RNG).
     """
     if preset not in PRESETS:
@@ -458,11 +464,16 @@ def build_checkpoint(
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     spec = PRESETS[preset]
     cache_root = Path(root) if root is not None else default_cache_root()
-    tokenizer_dir = build_tokenizer(spec.tokenizer_vocab, root=cache_root)
+    if isinstance(spec, LlamaPreset):
+        from flexgen_core import testing_llama
+
+        tokenizer_dir = testing_llama.build_llama_tokenizer(spec.tokenizer_vocab, cache_root)
+        save = testing_llama.save_checkpoint
+    else:
+        tokenizer_dir = build_tokenizer(spec.tokenizer_vocab, root=cache_root)
+        save = _save_checkpoint
     target = cache_root / _checkpoint_key(spec, seed, bool(sharded), dtype)
-    return _build_cached(
-        target, lambda folder: _save_checkpoint(spec, seed, bool(sharded), dtype, tokenizer_dir, folder)
-    )
+    return _build_cached(target, lambda folder: save(spec, seed, bool(sharded), dtype, tokenizer_dir, folder))
 
 
 def _build_cached(target: Path, build: Callable[[Path], None]) -> Path:
@@ -530,7 +541,8 @@ def sample_prompts(
     max_len: int = 32,
     seed: int = 0,
 ) -> list[list[int]]:
-    """`n` token-id prompts of ragged lengths in [min_len, max_len], each starting with BOS `</s>`.
+    """`n` token-id prompts of ragged lengths in [min_len, max_len], each starting with the tokenizer's BOS
+    (`</s>` for OPT, `<s>` for the Llama-style presets).
 
     The ids after BOS are consecutive tokens of standard-library source text, so the prompts look
     like what the tokenizer produces for real text; no other special token occurs in them.
@@ -604,13 +616,13 @@ def greedy_stats(
     Runs on the CPU, one prompt at a time (no padding), in `dtype`.
     """
     import torch
-    from transformers import OPTForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {list(DTYPES)}")
     if n_prompts < 1 or max_new_tokens < 1:
         raise ValueError(f"need n_prompts >= 1 and max_new_tokens >= 1, got {n_prompts} and {max_new_tokens}")
-    model = OPTForCausalLM.from_pretrained(os.fspath(checkpoint), dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(os.fspath(checkpoint), dtype=getattr(torch, dtype)).eval()
     prompts = sample_prompts(checkpoint, n_prompts, min_len=8, max_len=24, seed=seed)
     gaps: list[float] = []
     distinct_fractions: list[float] = []
@@ -651,17 +663,21 @@ def preset_table() -> list[dict]:
 def _main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build synthetic OPT checkpoints and print their greedy statistics.")
+    parser = argparse.ArgumentParser(description="Build synthetic checkpoints and print their greedy statistics.")
     parser.add_argument("presets", nargs="*", default=["tiny", "odd", "proj"], choices=sorted(PRESETS))
     parser.add_argument("--root", default=None, help=f"cache folder (default {default_cache_root()})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--sharded", action="store_true")
     parser.add_argument("--no-stats", action="store_true", help="build only")
+    parser.add_argument("--path-only", action="store_true", help="build only and print just the folder(s)")
     args = parser.parse_args(argv)
     for name in args.presets:
         started_s = time.perf_counter()
         path = build_checkpoint(name, root=args.root, seed=args.seed, sharded=args.sharded, dtype=args.dtype)
+        if args.path_only:
+            print(path)
+            continue
         build_s = time.perf_counter() - started_s
         weight_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
         line = (
