@@ -1,0 +1,138 @@
+"""Bad input gets a clear error naming the problem, before expensive work; the engine stays usable."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from flexgen_core import Engine, Policy
+from flexgen_core.testing import build_checkpoint, sample_prompts
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = build_checkpoint("odd")
+    with Engine.from_pretrained(path, policy=Policy(gpu_batch_size=2, w_gpu_percent=50, w_cpu_percent=0),
+                                offload_dir=tmp_path_factory.mktemp("offload")) as e:
+        yield e
+
+
+def _copy(tmp_path, name="odd"):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(build_checkpoint(name), dst)
+    return dst
+
+
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([[2] * 299], dict(max_new_tokens=5), "context of 300 positions"),
+    ([[2, 5, 1001]], {}, r"token id\(s\) \[1001\] outside the vocabulary \[0, 1001\)"),
+    ([[2, -1]], {}, "outside the vocabulary"),
+    ([[2, 5], []], {}, "prompt 1 is empty"),
+    ([[2, 5]], dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    ([[2, 5]], dict(top_p=0), "top_p"),
+    ([[2, 5]], dict(num_completions=0), "num_completions"),
+    ([[2, 5]], dict(stop=[[]]), "stop sequences"),
+    ([[2, 5]], dict(seed=[1, 2]), "seed has 2 values for 1 prompts"),
+])
+def test_bad_requests_are_rejected_and_engine_stays_usable(engine, prompts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(prompts, **kwargs)
+    good = engine.generate([[2, 5, 9]], max_new_tokens=2)
+    assert len(good[0].completions[0].token_ids) == 2
+
+
+def test_missing_checkpoint_folder(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        Engine.from_pretrained(tmp_path / "nope")
+
+
+def test_checkpoint_without_config_or_weights(tmp_path):
+    path = _copy(tmp_path)
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match="has no weights"):
+        Engine.from_pretrained(path, offload_dir=tmp_path)
+    (path / "config.json").unlink()
+    with pytest.raises(ValueError, match="has no config.json"):
+        Engine.from_pretrained(path, offload_dir=tmp_path)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    path = _copy(tmp_path)
+    weights = path / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        Engine.from_pretrained(path, offload_dir=tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    dst = tmp_path / "sharded"
+    shutil.copytree(build_checkpoint("odd", sharded=True), dst)
+    shard = sorted(dst.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=shard.name):
+        Engine.from_pretrained(dst, offload_dir=tmp_path)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    path = _copy(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported architecture.*OPTForCausalLM"):
+        Engine.from_pretrained(path, offload_dir=tmp_path)
+
+
+def test_offload_dir_not_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot be created"):
+        Engine.from_pretrained(build_checkpoint("odd"), offload_dir=blocker / "sub")
+
+
+def test_offload_subdir_removed_on_close_and_on_error(tmp_path):
+    path = build_checkpoint("odd")
+    with Engine.from_pretrained(path, policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=tmp_path) as e:
+        assert len(list(tmp_path.iterdir())) == 1  # this engine's own subfolder
+        e.generate([[2, 5]], max_new_tokens=1)
+    assert list(tmp_path.iterdir()) == []
+    broken = _copy(tmp_path / "b")
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] = 95  # shapes no longer match the tensors: fails while loading
+    config["num_attention_heads"] = 5
+    config["word_embed_proj_dim"] = 95
+    (broken / "config.json").write_text(json.dumps(config))
+    offload = tmp_path / "off"
+    with pytest.raises(ValueError, match="shape"):
+        Engine.from_pretrained(broken, policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=offload)
+    assert list(offload.iterdir()) == []
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "flexgen_core.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "/no/such/model", "--prompt", "x"], "does not exist"),
+    (["generate", "--model", "{odd}", "--prompt", "x", "--percent", "60", "60", "0", "0", "100", "0"], "exceeds 100"),
+    (["generate", "--model", "{odd}", "--prompt", "x", "--max-new-tokens", "400"], "context of 300"),
+    (["generate", "--model", "{odd}", "--prompt", "x", "--gpu-batch-size", "0"], "gpu_batch_size"),
+])
+def test_cli_errors_are_one_line_without_traceback(args, message):
+    args = [a.replace("{odd}", str(build_checkpoint("odd"))) for a in args]
+    out = _cli(*args)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+
+
+def test_cli_generate_prints_completion():
+    path = build_checkpoint("odd")
+    out = _cli("generate", "--model", str(path), "--prompt", "import os", "--max-new-tokens", "4",
+               "--percent", "0", "50", "0", "100", "100", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("import os") and len(out.stdout.strip()) > len("import os")
