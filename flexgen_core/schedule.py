@@ -79,13 +79,17 @@ class Batch:
         pads = torch.tensor(self.pads, device=self.token_ids.device)[:, None]
         return torch.where(index >= pads, index - pads, -1)  # (B, length)
 
-    def allowed(self, start: int, length: int, key_len: int, device) -> torch.Tensor:
-        """Attention mask (B, 1, length, key_len): causal, no padding keys; each query also sees itself
-        so padding rows stay finite (their outputs are never used)."""
+    def allowed(self, start: int, length: int, key_len: int, device, window: int | None = None) -> torch.Tensor:
+        """Attention mask (B, 1, length, key_len): causal, no padding keys, and with a sliding `window`
+        only keys less than `window` positions back; each query also sees itself so padding rows stay
+        finite (their outputs are never used)."""
         query = torch.arange(start, start + length, device=device)[:, None]
         key = torch.arange(key_len, device=device)[None, :]
         pads = torch.tensor(self.pads, device=device)[:, None, None]
-        allowed = ((key <= query)[None] & (key[None] >= pads)) | (key == query)[None]
+        visible = key <= query
+        if window is not None:
+            visible = visible & (key > query - window)
+        allowed = (visible[None] & (key[None] >= pads)) | (key == query)[None]
         return allowed[:, None]
 
 
@@ -305,7 +309,8 @@ class _BlockPass:
                 rows.append(buffers[seg_idx][start:start + 1])
             device = kv.device
             if device not in masks:
-                masks[device] = batch.allowed(start, length, key_len, device)
+                window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
+                masks[device] = batch.allowed(start, length, key_len, device, window)
             q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
             out = math.attend(q_seg, kv[:, 0], kv[:, 1], masks[device])
             outputs.append(out.to(compute))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.gpu
 FP16_TOL = 5e-2
 
 
-@pytest.fixture(scope="module", params=["tiny", "odd", "proj"])
+@pytest.fixture(scope="module", params=["tiny", "odd", "proj", "llama", "llama3", "mistral", "qwen2"])
 def model(request):
     path = build_checkpoint(request.param)
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16).to("cuda").eval()

@@ -1,6 +1,7 @@
-"""Tests for flexgen_core.testing: the offline factory of synthetic OPT checkpoints.
+"""Tests for flexgen_core.testing: the offline factory of synthetic OPT and Llama-style checkpoints.
 
-Only the small presets are built (tiny, odd, proj), into temporary folders, never the shared cache.
+Only the small presets are built (tiny, odd, proj and the Llama-style ones), into temporary folders,
+never the shared cache.
 """
 
 from __future__ import annotations
@@ -240,6 +241,71 @@ def test_greedy_steps_are_decisive_and_varied(root, name):
     assert stats.decisive_fraction > 0.95, stats
     assert stats.median_gap > 0.1, stats
     assert stats.distinct_fraction > 0.6, stats  # not one token repeated
+    assert stats.longest_run < 8, stats
+    assert stats.all_finite
+
+
+# --- Llama-style presets --------------------------------------------------------------------------
+
+LLAMA_STYLE = ["llama", "llama3", "mistral", "qwen2"]
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(root):
+    return build_checkpoint("llama", root=root)
+
+
+@pytest.mark.parametrize("name", LLAMA_STYLE)
+def test_llama_num_params_matches_transformers(name):
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        model = preset.hf_model_class()(preset.hf_config())
+    assert preset.num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_llama_tokenizer_behaves_like_llamas(llama_checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
+    assert type(tokenizer).__name__ == "LlamaTokenizer"
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3, 258]) == ["<unk>", "<s>", "</s>", "<0x00>", "<0xFF>"]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, None)
+    assert len(tokenizer) == PRESETS["llama"].tokenizer_vocab
+    assert tokenizer.model_max_length == PRESETS["llama"].max_positions
+    text = "def greet(name):\n    return f'Hello, {name}!'  # ünïcode ✓"
+    input_ids = tokenizer(text)["input_ids"]
+    assert input_ids[0] == 1 and 1 not in input_ids[1:] and 2 not in input_ids  # <s> prepended, once; no </s>
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == input_ids[1:]
+    assert tokenizer.decode(input_ids, skip_special_tokens=True) == text
+    assert "<0xE2>" in tokenizer.convert_ids_to_tokens(input_ids)  # ✓ falls back to bytes
+    word_ids = tokenizer("x = 1", add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(word_ids)
+    assert pieces[0].startswith("▁")  # sentencepiece-style word prefix
+    assert tokenizer.decode(word_ids[:1]) == pieces[0][1:]  # a lone word decodes without its space, as Llama's
+
+
+def test_llama_checkpoints_are_deterministic_and_tie_as_configured(root, llama_checkpoint, tmp_path):
+    stored = _stored_tensors(llama_checkpoint)
+    _assert_same_tensors(stored, _stored_tensors(build_checkpoint("llama", root=tmp_path)))
+    assert stored["model.embed_tokens.weight"].shape == (1001, 96)
+    assert stored["model.layers.0.self_attn.k_proj.weight"].shape == (2 * 16, 96)  # 2 KV heads of 16
+    assert not torch.equal(stored["lm_head.weight"], stored["model.embed_tokens.weight"])
+    assert "lm_head.weight" not in _stored_tensors(build_checkpoint("llama3", root=root))  # tied
+    qwen2 = _stored_tensors(build_checkpoint("qwen2", root=root))
+    for name, tensor in qwen2.items():
+        if name.endswith(".bias"):
+            assert tensor.abs().min() > 0, name
+        if "norm" in name:
+            assert not torch.allclose(tensor, torch.ones_like(tensor)), name
+    assert {"q_proj", "k_proj", "v_proj"} == {n.split(".")[-2] for n in qwen2 if n.endswith(".bias")}
+    with open(build_checkpoint("mistral", root=root) / "config.json", encoding="utf-8") as handle:
+        assert json.load(handle)["sliding_window"] == PRESETS["mistral"].sliding_window
+
+
+@pytest.mark.parametrize("name", LLAMA_STYLE)
+def test_llama_greedy_steps_are_decisive_and_varied(root, name):
+    stats = testing.greedy_stats(build_checkpoint(name, root=root), n_prompts=4, max_new_tokens=16)
+    assert stats.decisive_fraction > 0.95, stats
+    assert stats.median_gap > 0.1, stats
+    assert stats.distinct_fraction > 0.6, stats
     assert stats.longest_run < 8, stats
     assert stats.all_finite
 

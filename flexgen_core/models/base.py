@@ -15,7 +15,8 @@ from math import prod
 
 class LayerKind(enum.Enum):
     INPUT = "input"          # token ids (B, s) -> hidden (B, s, H)
-    ATTENTION = "attention"  # hidden -> hidden, reading and extending the KV cache
+    ATTENTION = "attention"  # hidden -> hidden, reading and extending the KV cache; an optional
+    # `sliding_window` attribute (int w) limits each query to keys fewer than w positions back (Mistral)
     MLP = "mlp"              # hidden -> hidden
     OUTPUT = "output"        # hidden -> logits (B, s, V)
 

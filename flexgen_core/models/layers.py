@@ -28,6 +28,24 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the halves of the last dimension (the GPT-NeoX / HF Llama convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding. x: (B, s, heads, hd); cos, sin: (B, s, 1, hd) in x's dtype."""
+    return x * cos + rotate_half(x) * sin
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     batch, seq, width = x.shape
     return x.view(batch, seq, num_heads, width // num_heads)  # (B, s, nh, hd)

@@ -21,12 +21,27 @@ def _opt() -> Family:
     return Family("opt", opt.OPTConfig.from_hf, opt.build_layers)
 
 
+def _llama_style(variant: str) -> Callable[[], Family]:
+    def load() -> Family:
+        from flexgen_core.models import llama
+
+        return Family(variant, lambda hf: llama.LlamaConfig.from_hf(hf, variant), llama.build_layers)
+
+    return load
+
+
 # HF architecture name / model_type -> family loader (imported lazily).
 _ARCHITECTURES: dict[str, Callable[[], Family]] = {
     "OPTForCausalLM": _opt,
+    "LlamaForCausalLM": _llama_style("llama"),
+    "MistralForCausalLM": _llama_style("mistral"),
+    "Qwen2ForCausalLM": _llama_style("qwen2"),
 }
 _MODEL_TYPES: dict[str, Callable[[], Family]] = {
     "opt": _opt,
+    "llama": _llama_style("llama"),
+    "mistral": _llama_style("mistral"),
+    "qwen2": _llama_style("qwen2"),
 }
 
 

@@ -1,0 +1,318 @@
+"""Small, deterministic, offline Llama-style checkpoints (Llama 2/3, Mistral, Qwen2) for tests.
+
+The Llama-family half of `flexgen_core.testing`, which holds the public API (`build_checkpoint`,
+`sample_prompts`, `PRESETS`), the on-disk cache and the corpus; use it through that module. This
+file adds `LlamaPreset`, the Llama-style tokenizer and the seeded weights.
+
+Tokenizer: shaped like Llama 2's, i.e. a sentencepiece-style BPE that `transformers` loads as
+`LlamaTokenizer`: words carry a "▁" prefix (Metaspace), characters outside the vocabulary fall back
+to byte tokens `<0x00>`..`<0xFF>`, `<unk>`=0, `<s>`=1, `</s>`=2, no pad token; encoding a text
+prepends `<s>` (BOS), and decoding a single word token drops its leading space. It is trained with the
+`tokenizers` library on the same standard-library corpus as OPT's. All Llama-style presets share it,
+although the real Llama 3 and Qwen2 tokenizers are byte-level (and Qwen2's adds no BOS): the engine
+sees token ids only, and a Llama-2-like tokenizer is the one whose BOS handling differs from OPT's.
+
+Weights follow `testing._scaled_weight`'s design for OPT (decisive, varied greedy choices; special
+and byte-fallback tokens practically never generated), adapted to RMSNorm and the SwiGLU MLP.
+
+Files followed: transformers/models/{llama,mistral,qwen2}/configuration_*.py and modeling_*.py; the
+meta-llama/Llama-2-7b-hf tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2, as in Llama 2's vocabulary
+LLAMA_UNK_TOKEN, LLAMA_BOS_TOKEN, LLAMA_EOS_TOKEN = LLAMA_SPECIAL_TOKENS
+LLAMA_UNK_TOKEN_ID, LLAMA_BOS_TOKEN_ID, LLAMA_EOS_TOKEN_ID = 0, 1, 2
+NUM_BYTE_TOKENS = 256  # <0x00>..<0xFF>, ids 3..258
+ALPHABET_LIMIT = 96  # characters the BPE learns; rarer ones go through byte fallback
+LLAMA_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# E[silu(g)^2] for g ~ N(0, 1) is 0.356: a SwiGLU of unit-variance gate and up inputs has std ~0.6.
+SWIGLU_STD = 0.356**0.5
+
+
+@dataclass(frozen=True)
+class LlamaPreset:
+    """Shape of one synthetic Llama-style model (field names follow model-shapes.json where they can)."""
+
+    name: str
+    architecture: str  # "llama", "mistral" or "qwen2" (the HF model_type)
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int  # rows of the model's embedding
+    tokenizer_vocab: int  # tokens the tokenizer knows; <= vocab
+    max_positions: int
+    head_dim: int | None = None  # None: hidden // heads
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)  # e.g. {"rope_type": "llama3", ...}
+    sliding_window: int | None = None  # Mistral's local attention
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"Preset {self.name!r}: architecture must be one of {sorted(ARCHITECTURES)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"Preset {self.name!r}: heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.head_dim is None and self.hidden % self.heads:
+            raise ValueError(f"Preset {self.name!r}: hidden {self.hidden} is not divisible by heads {self.heads}")
+        if self.tokenizer_vocab > self.vocab:
+            raise ValueError(
+                f"Preset {self.name!r}: tokenizer_vocab {self.tokenizer_vocab} exceeds model vocab {self.vocab}"
+            )
+        if self.tokenizer_vocab < len(LLAMA_SPECIAL_TOKENS) + NUM_BYTE_TOKENS + ALPHABET_LIMIT:
+            raise ValueError(f"Preset {self.name!r}: tokenizer_vocab {self.tokenizer_vocab} is too small")
+        if self.sliding_window is not None and self.architecture != "mistral":
+            raise ValueError(f"Preset {self.name!r}: only mistral presets take a sliding_window")
+
+    @property
+    def family(self) -> str:
+        return self.architecture
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.resolved_head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.resolved_head_dim
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count as transformers counts it (a tied output embedding once)."""
+        h, f = self.hidden, self.ffn
+        attention = 2 * h * self.q_width + 2 * h * self.kv_width
+        if self.architecture == "qwen2":
+            attention += self.q_width + 2 * self.kv_width  # q/k/v biases
+        block = attention + 3 * h * f + 2 * h  # + gate/up/down, two RMSNorms
+        embeddings = self.vocab * h * (1 if self.tie_word_embeddings else 2)
+        return self.layers * block + embeddings + h  # + final RMSNorm
+
+    def hf_config(self):
+        """The matching `transformers` config object."""
+        import transformers
+
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        kwargs = dict(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.ffn,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.resolved_head_dim,
+            max_position_embeddings=self.max_positions,
+            rms_norm_eps=self.rms_norm_eps,
+            hidden_act="silu",
+            tie_word_embeddings=self.tie_word_embeddings,
+            rope_parameters=rope,
+            attention_dropout=0.0,
+            bos_token_id=LLAMA_BOS_TOKEN_ID,
+            eos_token_id=LLAMA_EOS_TOKEN_ID,
+            pad_token_id=None,
+        )
+        if self.architecture == "llama":
+            return transformers.LlamaConfig(**kwargs, attention_bias=False, mlp_bias=False)
+        if self.architecture == "mistral":
+            return transformers.MistralConfig(**kwargs, sliding_window=self.sliding_window)  # default is 4096
+        return transformers.Qwen2Config(**kwargs, use_sliding_window=False)
+
+    def hf_model_class(self):
+        import transformers
+
+        return getattr(transformers, ARCHITECTURES[self.architecture])
+
+
+LLAMA_PRESETS: tuple[LlamaPreset, ...] = (
+    # Grouped-query attention (6 query heads share 2 KV heads), an odd vocabulary, untied output embedding.
+    LlamaPreset("llama", "llama", layers=2, hidden=96, heads=6, kv_heads=2, ffn=160, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256),
+    # Llama 3.1's RoPE scaling, with an original context short enough that all three frequency bands
+    # (kept, interpolated, slowed) occur at head_dim 16; tied embeddings; theta as Llama 3's.
+    LlamaPreset("llama3", "llama", layers=2, hidden=64, heads=4, kv_heads=2, ffn=176, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, tie_word_embeddings=True, rope_theta=500000.0,
+                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # A sliding window shorter than the test prompts, 3 KV heads (a cache split 25/50/25 lands on three
+    # tiers) and head_dim 24 != hidden / heads (as Mistral NeMo's), so q is wider than the stream.
+    LlamaPreset("mistral", "mistral", layers=2, hidden=96, heads=6, kv_heads=3, ffn=160, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, head_dim=24, sliding_window=16),
+    # q/k/v biases; Qwen2.5's rope theta.
+    LlamaPreset("qwen2", "qwen2", layers=2, hidden=96, heads=6, kv_heads=2, ffn=160, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, rope_theta=1000000.0),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _train_llama_tokenizer(vocab_size: int, folder: Path, model_max_length: int) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from flexgen_core import testing
+
+    # Learn merges on "▁"-prefixed words (sentencepiece never merges across a word start), then lay out
+    # the vocabulary as Llama's: specials, the 256 byte-fallback tokens, then the learned pieces.
+    learner = Tokenizer(models.BPE(unk_token=LLAMA_UNK_TOKEN, byte_fallback=True, fuse_unk=True))
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - NUM_BYTE_TOKENS,
+        min_frequency=2,
+        special_tokens=list(LLAMA_SPECIAL_TOKENS),
+        limit_alphabet=ALPHABET_LIMIT,
+        show_progress=False,
+    )
+    texts = testing._corpus_texts()
+    learner.train_from_iterator(list(texts), trainer, length=len(texts))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {token: token_id for token_id, token in enumerate(LLAMA_SPECIAL_TOKENS)}
+    for byte in range(NUM_BYTE_TOKENS):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for token, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    if len(vocab) != vocab_size:
+        raise ValueError(f"Llama tokenizer reached {len(vocab)} tokens, not the requested {vocab_size}")
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=LLAMA_UNK_TOKEN, byte_fallback=True,
+                                     fuse_unk=True))
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in LLAMA_SPECIAL_TOKENS])
+    # As HF's Llama tokenizer.json: no split at "▁" (equivalent here: no merge spans a word start).
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{LLAMA_BOS_TOKEN}:0 $A:0",
+        pair=f"{LLAMA_BOS_TOKEN}:0 $A:0 {LLAMA_BOS_TOKEN}:1 $B:1",
+        special_tokens=[(LLAMA_BOS_TOKEN, LLAMA_BOS_TOKEN_ID)],
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    special_tokens_map = {"bos_token": LLAMA_BOS_TOKEN, "eos_token": LLAMA_EOS_TOKEN, "unk_token": LLAMA_UNK_TOKEN}
+    with open(folder / "special_tokens_map.json", "w", encoding="utf-8") as handle:
+        json.dump(special_tokens_map, handle, indent=2)
+        handle.write("\n")
+    write_tokenizer_config(folder, model_max_length)
+
+
+def write_tokenizer_config(folder: Path, model_max_length: int) -> None:
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "bos_token": LLAMA_BOS_TOKEN,
+        "eos_token": LLAMA_EOS_TOKEN,
+        "unk_token": LLAMA_UNK_TOKEN,
+        "pad_token": None,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+        handle.write("\n")
+
+
+def build_llama_tokenizer(vocab_size: int, cache_root: Path) -> Path:
+    """Train (or reuse) the Llama-style tokenizer of `vocab_size` tokens under `cache_root`."""
+    from flexgen_core import testing
+
+    key = f"tokenizer-llama-bpe{vocab_size}-v{testing.FACTORY_VERSION}-{testing._corpus_digest()}"
+    return testing._build_cached(
+        cache_root / key,
+        lambda folder: _train_llama_tokenizer(vocab_size, folder, testing.DEFAULT_MODEL_MAX_LENGTH),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights
+
+
+def _rare_rows(preset: LlamaPreset) -> list[slice]:
+    """Embedding rows never meant to be generated: specials, byte fallbacks, ids past the tokenizer."""
+    return [slice(0, len(LLAMA_SPECIAL_TOKENS) + NUM_BYTE_TOKENS), slice(preset.tokenizer_vocab, None)]
+
+
+def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales) -> "torch.Tensor":
+    """Turn standard-normal `noise` into the value of parameter `name` of a Llama-style causal LM.
+
+    As `testing._scaled_weight` for OPT: token embeddings (and an untied head) have rows of norm
+    `token_norm`; the final RMSNorm's weight spreads the logits over `logit_std` nats; each block adds
+    about unit variance to the residual stream; every RMSNorm weight and bias is visibly nontrivial.
+    """
+    hidden = preset.hidden
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        values = noise * (scales.token_norm / hidden**0.5)
+        for rows in _rare_rows(preset):
+            values[rows] *= scales.special_row_scale
+        return values
+    if name.endswith("layernorm.weight") or name.endswith("model.norm.weight"):
+        gain = scales.logit_std / scales.token_norm if name == "model.norm.weight" else 1.0
+        return gain * (1.0 + scales.norm_weight_std * noise)
+    if name.endswith(".bias"):
+        return scales.bias_std * noise
+    std_by_suffix = {
+        "q_proj.weight": scales.qk_gain / hidden**0.5,
+        "k_proj.weight": scales.qk_gain / hidden**0.5,
+        "v_proj.weight": 1.0 / hidden**0.5,
+        "o_proj.weight": scales.attn_out_gain / preset.q_width**0.5,
+        "gate_proj.weight": 1.0 / hidden**0.5,
+        "up_proj.weight": 1.0 / hidden**0.5,
+        "down_proj.weight": scales.mlp_out_gain / (SWIGLU_STD * preset.ffn**0.5),
+    }
+    suffix = ".".join(name.split(".")[-2:])
+    if suffix not in std_by_suffix:
+        raise AssertionError(f"No init rule for parameter {name!r}")
+    return noise * std_by_suffix[suffix]
+
+
+def fill_weights(model: "torch.nn.Module", preset: LlamaPreset, seed: int) -> None:
+    """Overwrite every parameter of a float32 Llama-style model with seeded values (`_scaled_weight`)."""
+    import torch
+
+    from flexgen_core import testing
+
+    scales = testing._InitScales()
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
+            noise = torch.randn(param.shape, generator=testing._param_generator(seed, name), dtype=torch.float32)
+            param.copy_(_scaled_weight(name, noise, preset, scales))
+
+
+def save_checkpoint(preset: LlamaPreset, seed: int, sharded: bool, dtype: str, tokenizer_dir: Path,
+                    folder: Path) -> None:
+    import shutil
+
+    import torch
+
+    from flexgen_core import testing
+
+    model = preset.hf_model_class()(preset.hf_config())
+    model.eval()
+    fill_weights(model, preset, seed)
+    model.to(getattr(torch, dtype))
+    max_shard_size = testing._shard_bytes(model) if sharded else "50GB"
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    for file_name in LLAMA_TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / file_name, folder / file_name)
+    write_tokenizer_config(folder, preset.max_positions)
+    if sharded and not (folder / "model.safetensors.index.json").exists():
+        files = sorted(p.name for p in folder.iterdir())
+        raise AssertionError(f"save_pretrained wrote no shard index in {folder}: {files}")
