@@ -132,6 +132,15 @@ def _layout(shape: Sequence[int], config: CompressionConfig) -> _Layout:
     )
 
 
+def stored_parts(shape: Sequence[int], config: CompressionConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype name, shape) of each tensor `compress` stores for an input of `shape`, without torch."""
+    layout = _layout(shape, config)
+    parts = [("data", "uint8", layout.data_shape), ("scale", "float16", layout.scale_shape)]
+    if not config.symmetric:
+        parts.append(("min", "float16", layout.scale_shape))
+    return parts
+
+
 def compressed_nbytes(shape: Sequence[int], config: CompressionConfig) -> int:
     """Bytes that `compress` stores for a tensor of `shape`: packed codes plus float16 scales (and mins).
 

@@ -32,7 +32,7 @@ def _as_policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
     if isinstance(policy, Mapping):
         return Policy.from_dict(policy)
     if policy == "auto":
-        raise ValueError("policy='auto' needs the planner, which this version does not have yet; pass a Policy")
+        raise ValueError("policy='auto' is planned in Engine.from_pretrained, once the model's shape is known")
     raise ValueError(f"policy must be a Policy, a mapping of Policy fields or 'auto', got {policy!r}")
 
 
@@ -54,17 +54,26 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, policy: Policy | Mapping[str, Any] | str | None = None,
                         offload_dir: str | os.PathLike | None = None, device: str = "auto",
-                        dtype: str = "float32") -> "Engine":
-        policy = _as_policy(policy)
+                        dtype: str = "float32", hardware=None, prompt_len_hint: int = 512, gen_len_hint: int = 32,
+                        num_prompts_hint: int | None = None) -> "Engine":
+        """`policy="auto"` plans the policy (planner.py) for prompts of `prompt_len_hint` tokens generating
+        `gen_len_hint`, at most `num_prompts_hint` sequences per block, on `hardware`: a HardwareProfile, a
+        built-in profile name or a profile file; by default `$FLEXGEN_HARDWARE` or this machine's measured
+        profile (measured once and kept, see hardware.resolve)."""
+        auto = isinstance(policy, str) and policy == "auto"
+        policy = None if auto else _as_policy(policy)
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-        if policy.compress_weight or policy.compress_cache:
-            raise ValueError("compress_weight/compress_cache are not supported by this version yet")
         devices = Devices(device)
         folder = checkpoint.resolve(name_or_path)
         family = family_for(checkpoint.read_config(folder))
         config = family.config_from_hf(checkpoint.read_config(folder))
         layers = family.build_layers(config)
+        if auto:
+            from flexgen_core.planner import plan_for_engine
+
+            policy = plan_for_engine(str(folder), config, layers, devices.compute.type, TORCH_DTYPES[dtype].itemsize,
+                                     hardware, offload_dir, prompt_len_hint, gen_len_hint, num_prompts_hint)
         files = checkpoint.weight_files(folder)
         sources = _match_checkpoint(layers, checkpoint.checkpoint_keys(files), folder)
 

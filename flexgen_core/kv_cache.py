@@ -3,14 +3,51 @@
 Layout of every segment, on every tier: (total_len, 2, B, heads, head_dim) -- positions first, then
 K/V -- so the rows of the first t positions are one contiguous range (one read from disk) and a new
 token's K and V are one contiguous write.
+
+With `compress_cache`, a segment is stored as the compressed parts of that tensor (4 bits, groups
+along head_dim; compression.py keeps the leading position dimension in every part), on every tier.
+A load then decompresses rows [0, t) into a dense buffer where the segment's attention runs, and a
+store compresses the new rows.
 """
 
 from __future__ import annotations
 
+from math import prod
+
 import torch
 
-from flexgen_core.memory import cache_segments, cache_staging_tiers, num_slots
+from flexgen_core.compression import CompressedMeta, CompressedTensor, compress, decompress, stored_parts
+from flexgen_core.memory import CACHE_COMPRESSION, cache_segments, cache_staging_tiers, num_slots
 from flexgen_core.storage import Devices, OffloadDir, Slots, view_as
+
+_TORCH = {"uint8": torch.uint8, "float16": torch.float16}
+
+
+class _Segment:
+    """How one segment (a range of KV heads on one tier) is stored: its parts, each position-major."""
+
+    def __init__(self, seg, total_len: int, head_dim: int, dtype: torch.dtype, compressed: bool):
+        self.seg = seg
+        self.total_len = total_len
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.compressed = compressed
+
+    def dense_shape(self, batch: int) -> tuple[int, ...]:
+        return (self.total_len, 2, batch, self.seg.num_heads, self.head_dim)
+
+    def parts(self, batch: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        shape = self.dense_shape(batch)
+        if not self.compressed:
+            return [("kv", self.dtype, shape)]
+        return [(name, _TORCH[dtype], shape) for name, dtype, shape in stored_parts(shape, CACHE_COMPRESSION)]
+
+    def nbytes(self, batch: int) -> int:
+        return sum(prod(shape) * dtype.itemsize for _, dtype, shape in self.parts(batch))
+
+    def meta(self, batch: int, rows: int) -> CompressedMeta:
+        return CompressedMeta((rows,) + self.dense_shape(batch)[1:], str(self.dtype).removeprefix("torch."),
+                              CACHE_COMPRESSION)
 
 
 class KVCache:
@@ -19,78 +56,99 @@ class KVCache:
         self.devices = devices
         self.dtype = dtype
         self.offload = offload
-        self.total_len = total_len
-        self.head_dim = shape.head_dim
         self.batch_sizes = batch_sizes
         self.segments = cache_segments(shape.num_kv_heads, policy, devices.cuda)
-        self.homes: dict[tuple[int, int], list] = {}
+        self.layouts = [_Segment(seg, total_len, shape.head_dim, dtype, policy.compress_cache) for seg in self.segments]
+        # (attention layer, batch) -> per segment: part name -> tensor (gpu/cpu tier) or DiskFile (disk)
+        self.homes: dict[tuple[int, int], list[dict[str, object]]] = {}
         for attn_idx in range(num_attention):
             for batch_idx, batch in enumerate(batch_sizes):
                 homes = []
-                for seg in self.segments:
-                    nbytes = self._seg_bytes(seg, batch)
-                    if seg.tier == "disk":
-                        homes.append(offload.file(f"cache-{attn_idx}-{batch_idx}.bin", nbytes))
-                    else:
-                        homes.append(view_as(devices.empty(seg.tier, nbytes), 0, dtype, self._seg_shape(seg, batch)))
+                for seg_idx, layout in enumerate(self.layouts):
+                    parts = {}
+                    for name, part_dtype, part_shape in layout.parts(batch):
+                        nbytes = prod(part_shape) * part_dtype.itemsize
+                        if layout.seg.tier == "disk":
+                            parts[name] = offload.file(f"cache-{attn_idx}-{batch_idx}-{seg_idx}-{name}.bin", nbytes)
+                        else:
+                            parts[name] = view_as(devices.empty(layout.seg.tier, nbytes), 0, part_dtype, part_shape)
+                    homes.append(parts)
                 self.homes[(attn_idx, batch_idx)] = homes
-        slots = num_slots(policy)
-        self.staging = {
-            (seg_idx, tier): Slots(devices, tier, self._seg_bytes(seg, max(batch_sizes)), slots)
-            for seg_idx, seg in enumerate(self.segments)
-            for tier in cache_staging_tiers(seg, devices.cuda)
-        }
-
-    def _seg_shape(self, seg, batch: int) -> tuple[int, ...]:
-        return (self.total_len, 2, batch, seg.num_heads, self.head_dim)
-
-    def _seg_bytes(self, seg, batch: int) -> int:
-        return self.total_len * 2 * batch * seg.num_heads * self.head_dim * self.dtype.itemsize
+        slots, widest = num_slots(policy), max(batch_sizes)
+        # Staging per (segment, tier): one slot buffer per stored part; plus dense rows when compressed.
+        self.staging: dict[tuple[int, str], dict[str, Slots]] = {}
+        self.dense: dict[int, Slots] = {}
+        for seg_idx, layout in enumerate(self.layouts):
+            for tier in cache_staging_tiers(layout.seg, devices.cuda):
+                self.staging[(seg_idx, tier)] = {
+                    name: Slots(devices, tier, prod(part_shape) * part_dtype.itemsize, slots)
+                    for name, part_dtype, part_shape in layout.parts(widest)}
+            if layout.compressed:
+                dense_bytes = prod(layout.dense_shape(widest)) * dtype.itemsize
+                self.dense[seg_idx] = Slots(devices, layout.seg.compute_on, dense_bytes, slots)
 
     def load(self, attn_idx: int, batch_idx: int, upto: int, slot: int) -> list[torch.Tensor]:
-        """Each segment's buffer, on the device its attention runs on, with rows [0, upto) filled.
-        Runs on an I/O thread. Row `upto` may then be written in place by the decode step."""
+        """Each segment's dense (total_len, 2, B, heads, head_dim) buffer, on the device its attention
+        runs on, with rows [0, upto) filled. Runs on an I/O thread. The decode step then writes row
+        `upto` in place."""
         batch = self.batch_sizes[batch_idx]
         out = []
-        for seg_idx, (seg, home) in enumerate(zip(self.segments, self.homes[(attn_idx, batch_idx)])):
-            shape = self._seg_shape(seg, batch)
-            if seg.tier == "disk":
-                src = view_as(self.staging[(seg_idx, "cpu")].get(slot), 0, self.dtype, shape)
-                home.read_into(0, src[:upto])
-            else:
-                src = home
-            if (seg_idx, "gpu") in self.staging:
-                dst = view_as(self.staging[(seg_idx, "gpu")].get(slot), 0, self.dtype, shape)
-                dst[:upto].copy_(src[:upto], non_blocking=True)
-                src = dst
-            out.append(src)
+        for seg_idx, (layout, home) in enumerate(zip(self.layouts, self.homes[(attn_idx, batch_idx)])):
+            parts = {}
+            for name, part_dtype, part_shape in layout.parts(batch):
+                if layout.seg.tier == "disk":
+                    src = view_as(self.staging[(seg_idx, "cpu")][name].get(slot), 0, part_dtype, part_shape)
+                    home[name].read_into(0, src[:upto])
+                else:
+                    src = home[name]
+                if (seg_idx, "gpu") in self.staging:
+                    dst = view_as(self.staging[(seg_idx, "gpu")][name].get(slot), 0, part_dtype, part_shape)
+                    dst[:upto].copy_(src[:upto], non_blocking=True)
+                    src = dst
+                parts[name] = src
+            if not layout.compressed:
+                out.append(parts["kv"])
+                continue
+            dense = view_as(self.dense[seg_idx].get(slot), 0, self.dtype, layout.dense_shape(batch))
+            if upto:
+                rows = CompressedTensor.from_tensors(layout.meta(batch, upto), {n: t[:upto] for n, t in parts.items()})
+                decompress(rows, out=dense[:upto])
+            out.append(dense)
         return out
 
     def store(self, attn_idx: int, batch_idx: int, start: int, rows: list[torch.Tensor]) -> None:
-        """Persist rows [start, start + len) of each segment to its home tier (a no-op where the rows
-        were written in place). Runs on an I/O thread."""
-        for seg, home, src in zip(self.segments, self.homes[(attn_idx, batch_idx)], rows):
-            stop = start + src.shape[0]
-            if seg.tier == "disk":
-                row_bytes = src[0].numel() * self.dtype.itemsize
-                home.write(start * row_bytes, src.to(self.devices.host))
-            elif src.data_ptr() != home[start].data_ptr():
-                home[start:stop].copy_(src, non_blocking=True)
+        """Persist dense rows [start, start + len) of each segment to its home tier (a no-op where the
+        rows were written in place). Runs on an I/O thread."""
+        for layout, home, src in zip(self.layouts, self.homes[(attn_idx, batch_idx)], rows):
+            parts = compress(src, CACHE_COMPRESSION).tensors() if layout.compressed else {"kv": src}
+            for name, part in parts.items():
+                target = home[name]
+                if layout.seg.tier == "disk":
+                    row_bytes = part[0].numel() * part.element_size()
+                    target.write(start * row_bytes, part.to(self.devices.host))
+                elif part.data_ptr() != target[start].data_ptr():
+                    target[start:start + part.shape[0]].copy_(part, non_blocking=True)
 
     def allocated(self) -> dict[str, dict[str, int]]:
         cache = {"gpu": 0, "cpu": 0, "disk": 0}
         for homes in self.homes.values():
-            for seg, home in zip(self.segments, homes):
-                cache[seg.tier] += home.size_on_disk() if seg.tier == "disk" else home.untyped_storage().nbytes()
+            for layout, parts in zip(self.layouts, homes):
+                for part in parts.values():
+                    tier = layout.seg.tier
+                    cache[tier] += part.size_on_disk() if tier == "disk" else part.untyped_storage().nbytes()
         staging = {"gpu": 0, "cpu": 0, "disk": 0}
-        for (_, tier), slots in self.staging.items():
-            staging[tier] += slots.nbytes
+        for (_, tier), by_part in self.staging.items():
+            staging[tier] += sum(slots.nbytes for slots in by_part.values())
+        for seg_idx, slots in self.dense.items():
+            staging[self.layouts[seg_idx].seg.compute_on] += slots.nbytes
         return {"cache": cache, "cache_staging": staging}
 
     def close(self) -> None:
         for homes in self.homes.values():
-            for seg, home in zip(self.segments, homes):
-                if seg.tier == "disk":
-                    self.offload.release(home)
+            for layout, parts in zip(self.layouts, homes):
+                if layout.seg.tier == "disk":
+                    for f in parts.values():
+                        self.offload.release(f)
         self.homes.clear()
         self.staging.clear()
+        self.dense.clear()

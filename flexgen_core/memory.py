@@ -16,7 +16,10 @@ Terms (per tier "gpu" = the compute device, "cpu" = host RAM, "disk" = files und
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 from typing import Iterable, Sequence
+
+from flexgen_core.compression import CompressionConfig, compressed_nbytes, stored_parts
 
 TIERS = ("gpu", "cpu", "disk")
 ALIGN_BYTES = 64  # offsets of tensors packed into one buffer or file
@@ -73,29 +76,55 @@ class WeightPlacement:
     name: str
     tier: str
     nbytes: int
+    part_nbytes: tuple[int, ...] = ()  # sizes of the stored tensors (one, or a compressed weight's parts)
+
+
+# The paper's compression: 4 bits, groups of 64 along the output channel (weights) or the head
+# dimension (KV cache), asymmetric min-max.
+WEIGHT_COMPRESSION = CompressionConfig(num_bits=4, group_size=64, group_dim=0)
+CACHE_COMPRESSION = CompressionConfig(num_bits=4, group_size=64, group_dim=-1)
+_PART_BYTES = {"uint8": 1, "float16": 2}
+
+
+def weight_compression(policy) -> CompressionConfig | None:
+    return WEIGHT_COMPRESSION if policy.compress_weight else None
+
+
+def weight_part_nbytes(spec, dtype_bytes: int, compression=None) -> list[int]:
+    """Bytes of each tensor stored for one weight: the weight itself, or its compressed parts."""
+    if compression is not None and spec.compress_group_dim is not None:
+        config = compression.with_group_dim(spec.compress_group_dim)
+        return [prod(shape) * _PART_BYTES[dtype] for _, dtype, shape in stored_parts(spec.shape, config)]
+    return [spec.numel * dtype_bytes]
 
 
 def weight_nbytes(spec, dtype_bytes: int, compression=None) -> int:
     """Stored bytes of one weight; compressed when a compression config is given and the weight allows it."""
-    if compression is not None and spec.compress_group_dim is not None:
-        from flexgen_core.compression import compressed_nbytes
-
-        return compressed_nbytes(spec.shape, compression.with_group_dim(spec.compress_group_dim))
-    return spec.numel * dtype_bytes
+    return sum(weight_part_nbytes(spec, dtype_bytes, compression))
 
 
 def place_layer_weights(specs, policy, dtype_bytes: int, compression=None) -> list[WeightPlacement]:
-    sizes = [weight_nbytes(s, dtype_bytes, compression) for s in specs]
-    tiers = weight_tiers(sizes, policy.w_gpu_percent, policy.w_cpu_percent)
-    return [WeightPlacement(s.name, t, n) for s, t, n in zip(specs, tiers, sizes)]
+    compression = compression or weight_compression(policy)
+    parts = [weight_part_nbytes(s, dtype_bytes, compression) for s in specs]
+    tiers = weight_tiers([sum(p) for p in parts], policy.w_gpu_percent, policy.w_cpu_percent)
+    return [WeightPlacement(s.name, t, sum(p), tuple(p)) for s, t, p in zip(specs, tiers, parts)]
 
 
 def _bytes_by_tier(placements: Sequence[WeightPlacement]) -> dict[str, int]:
-    """Bytes per tier of one layer's weights as stored: packed (aligned) off the compute device."""
+    """Bytes per tier of one layer's weights as stored: each part packed at aligned offsets off the
+    compute device, separate tensors on it."""
     out = dict.fromkeys(TIERS, 0)
     for p in placements:
-        out[p.tier] += p.nbytes if p.tier == "gpu" else align(p.nbytes)
+        out[p.tier] += p.nbytes if p.tier == "gpu" else sum(align(n) for n in p.part_nbytes)
     return out
+
+
+def cache_nbytes(shape, batch: int, total_len: int, num_heads: int, dtype_bytes: int, compress: bool) -> int:
+    """Stored bytes of one segment's K and V: (total_len, 2, B, heads, head_dim), maybe compressed."""
+    dims = (total_len, 2, batch, num_heads, shape.head_dim)
+    if compress:
+        return compressed_nbytes(dims, CACHE_COMPRESSION)
+    return prod(dims) * dtype_bytes
 
 
 @dataclass
@@ -158,32 +187,41 @@ def num_slots(policy) -> int:
 
 def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int, cuda: bool,
             echo_prompt: bool = False, compression=None) -> MemoryReport:
-    """Exact bytes per tier for generating `gen_len` tokens after prompts padded to `prompt_len`."""
+    """Exact bytes per tier for generating `gen_len` tokens after prompts padded to `prompt_len`.
+    Compression follows the policy's switches (`compression` overrides the weights' config)."""
     report = MemoryReport()
     slots = num_slots(policy)
+    compression = compression or weight_compression(policy)
 
-    # Weights and their staging slots (each slot fits the largest layer's off-device share).
-    max_host_stage = max_device_stage = 0
+    # Weights and their staging slots (each slot fits the largest layer's off-device share); compressed
+    # weights are decompressed into a dense buffer per slot on the compute device.
+    max_host_stage = max_device_stage = max_dense = 0
     for layer in layers:
-        per_tier = _bytes_by_tier(place_layer_weights(layer.specs, policy, dtype_bytes, compression))
+        placements = place_layer_weights(layer.specs, policy, dtype_bytes, compression)
+        per_tier = _bytes_by_tier(placements)
         for tier in TIERS:
             report.weights[tier] += per_tier[tier]
         max_host_stage = max(max_host_stage, per_tier["disk"])
         if cuda:
             max_device_stage = max(max_device_stage, per_tier["cpu"] + per_tier["disk"])
+        if compression is not None:
+            dense = [align(s.numel * dtype_bytes) for s in layer.specs if s.compress_group_dim is not None]
+            max_dense = max(max_dense, sum(dense))
     report.weight_staging["cpu"] += slots * max_host_stage
-    report.weight_staging["gpu"] += slots * max_device_stage
+    report.weight_staging["gpu"] += slots * (max_device_stage + max_dense)
 
     # KV cache: per attention layer, per GPU batch, K and V of (total_len, B, heads, head_dim).
     total_len = prompt_len + gen_len
     batch = policy.gpu_batch_size
-    row_bytes = total_len * batch * shape.head_dim * dtype_bytes  # one head of K (or V)
     num_attention = sum(1 for layer in layers if layer.kind.value == "attention")
     for seg in cache_segments(shape.num_kv_heads, policy, cuda):
-        seg_bytes = 2 * row_bytes * seg.num_heads
-        report.cache[seg.tier] += num_attention * policy.num_gpu_batches * seg_bytes
+        stored = cache_nbytes(shape, batch, total_len, seg.num_heads, dtype_bytes, policy.compress_cache)
+        report.cache[seg.tier] += num_attention * policy.num_gpu_batches * stored
         for tier in cache_staging_tiers(seg, cuda):
-            report.cache_staging[tier] += slots * seg_bytes
+            report.cache_staging[tier] += slots * stored
+        if policy.compress_cache:  # decompressed rows for attention, where attention runs
+            dense = cache_nbytes(shape, batch, total_len, seg.num_heads, dtype_bytes, False)
+            report.cache_staging[seg.compute_on] += slots * dense
 
     # Activations: hidden (B, s, H) of every GPU batch, split by rows; the prompt pass is the peak.
     row_hidden = prompt_len * shape.hidden_size * dtype_bytes

@@ -4,24 +4,21 @@ Each layer's weights are split by the policy (memory.place_layer_weights). Off-d
 packed: the CPU share in one host buffer (pinned on CUDA hosts), the disk share in one file. Loading
 a layer is then one read of its disk share into a host staging slot and, on CUDA, one copy of each
 share into a device staging slot; the returned tensors are views into those slots.
+
+With `compress_weight`, a weight is stored as its compressed parts (compression.py) on every tier,
+so disk and PCIe traffic shrink too, and is decompressed into a dense slot on the compute device
+as part of the load.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from flexgen_core.memory import num_slots, packed_offsets, place_layer_weights
+from flexgen_core.compression import CompressedMeta, CompressedTensor, compress, decompress, stored_parts
+from flexgen_core.memory import align, num_slots, packed_offsets, place_layer_weights, weight_compression
 from flexgen_core.storage import Devices, OffloadDir, Slots, view_as
 
-
-@dataclass
-class _Packed:
-    """Weights of one layer packed into one buffer or file: name -> byte offset."""
-
-    offsets: dict[str, int]
-    nbytes: int
+_TORCH = {"uint8": torch.uint8, "float16": torch.float16}
 
 
 class WeightStore:
@@ -29,77 +26,113 @@ class WeightStore:
         self.layers = layers
         self.devices = devices
         self.dtype = dtype
+        self.compression = weight_compression(policy)
         self.placements = [place_layer_weights(layer.specs, policy, dtype.itemsize) for layer in layers]
-        self.shapes = [{s.name: s.shape for s in layer.specs} for layer in layers]
-        self.resident: list[dict[str, torch.Tensor]] = [{} for _ in layers]  # gpu-tier tensors
-        self.host_packed: list[torch.Tensor | None] = []   # cpu-tier share, one buffer per layer
+        self.specs = [{s.name: s for s in layer.specs} for layer in layers]
+        # (layer, weight) -> [(part name, torch dtype, shape)]; a plain weight is one part named "".
+        self.parts = [{s.name: self._parts(s) for s in layer.specs} for layer in layers]
+        self.resident: list[dict[str, object]] = [{} for _ in layers]  # gpu tier: tensors or CompressedTensors
+        self.host_packed: list[torch.Tensor | None] = []
         self.disk_files = []
-        self.packs: list[dict[str, _Packed]] = []
+        self.offsets: list[dict[str, dict[tuple[str, str], int]]] = []  # tier -> (weight, part) -> offset
+        self.packed_bytes: list[dict[str, int]] = []
+        dense_bytes = 0
         for layer_idx, placement in enumerate(self.placements):
-            packs = {}
+            offsets, sizes = {}, {}
             for tier in ("cpu", "disk"):
-                names = [p.name for p in placement if p.tier == tier]
-                offsets, total = packed_offsets(p.nbytes for p in placement if p.tier == tier)
-                packs[tier] = _Packed(dict(zip(names, offsets)), total)
-            self.packs.append(packs)
-            cpu_bytes, disk_bytes = packs["cpu"].nbytes, packs["disk"].nbytes
-            self.host_packed.append(devices.empty("cpu", cpu_bytes, pin=policy.pin_weight) if cpu_bytes else None)
-            self.disk_files.append(offload.file(f"weights-{layer_idx}.bin", disk_bytes) if disk_bytes else None)
+                keys = [(p.name, part) for p in placement if p.tier == tier for part, _, _ in self.parts[layer_idx][p.name]]
+                part_bytes = [n for p in placement if p.tier == tier for n in p.part_nbytes]
+                tier_offsets, sizes[tier] = packed_offsets(part_bytes)
+                offsets[tier] = dict(zip(keys, tier_offsets))
+            self.offsets.append(offsets)
+            self.packed_bytes.append(sizes)
+            self.host_packed.append(devices.empty("cpu", sizes["cpu"], pin=policy.pin_weight) if sizes["cpu"] else None)
+            self.disk_files.append(offload.file(f"weights-{layer_idx}.bin", sizes["disk"]) if sizes["disk"] else None)
+            if self.compression is not None:
+                dense = [align(s.numel * dtype.itemsize) for s in layers[layer_idx].specs if self._compressed(s)]
+                dense_bytes = max(dense_bytes, sum(dense))
         slots = num_slots(policy)
-        self.host_slots = Slots(devices, "cpu", max(p["disk"].nbytes for p in self.packs), slots)
-        device_stage = max(p["cpu"].nbytes + p["disk"].nbytes for p in self.packs) if devices.cuda else 0
+        self.host_slots = Slots(devices, "cpu", max(p["disk"] for p in self.packed_bytes), slots)
+        device_stage = max(p["cpu"] + p["disk"] for p in self.packed_bytes) if devices.cuda else 0
         self.device_slots = Slots(devices, "gpu", device_stage, slots)
+        self.dense_slots = Slots(devices, "gpu", dense_bytes, slots)
+
+    def _compressed(self, spec) -> bool:
+        return self.compression is not None and spec.compress_group_dim is not None
+
+    def _config(self, spec):
+        return self.compression.with_group_dim(spec.compress_group_dim)
+
+    def _parts(self, spec) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        if self._compressed(spec):
+            return [(name, _TORCH[dtype], shape) for name, dtype, shape in stored_parts(spec.shape, self._config(spec))]
+        return [("", self.dtype, spec.shape)]
 
     def tier_of(self, layer_idx: int, name: str) -> str:
         return next(p.tier for p in self.placements[layer_idx] if p.name == name)
 
     def put(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
-        """Place one checkpoint tensor (any dtype, on the host) into its tier."""
-        expected = self.shapes[layer_idx][name]
-        if tuple(tensor.shape) != tuple(expected):
+        """Place one checkpoint tensor (any dtype, on the host) into its tier, compressing it if set."""
+        spec = self.specs[layer_idx][name]
+        if tuple(tensor.shape) != tuple(spec.shape):
             raise ValueError(
                 f"weight {self.layers[layer_idx].name}.{name} has shape {tuple(tensor.shape)} in the checkpoint, "
-                f"expected {tuple(expected)} from config.json"
+                f"expected {tuple(spec.shape)} from config.json"
             )
         tensor = tensor.to(self.dtype)
+        stored = compress(tensor, self._config(spec)).tensors() if self._compressed(spec) else {"": tensor}
         tier = self.tier_of(layer_idx, name)
         if tier == "gpu":
-            self.resident[layer_idx][name] = tensor.to(self.devices.compute, copy=True).contiguous()
-        elif tier == "cpu":
-            offset = self.packs[layer_idx]["cpu"].offsets[name]
-            view_as(self.host_packed[layer_idx], offset, self.dtype, expected).copy_(tensor)
-        else:
-            self.disk_files[layer_idx].write(self.packs[layer_idx]["disk"].offsets[name], tensor)
+            on_device = {part: t.to(self.devices.compute, copy=True).contiguous() for part, t in stored.items()}
+            self.resident[layer_idx][name] = on_device
+            return
+        for part, t in stored.items():
+            offset = self.offsets[layer_idx][tier][(name, part)]
+            if tier == "cpu":
+                view_as(self.host_packed[layer_idx], offset, t.dtype, t.shape).copy_(t)
+            else:
+                self.disk_files[layer_idx].write(offset, t)
 
     def load(self, layer_idx: int, slot: int) -> dict[str, torch.Tensor]:
         """The layer's weights on the compute device. Runs on an I/O thread; uses staging slot `slot`."""
-        packs = self.packs[layer_idx]
-        weights = dict(self.resident[layer_idx])
-        host_disk = None
-        if packs["disk"].nbytes:
-            host_disk = self.host_slots.get(slot)[:packs["disk"].nbytes]
-            self.disk_files[layer_idx].read_into(0, host_disk)
-        sources = {"cpu": self.host_packed[layer_idx], "disk": host_disk}
+        sizes = self.packed_bytes[layer_idx]
+        sources = {"cpu": self.host_packed[layer_idx], "disk": None}
+        if sizes["disk"]:
+            sources["disk"] = self.host_slots.get(slot)[:sizes["disk"]]
+            self.disk_files[layer_idx].read_into(0, sources["disk"])
         if self.devices.cuda:
-            device_buf = self.device_slots.get(slot) if self.device_slots.buffers else None
             start = 0
             for tier in ("cpu", "disk"):
-                n = packs[tier].nbytes
-                if n:
-                    device_buf[start:start + n].copy_(sources[tier][:n], non_blocking=True)
-                    sources[tier] = device_buf[start:start + n]
-                    start += n
-        for tier in ("cpu", "disk"):
-            for name, offset in packs[tier].offsets.items():
-                weights[name] = view_as(sources[tier], offset, self.dtype, self.shapes[layer_idx][name])
+                if sizes[tier]:
+                    device_buf = self.device_slots.get(slot)[start:start + sizes[tier]]
+                    device_buf.copy_(sources[tier][:sizes[tier]], non_blocking=True)
+                    sources[tier] = device_buf
+                    start += sizes[tier]
+        weights, dense_offset = {}, 0
+        for placement in self.placements[layer_idx]:
+            name, spec = placement.name, self.specs[layer_idx][placement.name]
+            if placement.tier == "gpu":
+                parts = self.resident[layer_idx][name]
+            else:
+                offsets = self.offsets[layer_idx][placement.tier]
+                parts = {part: view_as(sources[placement.tier], offsets[(name, part)], dtype, shape)
+                         for part, dtype, shape in self.parts[layer_idx][name]}
+            if not self._compressed(spec):
+                weights[name] = parts[""]
+                continue
+            out = view_as(self.dense_slots.get(slot), dense_offset, self.dtype, spec.shape)
+            dense_offset += align(spec.numel * self.dtype.itemsize)
+            meta = CompressedMeta(spec.shape, str(self.dtype).removeprefix("torch."), self._config(spec))
+            weights[name] = decompress(CompressedTensor.from_tensors(meta, parts), out=out)
         return weights
 
     def allocated(self) -> dict[str, dict[str, int]]:
         """Real bytes per tier held for weights and their staging (checked against memory.account)."""
         weights = {
-            "gpu": sum(t.untyped_storage().nbytes() for layer in self.resident for t in layer.values()),
+            "gpu": sum(t.untyped_storage().nbytes() for layer in self.resident for parts in layer.values()
+                       for t in parts.values()),
             "cpu": sum(t.untyped_storage().nbytes() for t in self.host_packed if t is not None),
             "disk": sum(f.size_on_disk() for f in self.disk_files if f is not None),
         }
-        staging = {"gpu": self.device_slots.nbytes, "cpu": self.host_slots.nbytes, "disk": 0}
+        staging = {"gpu": self.device_slots.nbytes + self.dense_slots.nbytes, "cpu": self.host_slots.nbytes, "disk": 0}
         return {"weights": weights, "weight_staging": staging}

@@ -47,3 +47,57 @@ def check_result(model, prompt, result, *, logprob_tol, tie_tol, greedy=True, ec
         for i in range(1, len(prompt)):
             assert abs(result.prompt_logprobs[i] - ref[i - 1, prompt[i]].item()) <= logprob_tol, f"prompt token {i}"
     return ties
+
+
+def quantised_weights_model(model, config):
+    """A copy of `model` whose matrices went through compress/decompress as the engine stores them
+    with compress_weight: every 2-D weight grouped along its output channel (dim 0)."""
+    import copy
+
+    from flexgen_core.compression import compress, decompress
+
+    quantised = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in quantised.parameters():  # tied embeddings are one parameter: quantised once
+            if param.dim() == 2:
+                param.copy_(decompress(compress(param.data, config.with_group_dim(0))))
+    return quantised
+
+
+def quantised_cache_logprobs(model, ids: list[int], prompt_len: int, config) -> torch.Tensor:
+    """Teacher-forced logprobs with the engine's compress_cache semantics: the prompt pass attends over
+    exact K/V; each later step attends over quantised past rows plus its own exact row."""
+    from transformers import DynamicCache
+
+    from flexgen_core.compression import compress, decompress
+
+    def quantise_new_rows(cache, new):
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                rows = getattr(layer, name)[:, :, -new:]  # (B, kv_heads, new, head_dim), groups along head_dim
+                rows.copy_(decompress(compress(rows.contiguous(), config)))
+
+    cache, rows = DynamicCache(), []
+    with torch.no_grad():
+        out = model(torch.tensor([ids[:prompt_len]]), past_key_values=cache, use_cache=True)
+        rows.append(out.logits[0].float())
+        quantise_new_rows(cache, prompt_len)
+        for pos in range(prompt_len, len(ids)):
+            out = model(torch.tensor([[ids[pos]]]), past_key_values=cache, use_cache=True)
+            rows.append(out.logits[0].float())
+            quantise_new_rows(cache, 1)
+    return torch.log_softmax(torch.cat(rows), dim=-1)
+
+
+def check_against(ref_fn, prompt, result, *, logprob_tol, tie_tol):
+    """Like check_result, with teacher-forced reference logprobs from `ref_fn(ids) -> (len(ids), V)`.
+    Returns the absolute logprob errors of every step."""
+    errors = []
+    for completion in result.completions:
+        ref = ref_fn(list(prompt) + list(completion.token_ids))
+        for step, token in enumerate(completion.token_ids):
+            row = ref[len(prompt) - 1 + step]
+            errors.append(abs(completion.logprobs[step] - row[token].item()))
+            assert errors[-1] <= logprob_tol, f"step {step}: logprob error {errors[-1]}"
+            assert row.max().item() - row[token].item() <= tie_tol, f"step {step}: not the reference's argmax"
+    return errors

@@ -20,6 +20,10 @@ POLICIES = [
            cache_cpu_percent=0, act_gpu_percent=0, act_cpu_percent=0, overlap=False),
     Policy(gpu_batch_size=4, num_gpu_batches=1, w_gpu_percent=30, w_cpu_percent=30, cache_gpu_percent=0,
            cache_cpu_percent=100, cpu_cache_compute=True, act_gpu_percent=0, act_cpu_percent=100),
+    Policy(gpu_batch_size=2, num_gpu_batches=2, w_gpu_percent=20, w_cpu_percent=40, cache_gpu_percent=40,
+           cache_cpu_percent=20, compress_weight=True, compress_cache=True),
+    Policy(gpu_batch_size=3, num_gpu_batches=1, w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0,
+           cache_cpu_percent=0, compress_weight=True, compress_cache=True, overlap=False),
 ]
 
 
