@@ -43,9 +43,10 @@ def sequence_generator(seed: int, completion_idx: int) -> torch.Generator:
 class Sequence:
     """One completion being generated."""
 
-    def __init__(self, prompt: list[int], generator: torch.Generator | None):
+    def __init__(self, prompt: list[int], generator: torch.Generator | None, forced: list[int] | None = None):
         self.prompt = prompt
         self.generator = generator
+        self.forced = forced  # tokens fed instead of chosen ones (scoring through the decode path)
         self.out = Completion()
         self.prompt_logprobs: list[float | None] | None = None
 
@@ -101,6 +102,11 @@ def select_tokens(logits: torch.Tensor, seqs: list[Sequence], settings: DecodeSe
             [_sample(host_logits[row], settings, seq.generator) if not seq.done else 0 for row, seq in enumerate(seqs)],
             device=logits.device,
         )
+    if any(seq.forced is not None for seq in seqs):
+        forced = [seq.forced[len(seq.out.token_ids)] if seq.forced is not None and not seq.done else None
+                  for seq in seqs]
+        keep = torch.tensor([f is None for f in forced], device=chosen.device)
+        chosen = torch.where(keep, chosen, torch.tensor([f or 0 for f in forced], device=chosen.device))
     chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
     tops: list[dict[int, float] | None] = [None] * len(seqs)
     if settings.top_k_logprobs:

@@ -96,8 +96,13 @@ class Engine:
     def generate(self, prompts: Seq[Seq[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, num_completions: int = 1, stop: Seq[Seq[int]] | None = None,
                  echo_prompt: bool = False, top_k_logprobs: int = 0,
-                 seed: int | Seq[int] | None = None) -> list[GenerationResult]:
-        """Generate for every prompt (token-id lists used as given). See README for the result fields."""
+                 seed: int | Seq[int] | None = None,
+                 forced_tokens: Seq[Seq[int]] | None = None) -> list[GenerationResult]:
+        """Generate for every prompt (token-id lists used as given). See README for the result fields.
+
+        `forced_tokens` (one list per prompt, at least `max_new_tokens` long) are fed instead of the
+        chosen tokens and scored: the logprobs of a given continuation through the decode path (with
+        its KV cache, compressed or not), e.g. for perplexity."""
         if self._closed:
             raise ValueError("this engine is closed")
         prompts = [list(p) for p in prompts]
@@ -107,8 +112,13 @@ class Engine:
                                   tuple(tuple(s) for s in stop or ()), self.config.eos_token_id)
         # Greedy completions of one prompt are identical: compute one and copy it.
         distinct = num_completions if temperature > 0 and max_new_tokens > 0 else 1
+        if forced_tokens is not None:
+            if len(forced_tokens) != len(prompts) or any(len(f) < max_new_tokens for f in forced_tokens):
+                raise ValueError(f"forced_tokens needs one list of >= max_new_tokens={max_new_tokens} tokens per prompt")
+            self._validate([list(f) for f in forced_tokens], 0, 0.0, 1.0, 1, None, 0, 0)
         seqs = [
-            Sequence(prompt, sequence_generator(seeds[p_idx], c_idx) if temperature > 0 else None)
+            Sequence(prompt, sequence_generator(seeds[p_idx], c_idx) if temperature > 0 else None,
+                     list(forced_tokens[p_idx]) if forced_tokens is not None else None)
             for p_idx, prompt in enumerate(prompts) for c_idx in range(distinct)
         ]
         # Longest first, so each block pads little.

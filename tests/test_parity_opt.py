@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
 from flexgen_core.testing import build_checkpoint, sample_prompts
-from reference import check_result
+from reference import check_result, reference_logprobs
 
 LOGPROB_TOL = 2e-4  # float32 on CPU: different matmul shapes (padding, batching) move logprobs ~1e-6
 TIE_TOL = 2e-4
@@ -80,3 +80,18 @@ def test_scoring_only(tmp_path):
     for prompt, result in zip(prompts, results):
         assert result.completions[0].token_ids == []
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True)
+
+
+def test_forced_tokens_score_a_continuation(tmp_path):
+    """Teacher forcing through the decode path gives transformers' logprobs of the given tokens."""
+    path = build_checkpoint("odd")
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    texts = sample_prompts(path, 3, 20, 30, seed=8)
+    prompts, continuations = [t[:8] for t in texts], [t[8:18] for t in texts]
+    with Engine.from_pretrained(path, policy=PLACEMENTS["mixed-three-tiers"], offload_dir=tmp_path) as engine:
+        results = engine.generate(prompts, max_new_tokens=10, forced_tokens=continuations)
+    for prompt, cont, result in zip(prompts, continuations, results):
+        assert result.completions[0].token_ids == cont
+        ref = reference_logprobs(hf, prompt + cont)
+        expected = [ref[len(prompt) - 1 + i, tok].item() for i, tok in enumerate(cont)]
+        assert max(abs(a - b) for a, b in zip(result.completions[0].logprobs, expected)) <= LOGPROB_TOL
