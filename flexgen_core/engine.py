@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence as Seq
 import torch
 
 from flexgen_core import checkpoint, memory
+from flexgen_core.capacity import check_fits, out_of_memory_error
 from flexgen_core.decoding import DecodeSettings, GenerationResult, Sequence, sequence_generator
 from flexgen_core.models.registry import family_for
 from flexgen_core.policy import Policy
@@ -79,6 +80,8 @@ class Engine:
 
         offload = OffloadDir(offload_dir)
         try:
+            needs = memory.account(layers, config, policy, 1, 0, TORCH_DTYPES[dtype].itemsize, devices.cuda)
+            check_fits(_sum_terms(needs, ("weights", "weight_staging")), devices, offload.path, policy, "the weights")
             weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
             for key, tensor in checkpoint.iter_tensors(files, set(sources)):
                 for layer_idx, name in sources[key]:
@@ -146,7 +149,15 @@ class Engine:
             ids = torch.tensor([[pad_id] * pad + s.prompt for pad, s in zip(pads, members)],
                                dtype=torch.long, device=self.devices.compute)
             batches.append(Batch(ids, pads, members))
-        self.runner.run(batches, settings, echo_prompt)
+        needs = memory.account(self.layers, self.config, self.policy, prompt_len, settings.max_new_tokens,
+                               self.dtype.itemsize, self.devices.cuda, echo_prompt)
+        check_fits(_sum_terms(needs, ("cache", "cache_staging", "activations")), self.devices, self.offload.path,
+                   self.policy, f"a block of {len(seqs)} sequences of {prompt_len}+{settings.max_new_tokens} tokens")
+        try:
+            self.runner.run(batches, settings, echo_prompt)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()  # the block's buffers are already released by the runner
+            raise out_of_memory_error(self.policy, e) from None
 
     def _validate(self, prompts, max_new_tokens, temperature, top_p, num_completions, stop, top_k_logprobs,
                   seed) -> list[int]:
@@ -201,6 +212,10 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _sum_terms(report: memory.MemoryReport, terms) -> dict[str, int]:
+    return {tier: sum(getattr(report, term)[tier] for term in terms) for tier in memory.TIERS}
 
 
 def _copy(completion):

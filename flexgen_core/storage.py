@@ -7,14 +7,22 @@ positional reads and writes into reusable buffers, so resident memory is bounded
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 
 import torch
 
 from flexgen_core.memory import ALIGN_BYTES
+
+log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -90,8 +98,23 @@ class DiskFile:
             self._fd = -1
 
 
+_SUBDIR = re.compile(r"^engine-(\d+)-")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 class OffloadDir:
-    """This engine's own subdirectory of the offload dir, removed on close."""
+    """This engine's own subdirectory `engine-<pid>-<random>` of the offload dir, removed on close,
+    at interpreter exit and on SIGTERM. Subdirectories left by killed processes are removed when the
+    next engine opens the same offload dir."""
 
     def __init__(self, root: str | os.PathLike | None):
         base = Path(root) if root is not None else Path(tempfile.gettempdir()) / "flexgen-offload"
@@ -99,10 +122,24 @@ class OffloadDir:
             base.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"offload_dir {str(base)!r} cannot be created: {e.strerror}") from None
-        if not os.access(base, os.W_OK):
-            raise ValueError(f"offload_dir {str(base)!r} is not writable")
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise ValueError(f"offload_dir {str(base)!r} is not a writable folder")
+        self.base = base
+        self.stale_removed = _remove_stale(base)
         self.path = Path(tempfile.mkdtemp(prefix=f"engine-{os.getpid()}-", dir=base))
         self.files: list[DiskFile] = []
+        _LIVE.add(self)
+        _install_sigterm_handler()
+
+    def check_free(self, nbytes: int, what: str) -> None:
+        """Raise before writing when the offload dir's file system lacks `nbytes` more."""
+        free = shutil.disk_usage(self.path).free
+        if nbytes > free:
+            raise ValueError(
+                f"not enough free disk in offload_dir {str(self.base)!r} for {what}: needs {nbytes / 2**30:.2f} GiB, "
+                f"{free / 2**30:.2f} GiB free (short by {(nbytes - free) / 2**30:.2f} GiB); free space, "
+                "use another --offload-dir, or keep more on GPU/CPU"
+            )
 
     def file(self, name: str, nbytes: int) -> DiskFile:
         f = DiskFile(self.path / name, nbytes)
@@ -123,6 +160,43 @@ class OffloadDir:
             f.close()
         self.files.clear()
         shutil.rmtree(self.path, ignore_errors=True)
+        _LIVE.discard(self)
+
+
+def _remove_stale(base: Path) -> list[Path]:
+    """Remove subdirectories whose owning process is gone (a killed run); log what was removed."""
+    removed = []
+    for child in base.iterdir():
+        match = _SUBDIR.match(child.name)
+        if match and child.is_dir() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+            log.warning("removed offload files left by a process that no longer runs: %s", child)
+    return removed
+
+
+# Offload dirs of this process still open: closed at exit and on SIGTERM so no files are left behind.
+_LIVE: "weakref.WeakSet[OffloadDir]" = weakref.WeakSet()
+
+
+def _close_live() -> None:
+    for offload in list(_LIVE):
+        offload.close()
+
+
+def _install_sigterm_handler() -> None:
+    """Turn SIGTERM into SystemExit (so `with` blocks and atexit run) unless the program handles it."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+atexit.register(_close_live)
 
 
 class Slots:

@@ -136,3 +136,74 @@ def test_cli_generate_prints_completion():
                "--percent", "0", "50", "0", "100", "100", "0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("import os") and len(out.stdout.strip()) > len("import os")
+
+
+def test_policy_exceeding_a_tier_is_rejected_before_loading(tmp_path, monkeypatch):
+    """The exact accounting is checked against what each tier has free (here: a nearly full disk)."""
+    from flexgen_core import capacity
+
+    real = capacity.available_bytes
+    monkeypatch.setattr(capacity, "available_bytes", lambda *a: real(*a) | {"disk": 1000})
+    policy = Policy(w_gpu_percent=0, w_cpu_percent=0)
+    with pytest.raises(capacity.PolicyDoesNotFit, match=r"of disk for the weights.*short by"):
+        Engine.from_pretrained(build_checkpoint("odd"), policy=policy, offload_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_block_exceeding_memory_is_rejected_and_engine_stays_usable(tmp_path, monkeypatch):
+    from flexgen_core import capacity
+
+    with Engine.from_pretrained(build_checkpoint("odd"), offload_dir=tmp_path) as engine:
+        real = capacity.available_bytes
+        monkeypatch.setattr(capacity, "available_bytes", lambda *a: real(*a) | {"cpu": 10_000, "gpu": 10_000})
+        with pytest.raises(capacity.PolicyDoesNotFit, match=r"needs .* GiB of RAM for a block of 1 sequences"):
+            engine.generate([[2] * 200], max_new_tokens=50)
+        monkeypatch.undo()
+        assert len(engine.generate([[2, 5]], max_new_tokens=3)[0].completions[0].token_ids) == 3
+
+
+_HOLD_ENGINE = r"""
+import sys, time
+from flexgen_core import Engine, Policy
+engine = Engine.from_pretrained(sys.argv[1], policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=sys.argv[2])
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _start_holder(path, offload):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_ENGINE, str(path), str(offload)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_sigterm_removes_offload_files(tmp_path):
+    proc = _start_holder(build_checkpoint("odd"), tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1
+    proc.terminate()
+    proc.wait(timeout=30)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_offload_dirs_of_killed_runs_are_removed(tmp_path):
+    path = build_checkpoint("odd")
+    proc = _start_holder(path, tmp_path)
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.wait(timeout=30)
+    (stale,) = list(tmp_path.iterdir())
+    with Engine.from_pretrained(path, policy=Policy(w_gpu_percent=0, w_cpu_percent=0), offload_dir=tmp_path) as e:
+        assert e.offload.stale_removed == [stale]
+        assert [p.name for p in tmp_path.iterdir()] == [e.offload.path.name]
+
+
+def test_two_engines_share_one_offload_dir(tmp_path):
+    path = build_checkpoint("odd")
+    policy = Policy(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0)
+    prompts = sample_prompts(path, 3, 4, 12, seed=0)
+    with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path) as a, \
+            Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path) as b:
+        assert a.offload.path != b.offload.path and len(list(tmp_path.iterdir())) == 2
+        ra, rb = a.generate(prompts, max_new_tokens=4), b.generate(prompts, max_new_tokens=4)
+    assert [r.completions[0].token_ids for r in ra] == [r.completions[0].token_ids for r in rb]
+    assert list(tmp_path.iterdir()) == []
