@@ -50,6 +50,138 @@ def _generate(args) -> int:
     return 0
 
 
+# ---- flexgen plan ------------------------------------------------------------------------------------
+
+_SWITCH = {"on": True, "off": False, "auto": None}
+
+
+def _plan(args) -> int:
+    import json
+
+    from flexgen_core import hardware, planner, shapes
+    from flexgen_core.cost_model import Workload
+
+    profile = hardware.load_profile(args.hardware)
+    sizes = {tier: hardware.parse_size(value) if value else None
+             for tier, value in (("gpu", args.gpu_mem), ("cpu", args.cpu_mem), ("disk", args.disk_mem))}
+    profile = profile.with_memory(**sizes)
+    model = shapes.load_model(args.model)
+    dtype = args.dtype or profile.dtype
+    options = planner.PlanOptions(compress_weight=_SWITCH[args.compress_weight],
+                                  compress_cache=_SWITCH[args.compress_cache],
+                                  cpu_cache_compute=_SWITCH[args.cpu_attention],
+                                  memory_fraction=args.memory_fraction, max_block_size=args.max_block_size)
+    result = planner.plan(model, Workload(args.prompt_len, args.gen_len), profile, _DTYPE_BYTES[dtype], options,
+                          evaluate_all=bool(args.plot))
+    if args.plot:
+        _plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_dict() | {"dtype": dtype}, indent=2))
+    else:
+        print(_plan_table(result, dtype))
+        if args.plot:
+            print(f"\nplot: {args.plot}")
+    return 0
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _plan_table(result, dtype: str) -> str:
+    from flexgen_core.hardware import format_size
+
+    best, p = result.best, result.policy
+    onoff = {True: "on", False: "off"}
+    lines = [
+        f"Plan for {result.model.name} on {result.hardware.name}: prompt {result.workload.prompt_len}, "
+        f"generate {result.workload.gen_len}, {dtype}",
+        "",
+        f"  block          {p.gpu_batch_size} x {p.num_gpu_batches} GPU batches = {p.block_size} sequences",
+        "                 GPU    CPU    disk",
+    ]
+    for label, (g, c) in (("weights", p.percent[0:2]), ("KV cache", p.percent[2:4]), ("activations", p.percent[4:6])):
+        lines.append(f"  {label:<12}  {g:>4}%  {c:>4}%  {100 - g - c:>4}%")
+    lines += [
+        f"  switches       overlap {onoff[p.overlap]}, CPU attention {onoff[p.cpu_cache_compute]}, "
+        f"compress weights {onoff[p.compress_weight]}, compress cache {onoff[p.compress_cache]}, "
+        f"pin weights {onoff[p.pin_weight]}",
+        f"  flags          --percent {' '.join(map(str, p.percent))} --gpu-batch-size {p.gpu_batch_size} "
+        f"--num-gpu-batches {p.num_gpu_batches}" + (" --cpu-cache-compute" if p.cpu_cache_compute else ""),
+        "",
+        f"  throughput     {best.throughput:.4g} tokens/s",
+        f"  prefill        {_seconds(best.prefill_s)} per block",
+        f"  decode         {_seconds(best.decode_s)} per block ({_seconds(best.decode_token_s)} per token)",
+        "",
+        "  memory         peak         usable       size",
+    ]
+    capacity = result.hardware.capacity()
+    for tier in ("gpu", "cpu", "disk"):
+        lines.append(f"  {tier:<12}   {format_size(best.peak_memory[tier]):<12} {format_size(result.usable[tier]):<12} "
+                     f"{format_size(capacity[tier])}")
+    if result.hardware.unified:
+        lines.append("                 (CPU-only host: the gpu and cpu tiers share host RAM)")
+    lines += ["", "  time by lane and term, per block (the lanes of a layer overlap):"]
+    for phase, terms in best.breakdown.items():
+        lines.append(f"  {phase:<12}   " + ", ".join(f"{k} {_seconds(v)}" for k, v in terms.items()))
+    if best.disk_cached:
+        lines.append("  (disk I/O priced at page-cache speed: the plan's disk files fit in RAM it leaves free)")
+    return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    if value < 1:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value:,.0f} s" if value >= 1000 else f"{value:.3g} s"
+
+
+def _plot(result, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_size = result.throughput_by_block_size()
+    sizes = list(by_size)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(sizes, [lp for lp, _ in by_size.values()], ":", color="0.6", label="linear program (fractional placement)")
+    exact = [(size, e) for size, (_, e) in by_size.items() if e is not None]
+    ax.plot([s for s, _ in exact], [e for _, e in exact], "o-", label="rounded policy, exact memory check")
+    best = result.best
+    ax.plot([best.policy.block_size], [best.throughput], "r*", markersize=16,
+            label=f"chosen: {best.policy.gpu_batch_size}x{best.policy.num_gpu_batches}, "
+                  f"{' '.join(map(str, best.policy.percent))}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("effective batch size (sequences per block)")
+    ax.set_ylabel("predicted generation throughput (tokens/s)")
+    ax.set_title(f"{result.model.name} on {result.hardware.name}, prompt {result.workload.prompt_len}, "
+                 f"generate {result.workload.gen_len}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- flexgen profile ---------------------------------------------------------------------------------
+
+def _profile(args) -> int:
+    from flexgen_core import hardware
+    from flexgen_core.profiler import measure
+    from flexgen_core.storage import Devices
+
+    device = Devices(args.device).compute.type
+    out = args.out or hardware.measured_profile_path(device)
+    profile = measure(device=args.device, offload_dir=args.offload_dir, quick=args.quick, dtype=args.dtype)
+    path = profile.save(out)
+    d = profile.to_dict()
+    print(f"profile {profile.name} written to {path}")
+    for section in ("memory", "bandwidth_GBps", "flops_TFLOPs"):
+        print(f"  {section}: " + ", ".join(f"{k} {v}" for k, v in d[section].items()))
+    print(f"  overhead per layer and batch: {profile.layer_overhead_s * 1e6:.3g} us; "
+          f"I/O-compute overlap: {profile.io_overlap:.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexgen", description="Offloaded, block-scheduled LLM inference")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -64,6 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     _add_policy_args(gen)
     gen.set_defaults(run=_generate)
+
+    pl = sub.add_parser("plan", help="choose a policy for a model, a machine and a workload (cost model + LP)")
+    pl.add_argument("--model", required=True, help="hub name, local checkpoint folder, or a known model name")
+    pl.add_argument("--hardware", required=True, help="built-in profile name (t4-gcp) or a profile JSON file")
+    pl.add_argument("--gpu-mem", help="override the profile's GPU memory, e.g. 16GiB (GB = 1e9, GiB = 2**30)")
+    pl.add_argument("--cpu-mem", help="override the profile's CPU memory, e.g. 200GiB")
+    pl.add_argument("--disk-mem", help="override the profile's disk space, e.g. 1.5TB")
+    pl.add_argument("--prompt-len", type=int, default=512)
+    pl.add_argument("--gen-len", type=int, default=32)
+    pl.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default=None,
+                    help="weights and cache dtype (default: the profile's, float16 for t4-gcp)")
+    for flag, default, what in (("--compress-weight", "off", "4-bit weights"),
+                                ("--compress-cache", "off", "4-bit KV cache"),
+                                ("--cpu-attention", "auto", "attention over off-GPU cache on the CPU")):
+        pl.add_argument(flag, nargs="?", const="on", default=default, choices=sorted(_SWITCH),
+                        help=f"{what}: on, off, or auto to let the planner decide (default {default}; bare flag: on)")
+    pl.add_argument("--memory-fraction", type=float, default=0.95, help="share of each tier a plan may fill")
+    pl.add_argument("--max-block-size", type=int, default=None, help="at most this many sequences per block")
+    pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    pl.add_argument("--plot", metavar="FILE.png", help="plot predicted throughput against effective batch size")
+    pl.set_defaults(run=_plan)
+
+    pr = sub.add_parser("profile", help="measure this machine's hardware profile (a few minutes at most)")
+    pr.add_argument("--out", help="profile JSON to write (default: where policy='auto' looks for it)")
+    pr.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: a temp folder)")
+    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pr.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default=None,
+                    help="dtype of the compute measurements (default float16 on CUDA, float32 on CPU)")
+    pr.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (seconds, noisier)")
+    pr.set_defaults(run=_profile)
     return parser
 
 

@@ -1,0 +1,245 @@
+"""Hardware profiles: memory per tier, bandwidths between tiers, compute rates (FlexGen paper, Sec. 4.3).
+
+A profile is a JSON file in the layout of the paper's fitted constants (`profiles/t4-gcp.json`, the
+built-in `t4-gcp`): sizes in GB, bandwidths in GB/s, where GB means 2**30 bytes, and compute in TFLOP/s
+(1e12). `flexgen profile` measures one for this machine (`profiler.py`). In memory, a `HardwareProfile`
+holds bytes, bytes/s and flop/s.
+
+"gpu" is the compute device. On a CPU-only host (`compute_device: "cpu"`) it is the CPU itself: the
+gpu and cpu tiers then share host RAM (`unified`), and copies between them are free or plain memcpys.
+
+Optional fields the paper's profile lacks (absent = not modelled):
+- `bandwidth_GBps.gpu_memory`: device memory bandwidth, the roofline of decode matmuls at small batch;
+- `bandwidth_GBps.disk_to_cpu_cached` / `cpu_to_disk_cached`: disk reads and writes served by the page
+  cache, used when the plan's disk files fit in RAM the plan leaves free;
+- `overhead_s.per_layer_batch`: fixed cost of computing one layer on one GPU batch (launches, Python);
+- `io_overlap`: how much the I/O threads overlap compute, 1 (default: copy engines and disk work
+  beside the GPU) down to 0 (a CPU-only host whose copies and compute share the same cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+TERA = 1e12
+PROFILES_DIR = Path(__file__).with_name("profiles")
+
+_BANDWIDTHS = ("cpu_to_gpu", "gpu_to_cpu_cache", "gpu_to_cpu_hidden", "disk_to_cpu",
+               "cpu_to_disk_cache_prefill", "cpu_to_disk_hidden_prefill", "cpu_to_disk_decode")
+_OPTIONAL_BANDWIDTHS = ("gpu_memory", "disk_to_cpu_cached", "cpu_to_disk_cached")
+_FLOPS = ("gpu_matmul_prefill", "gpu_matmul_decode", "gpu_batched_matmul_prefill", "gpu_batched_matmul_decode")
+COMPUTE_DEVICES = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    compute_device: str  # "cuda" or "cpu" (then the "gpu" tier is host RAM)
+    dtype: str  # dtype the compute rates were measured in
+    # memory per tier, bytes
+    gpu_bytes: int
+    cpu_bytes: int
+    disk_bytes: int
+    # bandwidths, bytes/s
+    cpu_to_gpu: float
+    gpu_to_cpu_cache: float
+    gpu_to_cpu_hidden: float
+    disk_to_cpu: float
+    cpu_to_disk_cache_prefill: float
+    cpu_to_disk_hidden_prefill: float
+    cpu_to_disk_decode: float
+    # compute, flop/s
+    gpu_matmul_prefill: float
+    gpu_matmul_decode: float
+    gpu_batched_matmul_prefill: float
+    gpu_batched_matmul_decode: float
+    cpu_attention: float
+    # optional terms (None / 0: not modelled)
+    gpu_memory: float | None = None
+    disk_to_cpu_cached: float | None = None
+    cpu_to_disk_cached: float | None = None
+    cpu_attention_correction: tuple[float, float, float] | None = None
+    layer_overhead_s: float = 0.0
+    # How well I/O threads overlap compute: 1 = fully (separate engines), 0 = not at all (same cores).
+    io_overlap: float = 1.0
+    # Host RAM of the machine, kept when `with_memory` sets a smaller budget: what is left is page cache.
+    physical_cpu_bytes: int = -1
+
+    def __post_init__(self) -> None:
+        if self.physical_cpu_bytes == -1:
+            object.__setattr__(self, "physical_cpu_bytes", self.cpu_bytes)
+        if self.compute_device not in COMPUTE_DEVICES:
+            raise ValueError(f"profile {self.name!r}: compute_device must be one of {COMPUTE_DEVICES}, "
+                             f"got {self.compute_device!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_bytes") and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"profile {self.name!r}: {f.name} must be an integer >= 0, got {value!r}")
+            if f.name in _BANDWIDTHS + _FLOPS + ("cpu_attention",) and not value > 0:
+                raise ValueError(f"profile {self.name!r}: {f.name} must be > 0, got {value!r}")
+            if f.name == "io_overlap" and not 0.0 <= value <= 1.0:
+                raise ValueError(f"profile {self.name!r}: io_overlap must be in [0, 1], got {value!r}")
+            if f.name in _OPTIONAL_BANDWIDTHS and value is not None and not value > 0:
+                raise ValueError(f"profile {self.name!r}: {f.name} must be > 0 or absent, got {value!r}")
+
+    @property
+    def unified(self) -> bool:
+        """The compute device is the host CPU: gpu and cpu tiers are the same RAM."""
+        return self.compute_device == "cpu"
+
+    @property
+    def cuda(self) -> bool:
+        return not self.unified
+
+    def with_memory(self, gpu: int | None = None, cpu: int | None = None, disk: int | None = None) -> "HardwareProfile":
+        """The same machine with some tiers' sizes replaced (bytes)."""
+        changes = {k: v for k, v in (("gpu_bytes", gpu), ("cpu_bytes", cpu), ("disk_bytes", disk)) if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def capacity(self) -> dict[str, int]:
+        return {"gpu": self.gpu_bytes, "cpu": self.cpu_bytes, "disk": self.disk_bytes}
+
+    # ---- JSON -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "profile") -> "HardwareProfile":
+        try:
+            memory, bandwidth, flops = d["memory"], d["bandwidth_GBps"], d["flops_TFLOPs"]
+            correction = d.get("cpu_attention_correction")
+            return cls(
+                name=d.get("name", source),
+                description=d.get("description", ""),
+                compute_device=d.get("compute_device", "cuda"),
+                dtype=d.get("dtype", "float16"),
+                gpu_bytes=int(memory["gpu_GB"] * GiB),
+                cpu_bytes=int(memory["cpu_GB"] * GiB),
+                disk_bytes=int(memory["disk_GB"] * GiB),
+                **{k: float(bandwidth[k]) * GiB for k in _BANDWIDTHS},
+                **{k: float(bandwidth[k]) * GiB if bandwidth.get(k) else None for k in _OPTIONAL_BANDWIDTHS},
+                **{k: float(flops[k]) * TERA for k in _FLOPS},
+                cpu_attention=float(flops["cpu"]) * TERA,
+                cpu_attention_correction=(float(correction["c1"]), float(correction["c2"]), float(correction["c3"]))
+                if correction else None,
+                layer_overhead_s=float(d.get("overhead_s", {}).get("per_layer_batch", 0.0)),
+                io_overlap=float(d.get("io_overlap", 1.0)),
+            )
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r} (see flexgen_core/profiles/t4-gcp.json)") from None
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"{source}: malformed profile ({e})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        bandwidth = {k: _round(getattr(self, k) / GiB) for k in _BANDWIDTHS}
+        bandwidth |= {k: _round(getattr(self, k) / GiB) for k in _OPTIONAL_BANDWIDTHS if getattr(self, k)}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "units": {"bytes": "GB means 2**30 bytes", "bandwidth": "GB/s (2**30 bytes per second)",
+                      "flops": "TFLOP/s (1e12 per second)"},
+            "compute_device": self.compute_device,
+            "dtype": self.dtype,
+            "memory": {"gpu_GB": _round(self.gpu_bytes / GiB), "cpu_GB": _round(self.cpu_bytes / GiB),
+                       "disk_GB": _round(self.disk_bytes / GiB)},
+            "bandwidth_GBps": bandwidth,
+            "flops_TFLOPs": {k: _round(getattr(self, k) / TERA) for k in _FLOPS}
+            | {"cpu": _round(self.cpu_attention / TERA)},
+        }
+        if self.cpu_attention_correction:
+            out["cpu_attention_correction"] = dict(zip(("c1", "c2", "c3"), self.cpu_attention_correction))
+        if self.layer_overhead_s:
+            out["overhead_s"] = {"per_layer_batch": _round(self.layer_overhead_s)}
+        if self.io_overlap != 1.0:
+            out["io_overlap"] = _round(self.io_overlap)
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def builtin_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+
+
+def load_profile(name_or_file: str | os.PathLike) -> HardwareProfile:
+    """A built-in profile by name (`t4-gcp`) or a profile JSON file."""
+    name = str(name_or_file)
+    builtin = PROFILES_DIR / f"{name}.json"
+    path = builtin if builtin.is_file() else Path(name).expanduser()
+    if not path.is_file():
+        raise ValueError(f"hardware profile {name!r} is neither a built-in profile ({', '.join(builtin_profiles())}) "
+                         f"nor a file; measure this machine with `flexgen profile --out FILE`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"hardware profile {str(path)!r} is not valid JSON: {e}") from None
+    return HardwareProfile.from_dict(data, source=str(path))
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'16GiB' -> bytes. KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; no unit = bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"cannot read memory size {text!r}; write e.g. 16GiB, 200GB or 1.5TB")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "B").lower()])
+
+
+def format_size(nbytes: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+# ---- the profile of this machine --------------------------------------------------------------------
+
+def measured_profile_path(device: str) -> Path:
+    """Where a measured profile of this host and device kind is kept: `$FLEXGEN_PROFILE_DIR` or
+    `~/.cache/flexgen-helm/profiles`."""
+    root = Path(os.environ.get("FLEXGEN_PROFILE_DIR", "~/.cache/flexgen-helm/profiles")).expanduser()
+    return root / f"{socket.gethostname()}-{device}.json"
+
+
+def resolve(hardware: "HardwareProfile | str | os.PathLike | None", device: str,
+            offload_dir: str | os.PathLike | None = None) -> HardwareProfile:
+    """The profile to plan with: the one given (object, built-in name or file); else `$FLEXGEN_HARDWARE`;
+    else this host's measured profile, measured once (quick mode) and kept for next time."""
+    if isinstance(hardware, HardwareProfile):
+        return hardware
+    if hardware is None:
+        hardware = os.environ.get("FLEXGEN_HARDWARE") or None
+    if hardware is not None:
+        return load_profile(hardware)
+    path = measured_profile_path(device)
+    if path.is_file():
+        log.info("using the measured hardware profile %s", path)
+        return load_profile(path)
+    from flexgen_core.profiler import measure
+
+    log.info("no hardware profile given: measuring this machine (quick mode); kept in %s", path)
+    profile = measure(device=device, offload_dir=offload_dir, quick=True)
+    profile.save(path)
+    return profile

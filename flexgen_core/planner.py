@@ -1,0 +1,588 @@
+"""Policy search: a linear program over placement fractions, an outer search over batch shapes, rounding,
+and a check against the engine's exact memory accounting (FlexGen paper, Sec. 4.3).
+
+For a fixed (gpu_batch_size, num_gpu_batches) and fixed switches, the cost model's lane times are linear
+in the nine placement fractions (weights, cache, activations on gpu / cpu / disk), so minimising the
+block's time (prefill + (gen_len - 1) decode steps, each a sum over layers of the max over lanes) under
+linear memory constraints is a linear program, solved with cvxpy. The problem is built once per switch
+setting with the batch shape's coefficients as parameters and re-solved for each batch shape.
+
+The LP's memory forms split weights as fractions of bytes; the engine places whole tensors (byte
+midpoints), the cache by KV heads and activations by batch rows. So each candidate's fractions are
+rounded to integer percents and the resulting `Policy` is checked with `memory.account`, the engine's
+own accounting; a policy over a tier is repaired by moving the share that costs least from that tier to
+the next one down until it fits. A planned policy therefore never exceeds a tier, by construction.
+Candidates whose weights the LP splits are re-solved with the weights fixed where the rounded policy
+puts them, so the ranking sees whole tensors. Among the candidates evaluated exactly, those within
+`tie_tolerance` (5%) of the fastest count as equal, and the one that offloads least, then the smallest
+block, wins: the cost model is not more accurate than that. Attention on the CPU over a compressed
+cache is not planned (its decompression on the CPU is not costed).
+
+Tiers may be filled to `memory_fraction` of their size (default 0.95): the accounting is exact, so the
+margin only covers what it cannot see (the CUDA context, allocator fragmentation, library workspaces).
+The paper's planner used 0.8 because its memory formulas were approximations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from itertools import product
+from typing import Iterable
+
+import numpy as np
+
+from flexgen_core.cost_model import (LANES, PHASES, TIERS, VARS, CostModel, Estimate, Linear, Split, Switches,
+                                     Workload, lane_bounds, serial_load)
+from flexgen_core.hardware import HardwareProfile, format_size
+from flexgen_core.policy import Policy
+from flexgen_core.shapes import PlanModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_FRACTION = 0.95
+GPU_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+TIE_PENALTY = 1e-5  # per unit of placement fraction, relative to the block's compute time
+_TIER_RANK = {"gpu": 0.0, "cpu": 1.0, "disk": 2.0}
+PIN_WEIGHT_LIMIT = 0.5  # pin CPU-resident weights only while they take at most this share of host RAM
+
+
+class PlanInfeasible(ValueError):
+    """No policy fits the machine; the message says what does not fit and by how much."""
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Choices left to the planner. `None` for a switch: try both and keep the faster."""
+
+    compress_weight: bool | None = False
+    compress_cache: bool | None = False
+    cpu_cache_compute: bool | None = None
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
+    max_block_size: int | None = None  # e.g. the number of sequences to generate: no point in larger blocks
+    gpu_batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES
+    num_gpu_batches: tuple[int, ...] = NUM_GPU_BATCHES
+    exact_candidates: int = 16  # most LP candidates evaluated exactly (rounded, checked, repaired)
+    tie_tolerance: float = 0.05  # throughputs this close count as equal (see `_choose`)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+        if not 0 <= self.tie_tolerance < 1:
+            raise ValueError(f"tie_tolerance must be in [0, 1), got {self.tie_tolerance!r}")
+        if self.max_block_size is not None and self.max_block_size < 1:
+            raise ValueError(f"max_block_size must be >= 1, got {self.max_block_size!r}")
+
+    def switch_settings(self, cuda: bool) -> list[Switches]:
+        def choices(value: bool | None) -> tuple[bool, ...]:
+            return (False, True) if value is None else (value,)
+
+        cpu_attention = choices(self.cpu_cache_compute) if cuda else (False,)
+        settings = []
+        for cw, cc, ca in product(choices(self.compress_weight), choices(self.compress_cache), cpu_attention):
+            if cc and ca:  # attention over a compressed cache runs on the device (as in the paper)
+                continue
+            settings.append(Switches(overlap=True, cpu_cache_compute=ca, compress_weight=cw, compress_cache=cc))
+        return settings
+
+
+@dataclass
+class Candidate:
+    """One batch shape and switch setting: the LP's prediction and, when evaluated, the exact one."""
+
+    gpu_batch_size: int
+    num_gpu_batches: int
+    switches: Switches
+    lp_fractions: dict[str, float]
+    lp_seconds: float
+    workload: Workload
+    estimate: Estimate | None = None  # after rounding, checking and repair; None if not evaluated
+    failed: str | None = None          # why evaluation found no fitting policy
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def lp_throughput(self) -> float:
+        return self.block_size * self.workload.gen_len / self.lp_seconds
+
+
+@dataclass
+class Plan:
+    model: PlanModel
+    workload: Workload
+    hardware: HardwareProfile
+    dtype_bytes: int
+    usable: dict[str, int]        # bytes per tier the plan may use
+    best: Estimate
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def policy(self) -> Policy:
+        return self.best.policy
+
+    @property
+    def throughput(self) -> float:
+        return self.best.throughput
+
+    def to_dict(self) -> dict:
+        return self.best.to_dict() | {
+            "model": self.model.name,
+            "hardware": self.hardware.name,
+            "prompt_len": self.workload.prompt_len,
+            "gen_len": self.workload.gen_len,
+            "dtype_bytes": self.dtype_bytes,
+            "usable_memory": self.usable,
+            "capacity": self.hardware.capacity(),
+        }
+
+    def throughput_by_block_size(self) -> dict[int, tuple[float, float | None]]:
+        """Effective batch size -> (best LP throughput, best exact throughput or None)."""
+        out: dict[int, tuple[float, float | None]] = {}
+        for c in self.candidates:
+            lp, exact = out.get(c.block_size, (0.0, None))
+            lp = max(lp, c.lp_throughput)
+            if c.estimate is not None:
+                exact = max(exact or 0.0, c.estimate.throughput)
+            out[c.block_size] = (lp, exact)
+        return dict(sorted(out.items()))
+
+
+# ---- the linear program -----------------------------------------------------------------------------
+
+class PlacementLP:
+    """min block time over placement fractions, for one switch setting; re-solved per batch shape."""
+
+    def __init__(self, cost: CostModel, switches: Switches, usable: dict[str, int], disk_cached: bool):
+        import cvxpy as cp
+
+        self.cost, self.switches, self.usable, self.disk_cached = cost, switches, usable, disk_cached
+        self.num_units = len(cost.templates)
+        rows = 3 * 2 * self.num_units  # (lane row) x (phase) x (unit)
+        self.x = cp.Variable(len(VARS), nonneg=True)
+        self.t = cp.Variable(2 * self.num_units, nonneg=True)
+        self.A = cp.Parameter((rows, len(VARS)))
+        self.b = cp.Parameter(rows)
+        self.c = cp.Parameter(2 * self.num_units, nonneg=True)
+        self.M = cp.Parameter((4, len(VARS)))  # gpu, cpu, disk, gpu+cpu (unified hosts); each / capacity
+        self.m = cp.Parameter(4)
+        self.act_gpu_min = cp.Parameter(nonneg=True)
+        self.penalty = cp.Parameter(len(VARS), nonneg=True)
+        select = np.zeros((rows, 2 * self.num_units))
+        for row in range(rows):
+            select[row, row // 3] = 1.0  # rows 3j..3j+2 bound t[j]
+        index = {name: i for i, name in enumerate(VARS)}
+        constraints = [select @ self.t >= self.A @ self.x + self.b, self.M @ self.x + self.m <= 1,
+                       self.x[index["act_gpu"]] >= self.act_gpu_min]
+        for prefix in ("w", "cache", "act"):
+            constraints.append(sum(self.x[index[f"{prefix}_{tier}"]] for tier in TIERS) == 1)
+        self.problem = cp.Problem(cp.Minimize(self.c @ self.t + self.penalty @ self.x), constraints)
+        self.index = index
+
+    def _row(self, form: Linear) -> tuple[np.ndarray, float]:
+        row = np.zeros(len(VARS))
+        for name, coef in form.coef.items():
+            row[self.index[name]] = coef
+        return row, form.const
+
+    def solve(self, gpu_batch_size: int, num_gpu_batches: int, act_on_gpu: bool,
+              fixed_weights: Policy | None = None) -> tuple[dict[str, float], float] | None:
+        """Fractions and predicted block seconds, or None when nothing fits. With `fixed_weights`, the
+        weights stay where that policy places them (whole tensors) and only cache and activations move."""
+        import cvxpy as cp
+
+        cost, sw = self.cost, self.switches
+        weights, cache, act = Split.variables("w"), Split.variables("cache"), Split.variables("act")
+        if fixed_weights is None:
+            def weight_split(_facts):
+                return weights
+        else:
+            weight_split = cost.placement(fixed_weights)[0]
+        units = cost.units(gpu_batch_size, num_gpu_batches, sw, weight_split, cache, act, self.disk_cached)
+        serial = serial_load(act_on_gpu, num_gpu_batches)
+        A = np.zeros(self.A.shape)
+        b = np.zeros(self.b.shape)
+        c = np.zeros(self.c.shape)
+        repeats = {"prefill": 1, "decode": cost.workload.decode_steps}
+        for u, unit in enumerate(units):
+            for p, phase in enumerate(PHASES):
+                j = 2 * u + p
+                c[j] = unit.count * repeats[phase]
+                lanes = {lane: getattr(unit, phase).total(lane) for lane in LANES}
+                forms = lane_bounds(lanes, sw.overlap, serial and unit.reads_hidden, cost.hw.io_overlap)
+                forms += [Linear()] * (3 - len(forms))
+                for r, form in enumerate(forms):
+                    A[3 * j + r], b[3 * j + r] = self._row(form)
+        mem = cost.memory_forms(gpu_batch_size, num_gpu_batches, sw, weight_split, cache, act)
+        M = np.zeros((4, len(VARS)))
+        m = np.zeros(4)
+        forms = [mem["gpu"], mem["cpu"], mem["disk"], mem["gpu"] + mem["cpu"] if cost.hw.unified else None]
+        caps = [self.usable["gpu"], self.usable["cpu"], self.usable["disk"], self.usable["cpu"]]
+        for i, (form, cap) in enumerate(zip(forms, caps)):
+            if form is None:
+                continue
+            if cap <= 0:
+                cap = 1  # nothing fits on this tier: any use is infeasible
+            row, const = self._row(form)
+            M[i], m[i] = row / cap, const / cap
+        self.A.value, self.b.value, self.c.value, self.M.value, self.m.value = A, b, c, M, m
+        self.act_gpu_min.value = 1.0 if act_on_gpu else 0.0
+        # Break ties toward the faster tiers: a penalty far below any real difference in time.
+        compute_s = sum(c[2 * u + p] * getattr(unit, phase).total("compute").const
+                        for u, unit in enumerate(units) for p, phase in enumerate(PHASES))
+        self.penalty.value = TIE_PENALTY * compute_s * np.array([_TIER_RANK[name.rsplit("_", 1)[1]] for name in VARS])
+        try:
+            # HiGHS through scipy: the same solver as cp.HIGHS, without the banner highspy prints on stdout.
+            self.problem.solve(solver=cp.SCIPY, scipy_options={"method": "highs"})
+        except cp.error.SolverError as e:  # numerical trouble: treat as no solution for this shape
+            log.debug("LP failed for %dx%d: %s", gpu_batch_size, num_gpu_batches, e)
+            return None
+        if self.problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
+            return None
+        values = {name: float(max(0.0, self.x.value[i])) for name, i in self.index.items()}
+        if fixed_weights is not None:
+            values |= {f"w_{tier}": p / 100 for tier, p in zip(TIERS, _shares(fixed_weights, "w"))}
+        return values, float(self.c.value @ self.t.value)
+
+
+# ---- rounding and repair ------------------------------------------------------------------------------
+
+def round_percents(fractions: Iterable[float]) -> list[int]:
+    """Fractions summing to ~1 -> integer percents summing to 100 (largest remainders get the rest)."""
+    raw = [max(0.0, f) * 100 for f in fractions]
+    scale = 100 / sum(raw) if sum(raw) > 0 else 0
+    raw = [r * scale for r in raw] if scale else [0.0] * (len(raw) - 1) + [100.0]
+    floors = [math.floor(r + 1e-9) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: floors[i] - raw[i])
+    for i in order[:100 - sum(floors)]:
+        floors[i] += 1
+    return floors
+
+
+def overflows(report, usable: dict[str, int], unified: bool) -> dict[str, int]:
+    """Bytes over the usable size, per tier ("host" = gpu + cpu on a CPU-only host)."""
+    peak = report.peak
+    over = {tier: peak[tier] - usable[tier] for tier in TIERS if peak[tier] > usable[tier]}
+    if unified and peak["gpu"] + peak["cpu"] > usable["cpu"]:
+        over["host"] = peak["gpu"] + peak["cpu"] - usable["cpu"]
+    return over
+
+
+_QUANTITIES = {"w": ("w_gpu_percent", "w_cpu_percent"), "cache": ("cache_gpu_percent", "cache_cpu_percent"),
+               "act": ("act_gpu_percent", "act_cpu_percent")}
+_STEPS = (1, 2, 5, 10, 20, 25, 34, 50, 100)
+
+
+def _shares(policy: Policy, quantity: str) -> tuple[int, int, int]:
+    gpu_name, cpu_name = _QUANTITIES[quantity]
+    gpu, cpu = getattr(policy, gpu_name), getattr(policy, cpu_name)
+    return gpu, cpu, 100 - gpu - cpu
+
+
+def _moved(policy: Policy, quantity: str, src: str, dst: str, step: int) -> Policy | None:
+    """`policy` with `step` percent of a quantity moved from tier src to tier dst (None if nothing to move)."""
+    gpu_name, cpu_name = _QUANTITIES[quantity]
+    share = {"gpu": getattr(policy, gpu_name), "cpu": getattr(policy, cpu_name)}
+    share["disk"] = 100 - share["gpu"] - share["cpu"]
+    amount = min(step, share[src])
+    if amount <= 0:
+        return None
+    share[src] -= amount
+    share[dst] += amount
+    return policy.replace(**{gpu_name: share["gpu"], cpu_name: share["cpu"]})
+
+
+class _Evaluator:
+    def __init__(self, cost: CostModel, usable: dict[str, int]):
+        self.cost, self.usable = cost, usable
+        self.memo: dict[Policy, Estimate] = {}
+
+    def __call__(self, policy: Policy) -> Estimate:
+        if policy not in self.memo:
+            self.memo[policy] = self.cost.estimate(policy)
+        return self.memo[policy]
+
+    def cost_offload(self, cand: "Candidate") -> float:
+        """Bytes the candidate's LP fractions keep off the compute device."""
+        totals = self.cost.totals(cand.gpu_batch_size, cand.num_gpu_batches, cand.switches)
+        return sum(size * (1 - cand.lp_fractions[f"{q}_gpu"]) for q, size in totals.items())
+
+    def over(self, estimate: Estimate) -> dict[str, int]:
+        return overflows(estimate.memory, self.usable, self.cost.hw.unified)
+
+    def repair(self, policy: Policy, max_rounds: int = 8) -> Estimate | None:
+        """Move shares down a tier until the policy fits (None if it cannot).
+
+        Each round tries every move off the most over-full tier (a quantity from that tier to a lower
+        one), each by the smallest amount that clears the excess (binary search over percents), and keeps
+        the fastest; if no single move clears it, the move that frees the most, and another round."""
+        current = self(policy)
+        for _ in range(max_rounds):
+            over = self.over(current)
+            if not over:
+                return current
+            tier = next(iter(over))
+            if tier == "disk":
+                return None  # nothing below disk
+            if tier == "gpu" and self.cost.hw.cuda:
+                moves = [("gpu", "cpu"), ("gpu", "disk")]
+            elif tier == "cpu":
+                moves = [("cpu", "disk")]
+            else:  # "host", or "gpu" on a CPU-only host: only disk relieves host RAM
+                moves = [("gpu", "disk"), ("cpu", "disk")]
+            clearing, partial = [], []
+            for quantity, (src, dst) in product(_QUANTITIES, moves):
+                est = self._smallest_clearing_move(current, quantity, src, dst, tier)
+                if est is None:
+                    continue
+                (partial if tier in self.over(est) else clearing).append(est)
+            if clearing:
+                current = max(clearing, key=lambda e: e.throughput)
+            elif partial:
+                current = min(partial, key=lambda e: self._load(e, tier))
+                if self._load(current, tier) >= self._load(self(policy), tier):
+                    return None
+            else:
+                return None
+        return current if not self.over(current) else None
+
+    def _smallest_clearing_move(self, current: Estimate, quantity: str, src: str, dst: str,
+                                tier: str) -> Estimate | None:
+        """The move of the fewest percents that clears `tier`; else the whole share (None if it frees nothing)."""
+        gpu_name, cpu_name = _QUANTITIES[quantity]
+        share = {"gpu": getattr(current.policy, gpu_name), "cpu": getattr(current.policy, cpu_name)}
+        share["disk"] = 100 - share["gpu"] - share["cpu"]
+        if share[src] == 0:
+            return None
+        full = self(_moved(current.policy, quantity, src, dst, share[src]))
+        if self._load(full, tier) >= self._load(current, tier):
+            return None
+        if tier in self.over(full):
+            return full
+        low, high = 0, share[src]  # moving `high` clears it, moving `low` does not
+        while high - low > 1:
+            mid = (low + high) // 2
+            if tier in self.over(self(_moved(current.policy, quantity, src, dst, mid))):
+                low = mid
+            else:
+                high = mid
+        return self(_moved(current.policy, quantity, src, dst, high))
+
+    @staticmethod
+    def _load(estimate: Estimate, tier: str) -> int:
+        peak = estimate.peak_memory
+        return peak["gpu"] + peak["cpu"] if tier == "host" else peak[tier]
+
+
+def _policy_from(fractions: dict[str, float], gpu_batch_size: int, num_gpu_batches: int, sw: Switches) -> Policy:
+    percents = []
+    for prefix in ("w", "cache", "act"):
+        g, c, _ = round_percents([fractions[f"{prefix}_{tier}"] for tier in TIERS])
+        percents += [g, c]
+    return Policy.from_percent(percents, gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches,
+                               overlap=sw.overlap, cpu_cache_compute=sw.cpu_cache_compute,
+                               compress_weight=sw.compress_weight, compress_cache=sw.compress_cache)
+
+
+def _tidy(policy: Policy, cost: CostModel, usable_cpu: int) -> Policy:
+    """Switches that do nothing turned off; CPU weights pinned only while they stay a modest share of RAM."""
+    changes = {}
+    if policy.cpu_cache_compute and (policy.cache_gpu_percent == 100 or not cost.hw.cuda):
+        changes["cpu_cache_compute"] = False
+    if cost.hw.cuda:
+        cpu_weights = cost.exact_memory(policy).weights["cpu"]
+        changes["pin_weight"] = cpu_weights <= PIN_WEIGHT_LIMIT * usable_cpu
+    return policy.replace(**changes) if changes else policy
+
+
+# ---- the search -----------------------------------------------------------------------------------
+
+def usable_memory(hardware: HardwareProfile, fraction: float) -> dict[str, int]:
+    return {tier: int(size * fraction) for tier, size in hardware.capacity().items()}
+
+
+def plan(model: PlanModel, workload: Workload, hardware: HardwareProfile, dtype_bytes: int = 2,
+         options: PlanOptions = PlanOptions(), evaluate_all: bool = False) -> Plan:
+    """The fastest policy (generated tokens per second) that fits every tier of `hardware`.
+
+    `evaluate_all` also evaluates the best candidate of every block size exactly (for plots)."""
+    cost = CostModel(model, workload, hardware, dtype_bytes)
+    usable = usable_memory(hardware, options.memory_fraction)
+    evaluator = _Evaluator(cost, usable)
+    spare = hardware.physical_cpu_bytes - usable["cpu"] - (usable["gpu"] if hardware.unified else 0)
+    dense_weights = sum(f.weight_bytes for f in cost.layers)
+    disk_cached = bool(hardware.disk_to_cpu_cached) and dense_weights <= spare
+
+    candidates = _search(cost, workload, options, usable, disk_cached)
+    best = _choose(candidates, evaluator, options, evaluate_all)
+    if best is None:
+        fallback = _smallest_policy(options)
+        est = evaluator(fallback)
+        if evaluator.over(est):
+            raise PlanInfeasible(_explain(model, est, evaluator.over(est), usable, hardware))
+        best = est
+    # The final check: memory.account over the whole model, as the engine will allocate.
+    best = cost.estimate(_tidy(best.policy, cost, usable["cpu"]), full_memory=True)
+    if evaluator.over(best):
+        raise AssertionError(f"planned policy {best.policy} exceeds a tier: {best.peak_memory} > {usable}")
+    log.info("planned %s for %s on %s: %.3g tokens/s", best.policy, model.name, hardware.name, best.throughput)
+    return Plan(model, workload, hardware, dtype_bytes, usable, best, candidates)
+
+
+def _search(cost: CostModel, workload: Workload, options: PlanOptions, usable: dict[str, int],
+            disk_cached: bool) -> list[Candidate]:
+    """Solve the LP for each switch setting and batch shape worth trying (see the stopping rules)."""
+    candidates: list[Candidate] = []
+    top = 0.0  # best LP throughput so far
+    for sw in options.switch_settings(cost.hw.cuda):
+        lp = PlacementLP(cost, sw, usable, disk_cached)
+        falling, top_setting = 0, 0.0
+        for gpu_batch_size in options.gpu_batch_sizes:
+            if options.max_block_size and gpu_batch_size > options.max_block_size:
+                break
+            found, best_here, worse = False, 0.0, 0
+            for num_gpu_batches in options.num_gpu_batches:
+                if options.max_block_size and gpu_batch_size * num_gpu_batches > options.max_block_size:
+                    break
+                # One GPU batch per block: hidden states off the device serialise load and compute
+                # (cost_model.serial_load), so try them on the device first, off it only if that fails.
+                variants = (True, False) if num_gpu_batches == 1 else (False,)
+                solutions = []
+                for act_on_gpu in variants:
+                    solution = lp.solve(gpu_batch_size, num_gpu_batches, act_on_gpu)
+                    if solution:
+                        solutions, variants = [solution], (act_on_gpu,)
+                        break
+                if not solutions:
+                    break  # more batches per block only need more memory
+                found = True
+                fractions, seconds = min(solutions, key=lambda s: s[1])
+                promising = seconds and workload.gen_len * gpu_batch_size * num_gpu_batches / seconds > 0.85 * top
+                if promising and (0 < fractions["w_gpu"] < 1 or 0 < fractions["w_cpu"] < 1):
+                    # Whole tensors, not fractions of bytes: fix the weights where the rounded policy
+                    # puts them and re-plan the cache and activations around them.
+                    rounded = _policy_from(fractions, gpu_batch_size, num_gpu_batches, sw)
+                    refined = [s for s in (lp.solve(gpu_batch_size, num_gpu_batches, v, rounded)
+                                           for v in variants) if s]
+                    if refined:
+                        fractions, seconds = min(refined, key=lambda s: s[1])
+                cand = Candidate(gpu_batch_size, num_gpu_batches, sw, fractions, seconds, workload)
+                candidates.append(cand)
+                top = max(top, cand.lp_throughput)
+                # Past the best block for this GPU batch, throughput falls as memory pushes data down.
+                worse = worse + 1 if cand.lp_throughput <= best_here else 0
+                best_here = max(best_here, cand.lp_throughput)
+                if worse == 2:
+                    break
+            if not found:
+                break  # larger GPU batches only need more memory
+            # Stop once several larger GPU batches in a row stay well below the best so far.
+            top_setting = max(top_setting, best_here)
+            falling = falling + 1 if best_here < 0.9 * top_setting else 0
+            if falling == 3:
+                break
+
+    return candidates
+
+
+def offloaded_bytes(estimate: Estimate) -> int:
+    """Bytes of weights, cache and activations kept off the compute device."""
+    mem = estimate.memory
+    return sum(term[tier] for term in (mem.weights, mem.cache, mem.activations) for tier in ("cpu", "disk"))
+
+
+def _choose(candidates: list[Candidate], evaluator: _Evaluator, options: PlanOptions,
+            evaluate_all: bool) -> Estimate | None:
+    """Evaluate the promising candidates exactly; among those within `tie_tolerance` of the fastest,
+    keep the one that offloads least, then the smallest block. The cost model is not accurate to a few
+    percent, and less offloading and smaller blocks are the safer bet when it cannot tell them apart."""
+    if not candidates:
+        return None
+    ranked = sorted(candidates, key=lambda c: -c.lp_throughput)
+    top_lp = ranked[0].lp_throughput
+    margin = options.tie_tolerance + 0.03  # rounding may move a candidate a little either way
+    near = [c for c in ranked if c.lp_throughput >= (1 - margin) * top_lp]
+    near.sort(key=lambda c: (evaluator.cost_offload(c), c.block_size))
+    chosen = ranked[:3] + near[:options.exact_candidates]
+    if evaluate_all:
+        seen: set[int] = set()
+        chosen += [c for c in ranked if not (c.block_size in seen or seen.add(c.block_size))]
+    rest = iter(ranked)
+    evaluated: list[Estimate] = []
+    while True:
+        for cand in chosen:
+            if cand.estimate is None and cand.failed is None:
+                _evaluate(cand, evaluator)
+            if cand.estimate is not None:
+                evaluated.append(cand.estimate)
+        if evaluated:
+            break
+        chosen = [c for c in rest if c.estimate is None and c.failed is None][:options.exact_candidates]
+        if not chosen:
+            return None
+    fastest = max(e.throughput for e in evaluated)
+    near = [e for e in evaluated if e.throughput >= (1 - options.tie_tolerance) * fastest]
+    return min(near, key=lambda e: (offloaded_bytes(e), e.policy.block_size, -e.throughput))
+
+
+def _evaluate(cand: Candidate, evaluator: _Evaluator) -> None:
+    policy = _policy_from(cand.lp_fractions, cand.gpu_batch_size, cand.num_gpu_batches, cand.switches)
+    est = evaluator.repair(policy)
+    if est is None:
+        cand.failed = f"rounded policy {policy.percent} could not be made to fit"
+    else:
+        cand.estimate = est
+
+
+def _smallest_policy(options: PlanOptions) -> Policy:
+    return Policy.from_percent([0, 0, 0, 0, 0, 0], gpu_batch_size=1, num_gpu_batches=1,
+                               compress_weight=bool(options.compress_weight),
+                               compress_cache=bool(options.compress_cache))
+
+
+def _explain(model: PlanModel, est: Estimate, over: dict[str, int], usable: dict[str, int],
+             hardware: HardwareProfile) -> str:
+    """One line: what does not fit even with batch 1 and everything on disk, and by how much."""
+    parts = []
+    for tier, excess in over.items():
+        name = "host RAM (gpu + cpu tiers)" if tier == "host" else tier
+        have = usable["cpu"] if tier == "host" else usable[tier]
+        need = have + excess
+        terms = est.memory.to_dict()
+        big = max((t for t in est.memory.TERMS if tier in TIERS), key=lambda t: terms[t][tier], default=None)
+        detail = f", mostly {big}" if big else ""
+        parts.append(f"{name} needs {format_size(need)}{detail}, usable {format_size(have)} "
+                     f"(short by {format_size(excess)})")
+    return (f"no policy fits {model.name} on {hardware.name}: even with batch 1 and everything on disk, "
+            + "; ".join(parts))
+
+
+def plan_policy(model: PlanModel, workload: Workload, hardware: HardwareProfile, dtype_bytes: int,
+                options: PlanOptions = PlanOptions()) -> Policy:
+    return plan(model, workload, hardware, dtype_bytes, options).policy
+
+
+def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: int, hardware, offload_dir,
+                    prompt_len: int, gen_len: int, num_prompts: int | None) -> Policy:
+    """`policy="auto"` of `Engine.from_pretrained`: plan for the engine's own layers on `hardware` (see
+    `hardware.resolve`), without compression (the engine does not run it yet), and log the choice."""
+    from flexgen_core import hardware as hw
+
+    profile = hw.resolve(hardware, device_type, offload_dir)
+    if profile.compute_device != device_type:
+        raise ValueError(f"hardware profile {profile.name!r} describes a {profile.compute_device} machine, but the "
+                         f"engine computes on {device_type}; pass a profile of this machine (`flexgen profile`)")
+    gen_len = max(1, min(gen_len, config.max_positions - 1))
+    prompt_len = max(1, min(prompt_len, config.max_positions - gen_len))
+    options = PlanOptions(compress_weight=False, compress_cache=False, max_block_size=num_prompts)
+    result = plan(PlanModel(name, config, layers, "folder"), Workload(prompt_len, gen_len), profile, dtype_bytes,
+                  options)
+    best = result.best
+    log.info("policy='auto' on %s: batch %d x %d, percent %s, cpu_cache_compute=%s; predicted %.3g tokens/s "
+                "(prefill %.3g s, decode %.3g s per block) for prompts of %d tokens generating %d",
+                profile.name, best.policy.gpu_batch_size, best.policy.num_gpu_batches, list(best.policy.percent),
+                best.policy.cpu_cache_compute, best.throughput, best.prefill_s, best.decode_s, prompt_len, gen_len)
+    return best.policy

@@ -1,0 +1,301 @@
+"""The planner: the paper's cases on its machine (t4-gcp), planned policies never exceeding a tier,
+infeasible plans explained, model shapes, the `flexgen plan` / `profile` commands and `policy="auto"`.
+
+Paper figures (flexgen-paper.md, prompt 512, 32 generated tokens, tokens/s): OPT-6.7B 25.26 (2x1, all on
+the GPU), 4-bit 29.12 (72x1, all on the GPU); OPT-175B 0.69 (32x8, percent 0 50 0 0 0 100, attention on
+the CPU), 4-bit 1.12 (48x3, 0 100 0 100 0 100). Tolerances are stated where each figure is checked.
+"""
+
+import dataclasses
+import json
+import logging
+
+import pytest
+
+from flexgen_core import memory
+from flexgen_core.cli import main
+from flexgen_core.cost_model import CostModel, Workload
+from flexgen_core.hardware import GiB, HardwareProfile, load_profile, parse_size
+from flexgen_core.planner import PlanInfeasible, PlanOptions, _Evaluator, plan, round_percents, usable_memory
+from flexgen_core.policy import Policy
+from flexgen_core.shapes import load_model
+
+PAPER = Workload(512, 32)
+T4 = load_profile("t4-gcp")
+# A small grid keeps the sweeps fast; the acceptance cases use the full one.
+SMALL_GRID = dict(gpu_batch_sizes=(1, 2, 8, 32), num_gpu_batches=(1, 2, 8))
+
+PAPER_175B = Policy.from_percent([0, 50, 0, 0, 0, 100], gpu_batch_size=32, num_gpu_batches=8,
+                                 cpu_cache_compute=True, pin_weight=False)
+# The paper's decode breakdown for that run: cache reads 7,046 s, weight reads 3,047 s (of 11,315 s).
+PAPER_175B_CACHE_READ_S = 7046
+
+
+def cpu_host(ram_gib: float = 8) -> HardwareProfile:
+    """A CPU-only host (the "GPU" is the CPU) with plausible rates."""
+    return HardwareProfile(
+        name="cpu-test", description="", compute_device="cpu", dtype="float32",
+        gpu_bytes=int(ram_gib * GiB), cpu_bytes=int(ram_gib * GiB), disk_bytes=100 * GiB,
+        cpu_to_gpu=5 * GiB, gpu_to_cpu_cache=5 * GiB, gpu_to_cpu_hidden=5 * GiB, disk_to_cpu=1 * GiB,
+        cpu_to_disk_cache_prefill=1 * GiB, cpu_to_disk_hidden_prefill=1 * GiB, cpu_to_disk_decode=1 * GiB,
+        gpu_matmul_prefill=50e9, gpu_matmul_decode=30e9, gpu_batched_matmul_prefill=10e9,
+        gpu_batched_matmul_decode=2e9, cpu_attention=2e9, gpu_memory=10 * GiB,
+        disk_to_cpu_cached=4 * GiB, cpu_to_disk_cached=2 * GiB, layer_overhead_s=5e-5,
+    )
+
+
+# ---- acceptance 1: the paper's machine -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def opt_6_7b():
+    return load_model("facebook/opt-6.7b")
+
+
+@pytest.fixture(scope="module")
+def opt_175b():
+    return load_model("facebook/opt-175b")
+
+
+_PLANS: dict = {}
+
+
+def paper_plan(model, compressed: bool = False):
+    """Plans of the paper's cases on t4-gcp, each computed once for the module."""
+    key = (model.name, compressed)
+    if key not in _PLANS:
+        options = PlanOptions(compress_weight=True, compress_cache=True) if compressed else PlanOptions()
+        _PLANS[key] = plan(model, PAPER, T4, 2, options)
+    return _PLANS[key]
+
+
+def test_opt_6_7b_plans_everything_on_the_gpu(opt_6_7b):
+    result = paper_plan(opt_6_7b)
+    assert result.policy.percent == (100, 0, 100, 0, 100, 0)
+    # The paper ran 2x1 (25.26 tokens/s); with the engine's exact accounting a block of 4 fits in 95% of
+    # the 15 GB, and the model predicts more for it. Tolerance: between the paper's figure and twice it.
+    assert result.policy.block_size >= 2
+    assert 25.26 <= result.throughput <= 2 * 25.26
+    # The paper's own policy (2x1, no overlap) is predicted within 25% of its measured 25.26.
+    paper = Policy(gpu_batch_size=2, overlap=False)
+    assert CostModel(opt_6_7b, PAPER, T4, 2).estimate(paper).throughput == pytest.approx(25.26, rel=0.25)
+
+
+def test_opt_175b_needs_disk_for_weights(opt_175b):
+    result = paper_plan(opt_175b)
+    p = result.policy
+    assert p.w_disk_percent > 0 and p.w_cpu_percent > 0       # weights split between CPU and disk, as 0 50
+    assert p.cache_disk_percent >= 90 and p.cpu_cache_compute  # cache on disk, attention on the CPU
+    assert p.block_size >= 64 and not p.pin_weight
+    # With the fitted disk read rate (0.473 GB/s) reading the cache bounds throughput far below the
+    # paper's measured 0.69: the same model gives the paper's own policy 0.154.
+    assert 0.1 <= result.throughput <= 0.3
+    assert CostModel(opt_175b, PAPER, T4, 2).estimate(PAPER_175B).throughput == pytest.approx(0.154, rel=0.05)
+
+
+def test_opt_175b_with_the_disk_rate_the_papers_breakdown_implies(opt_175b):
+    """The paper's decode breakdown reads the whole cache in 7,046 s: that is ~2.6 GB/s, not the fitted
+    0.473. With that rate the cost model reproduces the paper's figure and breakdown."""
+    cost = CostModel(opt_175b, PAPER, T4, 2)
+    p = PAPER_175B
+    cache_bytes = (cost.num_attention * p.num_gpu_batches * PAPER.decode_rows_loaded
+                   * cost.cache_row_bytes(p.gpu_batch_size, False) * PAPER.decode_steps)
+    implied = cache_bytes / PAPER_175B_CACHE_READ_S
+    assert implied == pytest.approx(2.6 * GiB, rel=0.05)
+    hw = dataclasses.replace(T4, disk_to_cpu=implied)
+    est = CostModel(opt_175b, PAPER, hw, 2).estimate(p)
+    assert est.throughput == pytest.approx(0.69, rel=0.15)
+    assert est.decode_s == pytest.approx(11315, rel=0.15)
+    assert est.breakdown["decode"]["load.cache"] == pytest.approx(7046, rel=0.05)
+    assert est.breakdown["decode"]["load.weights"] == pytest.approx(3047, rel=0.25)
+    planned = plan(opt_175b, PAPER, hw, 2, PlanOptions(cpu_cache_compute=True))
+    assert planned.policy.w_disk_percent > 0
+    assert planned.throughput == pytest.approx(0.69, rel=0.25)
+
+
+def test_compression_goes_the_papers_direction(opt_6_7b, opt_175b):
+    dense_6_7b, packed_6_7b = paper_plan(opt_6_7b), paper_plan(opt_6_7b, compressed=True)
+    # Paper: 25.26 -> 29.12 tokens/s, block 2 -> 72, still all on the GPU.
+    assert packed_6_7b.policy.percent == (100, 0, 100, 0, 100, 0)
+    assert packed_6_7b.policy.block_size >= 8 * dense_6_7b.policy.block_size
+    assert packed_6_7b.throughput > 1.1 * dense_6_7b.throughput
+    dense_175b, packed_175b = paper_plan(opt_175b), paper_plan(opt_175b, compressed=True)
+    # Paper: 0.69 -> 1.12 tokens/s, weights from disk to the CPU (percent 0 100 0 100 0 100, 48x3).
+    assert packed_175b.policy.w_disk_percent == 0 and packed_175b.policy.w_gpu_percent <= 5
+    assert packed_175b.policy.cache_disk_percent == 0
+    assert packed_175b.throughput > 1.5 * dense_175b.throughput
+
+
+# ---- acceptance 2: planned policies never exceed a tier ---------------------------------------------------
+
+SWEEP = [
+    # model, gpu, cpu, prompt, gen, options
+    ("facebook/opt-125m", "2GiB", "4GiB", 128, 16, {}),
+    ("facebook/opt-350m", "512MiB", "2GiB", 256, 32, {}),
+    ("facebook/opt-1.3b", "1GiB", "2GiB", 512, 32, {}),
+    ("facebook/opt-1.3b", "4GiB", "64GiB", 1024, 64, {"compress_weight": None}),
+    ("facebook/opt-6.7b", "8GiB", "16GiB", 256, 8, {"compress_cache": True}),
+    ("facebook/opt-30b", "16GiB", "32GiB", 512, 32, {}),
+    ("facebook/opt-66b", "24GiB", "200GiB", 64, 128, {"compress_weight": True}),
+    ("meta-llama/Llama-2-7b-hf", "6GiB", "8GiB", 512, 32, {}),
+    ("meta-llama/Llama-2-70b-hf", "40GiB", "64GiB", 2048, 16, {}),
+    ("meta-llama/Meta-Llama-3-8B", "16GiB", "32GiB", 4096, 64, {}),
+    ("mistralai/Mistral-7B-v0.1", "2GiB", "12GiB", 128, 128, {}),
+    ("Qwen/Qwen2.5-32B", "24GiB", "48GiB", 1024, 32, {"cpu_cache_compute": False}),
+]
+
+
+@pytest.mark.parametrize("case", SWEEP, ids=[f"{c[0].split('/')[1]}-{c[1]}-{c[2]}-{c[3]}-{c[4]}" for c in SWEEP])
+def test_planned_policy_fits_every_tier(case):
+    name, gpu, cpu, prompt_len, gen_len, switches = case
+    model = load_model(name)
+    hw = T4.with_memory(gpu=parse_size(gpu), cpu=parse_size(cpu))
+    result = plan(model, Workload(prompt_len, gen_len), hw, 2, PlanOptions(**SMALL_GRID, **switches))
+    _assert_fits(model, result, cuda=True)
+
+
+@pytest.mark.parametrize("ram", ["300MiB", "1GiB", "6GiB"])
+def test_planned_policy_fits_a_cpu_only_host(ram):
+    model = load_model("facebook/opt-350m")
+    hw = cpu_host().with_memory(gpu=parse_size(ram), cpu=parse_size(ram))
+    result = plan(model, Workload(256, 16), hw, 4, PlanOptions(**SMALL_GRID))
+    _assert_fits(model, result, cuda=False)
+    peak = result.best.peak_memory
+    assert peak["gpu"] + peak["cpu"] <= result.usable["cpu"]  # both tiers are host RAM
+
+
+def _assert_fits(model, result, cuda: bool) -> None:
+    """Check with memory.account itself (compression included), on the model's whole layer list."""
+    p, wl = result.policy, result.workload
+    peak = memory.account(model.layers, model.shape, p, wl.prompt_len, wl.gen_len, result.dtype_bytes, cuda).peak
+    for tier in ("gpu", "cpu", "disk"):
+        assert peak[tier] <= result.usable[tier], (tier, peak, result.usable, p)
+    assert result.usable == usable_memory(result.hardware, 0.95)
+
+
+def test_rounded_policies_that_overflow_are_repaired():
+    model = load_model("facebook/opt-1.3b")
+    hw = T4.with_memory(gpu=3 * GiB)
+    cost = CostModel(model, PAPER, hw, 2)
+    evaluator = _Evaluator(cost, usable_memory(hw, 0.95))
+    too_big = Policy(gpu_batch_size=8)  # 2.6 GB of weights plus cache and workspace on a 3 GB GPU
+    assert evaluator.over(evaluator(too_big))
+    fixed = evaluator.repair(too_big)
+    assert fixed is not None and not evaluator.over(fixed)
+    assert fixed.policy.gpu_batch_size == 8 and fixed.policy.percent != too_big.percent
+
+
+def test_round_percents():
+    assert round_percents([0.333, 0.333, 0.334]) == [33, 33, 34]
+    assert round_percents([1.0, 0.0, 0.0]) == [100, 0, 0]
+    assert round_percents([0.996, 0.004, 0.0]) == [100, 0, 0]
+    assert round_percents([0.125, 0.125, 0.75]) == [12, 13, 75] or round_percents([0.125, 0.125, 0.75]) == [13, 12, 75]
+    assert sum(round_percents([0.1234, 0.5678, 0.3088])) == 100
+
+
+def test_no_feasible_policy_says_what_does_not_fit():
+    model = load_model("facebook/opt-175b")
+    with pytest.raises(PlanInfeasible, match=r"disk needs .*short by"):
+        plan(model, PAPER, T4.with_memory(disk=100 * GiB, cpu=100 * GiB), 2, PlanOptions(**SMALL_GRID))
+    with pytest.raises(PlanInfeasible, match=r"gpu needs .*short by"):
+        plan(model, PAPER, T4.with_memory(gpu=64 * 2**20), 2, PlanOptions(**SMALL_GRID))
+
+
+def test_max_block_size_caps_the_block():
+    result = plan(load_model("facebook/opt-1.3b"), PAPER, T4, 2, PlanOptions(max_block_size=6))
+    assert result.policy.block_size <= 6
+
+
+# ---- model shapes ----------------------------------------------------------------------------------------
+
+def test_model_shapes_from_the_table():
+    assert load_model("opt-175b").name == "facebook/opt-175b"
+    llama = load_model("meta-llama/Llama-2-7b-hf")
+    assert llama.num_params == 6_738_415_616  # the published count (untied lm_head)
+    gqa = load_model("meta-llama/Meta-Llama-3-70B")
+    assert gqa.shape.num_kv_heads == 8 and gqa.shape.kv_width == 1024
+    qwen = load_model("Qwen/Qwen2.5-32B")
+    assert any(s.name == "q_b" for s in qwen.layers[1].specs)
+    with pytest.raises(ValueError, match="known"):
+        load_model("./no-such-folder")
+
+
+def test_model_shape_from_a_checkpoint_folder():
+    from flexgen_core.models.opt import OPTConfig
+    from flexgen_core.testing import build_checkpoint
+
+    model = load_model(build_checkpoint("tiny"))
+    assert isinstance(model.shape, OPTConfig) and model.source == "folder"
+    assert len(model.layers) == 2 * model.shape.num_layers + 2
+
+
+# ---- commands and the engine ------------------------------------------------------------------------------
+
+def test_plan_command_json(capsys):
+    code = main(["plan", "--model", "facebook/opt-1.3b", "--hardware", "t4-gcp", "--gpu-mem", "2GiB",
+                 "--prompt-len", "256", "--gen-len", "16", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(Policy.from_dict(out["policy"]).to_dict()) == set(out["policy"])
+    assert out["throughput"] > 0 and out["prefill_s"] > 0 and out["decode_s"] > 0
+    assert out["peak_memory"]["gpu"] <= 2 * GiB
+
+
+def test_plan_command_table_and_plot(tmp_path, capsys):
+    png = tmp_path / "plan.png"
+    assert main(["plan", "--model", "facebook/opt-125m", "--hardware", "t4-gcp", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "throughput" in out and "--percent" in out and "memory" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_command_infeasible_exits_with_one_line(capsys):
+    code = main(["plan", "--model", "facebook/opt-175b", "--hardware", "t4-gcp", "--disk-mem", "100GB",
+                 "--cpu-mem", "100GB"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: no policy fits") and err.count("\n") == 1
+
+
+def test_profile_command_measures_this_machine(tmp_path, capsys):
+    out = tmp_path / "me.json"
+    code = main(["profile", "--quick", "--device", "cpu", "--out", str(out), "--offload-dir", str(tmp_path)])
+    assert code == 0 and str(out) in capsys.readouterr().out
+    hw = load_profile(out)
+    assert hw.unified and hw.dtype == "float32" and hw.gpu_bytes == hw.cpu_bytes > 0
+    assert hw.disk_to_cpu > 0 and hw.disk_to_cpu_cached > 0 and hw.gpu_memory > 0
+    assert hw.gpu_matmul_prefill > 1e8 and 0 <= hw.io_overlap <= 1 and hw.layer_overhead_s >= 0
+    assert list(tmp_path.iterdir()) == [out]  # the offload files are gone
+
+
+def test_profile_round_trips(tmp_path):
+    hw = cpu_host()
+    path = hw.save(tmp_path / "p.json")
+    loaded = load_profile(path)
+    assert loaded.unified and loaded.disk_to_cpu_cached == pytest.approx(hw.disk_to_cpu_cached, rel=1e-3)
+    assert loaded.gpu_bytes == hw.gpu_bytes
+    with pytest.raises(ValueError, match="t4-gcp"):
+        load_profile(tmp_path / "missing.json")
+
+
+def test_engine_plans_policy_auto(tmp_path, caplog, monkeypatch):
+    from flexgen_core import Engine
+    from flexgen_core.testing import build_checkpoint, sample_prompts
+
+    path = build_checkpoint("tiny")
+    # A RAM budget below the model's weights forces offloading to disk.
+    weights = sum(s.numel for layer in load_model(path).layers for s in layer.specs) * 4
+    budget = int(0.9 * weights)
+    hw = cpu_host().with_memory(gpu=budget, cpu=budget)
+    profile_file = hw.save(tmp_path / "host.json")
+    monkeypatch.setenv("FLEXGEN_HARDWARE", str(profile_file))
+    prompts = sample_prompts(path, 4, 8, 16, seed=0)
+    with caplog.at_level(logging.INFO, logger="flexgen_core.planner"):
+        with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, prompt_len_hint=16,
+                                    gen_len_hint=4, num_prompts_hint=4) as engine:
+            results = engine.generate(prompts, max_new_tokens=4)
+            policy = engine.policy
+            allocated = engine.runner.last_allocated
+    assert "policy='auto'" in caplog.text and "cpu-test" in caplog.text
+    assert policy.w_disk_percent > 0 and policy.block_size <= 4
+    assert all(len(r.completions[0].token_ids) == 4 for r in results)
+    host = sum(allocated[term][tier] for term in allocated for tier in ("gpu", "cpu"))
+    assert host <= 0.95 * budget
