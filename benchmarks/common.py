@@ -69,18 +69,33 @@ def _fmt(value) -> str:
 
 
 def write_results(name: str, title: str, rows: list[dict], columns: list[str], notes: str = "",
-                  extra: dict | None = None) -> Path:
-    """Write results/<name>.md (table with machine and commit) and results/<name>.json."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+                  extra: dict | None = None, out_dir: str | os.PathLike | None = None,
+                  sections: list[str] = ()) -> Path:
+    """Write <out_dir>/<name>.md (table with machine and commit, then `sections`, then `notes`) and
+    <out_dir>/<name>.json; `out_dir` defaults to benchmarks/results/."""
+    out = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine(), "commit": commit(), "date": time.strftime("%Y-%m-%d")} | (extra or {})
     md = [f"# {title}", "",
           f"Commit `{meta['commit']}`, {meta['date']}. Machine: {meta['machine']['cpu']}, "
           f"{meta['machine']['cores']} cores, {meta['machine']['memory_gib']} GiB RAM, "
           f"GPU: {meta['machine']['gpu'] or 'none'}; torch {meta['machine']['torch']}.", "",
           markdown_table(rows, columns), ""]
+    for section in sections:
+        md += [section, ""]
     if notes:
         md += [notes, ""]
-    path = RESULTS_DIR / f"{name}.md"
+    path = out / f"{name}.md"
     path.write_text("\n".join(md))
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(meta | {"rows": rows}, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(meta | {"rows": rows}, indent=2))
     return path
+
+
+def cpu_pressure() -> float | None:
+    """Share of the last 60 s in which some runnable task waited for a CPU (Linux PSI `some avg60`), in
+    percent: other work on a shared host. None where the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split()[2].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from flexgen_core.bench_cli import add_bench_parser
 from flexgen_core.policy import Policy
 
 
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the compute measurements (default float16 on CUDA, float32 on CPU)")
     pr.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (seconds, noisier)")
     pr.set_defaults(run=_profile)
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""The benchmark suites' arithmetic and wiring, without running a model: roofline floors on hand-computed
+cases, block shapes, targets, and the command `flexgen bench` builds for each suite."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+roofline = pytest.importorskip("roofline")
+suites = pytest.importorskip("suites")
+
+from flexgen_core import bench_cli  # noqa: E402
+from flexgen_core.models import opt  # noqa: E402
+
+
+def tiny_model() -> "roofline.ModelFacts":
+    # Per decoder layer 4 * 64 * 64 (attention) + 2 * 64 * 256 (MLP) = 49152 matrix parameters; output 1024 * 64.
+    config = opt.OPTConfig.from_hf({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                                    "ffn_dim": 256, "vocab_size": 1024, "max_position_embeddings": 256})
+    return roofline.ModelFacts(config, opt.build_layers(config), "tiny")
+
+
+def test_work_counts_matmul_and_attention_flops():
+    model = tiny_model()
+    assert model.matrix_params == 2 * 49152 + 65536
+    w = roofline.work(model, num_seqs=1, prompt_len=10, gen_len=3, dtype_bytes=4)
+    assert w.prefill_matmul_flops == 2 * (10 * 2 * 49152 + 65536)  # logits of the last position only
+    assert w.prefill_attention_flops == 2 * 4 * 10 * 10 * 64
+    assert w.decode_matmul_flops == 2 * 2 * (2 * 49152 + 65536)  # two decode steps
+    keys = 11 + 12  # step t attends the prompt and t generated positions
+    assert w.decode_attention_flops == 2 * 4 * keys * 64
+    assert w.decode_cache_bytes == 2 * 2 * keys * 64 * 4
+
+
+def test_floor_is_the_slowest_term_of_each_phase():
+    model = tiny_model()
+    rates = roofline.Rates(matmul_prefill=1e9, matmul_decode=1e9, attention_prefill=1e9, memory=None,
+                           stream={"disk": 1e6}, source="test")
+    # One block, 3 tokens: 3 weight passes, 1e6 bytes from disk each -> 1 s per pass.
+    traffic = roofline.Traffic(weight_passes=3, streamed_bytes_per_pass={"disk": 10**6})
+    floor = roofline.roofline(model, traffic, rates, 1, 10, 3, 4)
+    assert floor.terms["prefill"]["disk read"] == pytest.approx(1.0)
+    assert floor.terms["decode"]["disk read"] == pytest.approx(2.0)
+    assert floor.seconds == pytest.approx(3.0)  # compute is microseconds: disk sets both floors
+    assert floor.bound == "disk read"
+    assert floor.streamed_bytes == 3 * 10**6
+
+
+def test_memory_term_counts_each_gpu_batch():
+    model = tiny_model()
+    rates = roofline.Rates(1e15, 1e15, 1e15, memory=1e6, stream={}, source="test")
+    one = roofline.roofline(model, roofline.Traffic(3, 1), rates, 2, 10, 3, 4)
+    two = roofline.roofline(model, roofline.Traffic(3, 2), rates, 2, 10, 3, 4)
+    weights = model.matrix_params * 4
+    assert two.terms["decode"]["memory"] - one.terms["decode"]["memory"] == pytest.approx(2 * weights / 1e6)
+    assert one.bound == "memory"
+
+
+def test_parse_shapes_drops_blocks_larger_than_the_prompts():
+    assert suites.parse_shapes(["16x1", "4x2", "2x2"], 8) == [(4, 2), (2, 2)]
+    assert suites.parse_shapes(["16x1"], 2) == [(2, 1)]
+    with pytest.raises(SystemExit):
+        suites.parse_shapes(["4by2"], 8)
+
+
+def test_targets_report_missed_with_reason():
+    rows = [{"system": "a", "tokens_per_s": 8.0}, {"system": "b", "tokens_per_s": 10.0}]
+    target = suites.Target("a vs b", 0.8, suites.ratio(rows[0], rows[1]), "because")
+    assert target.met is True
+    missed = suites.Target("a vs b", 10, 0.8, "because")
+    section = suites.targets_section([target, missed])
+    assert "**no**" in section and "because" in section
+    assert suites.Target("x", 1, None).met is None
+
+
+def _bench_args(*argv):
+    parser = argparse.ArgumentParser(prog="flexgen")
+    bench_cli.add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_bench_command_for_each_suite(tmp_path):
+    for name, suite in bench_cli.SUITES.items():
+        assert (bench_cli.BENCHMARKS_DIR / suite.script).is_file(), name
+    command = bench_cli.suite_command(_bench_args("cpu-offload", "--num-prompts", "8", "--budget", "128MiB",
+                                                  "--out", str(tmp_path)))
+    assert command[1].endswith("bench_cpu.py") and command[2] == "cpu-offload"
+    assert command[3:] == ["--num-prompts", "8", "--out", str(tmp_path), "--budget", "128MiB"]
+    smoke = bench_cli.suite_command(_bench_args("cpu-small", "--smoke"))
+    assert smoke[3:] == ["--num-prompts", "2", "--prompt-len", "32", "--gen-len", "4", "--quick-profile",
+                         "--batch1-prompts", "1"]
+    helm = bench_cli.suite_command(_bench_args("helm", "--num-prompts", "4", "--out", str(tmp_path)))
+    assert helm[1].endswith("bench_helm.py")
+    assert helm[2:] == ["--instances", "4", "--threads", "4", "--out", str(tmp_path / "helm_bench")]
+
+
+@pytest.mark.parametrize("argv", [("helm", "--gen-len", "4"), ("cpu-small", "--budget", "1GiB"),
+                                  ("cpu-offload", "--checkpoint-dir", "/x"), ("gpu-30b", "--shapes", "4x1")])
+def test_bench_rejects_options_a_suite_does_not_take(argv):
+    with pytest.raises(ValueError):
+        bench_cli.suite_command(_bench_args(*argv))
