@@ -1,0 +1,414 @@
+"""`FlexGenClient`: HELM's `Request` -> FlexGen engine batches -> HELM's `RequestResult`.
+
+Follows `helm/clients/huggingface_client.py` (HELM 0.5.x) where results must line up with it:
+prompts are tokenised with the same Hugging Face tokenizer call (special tokens added, so OPT gets
+its `</s>` prefix), token texts are `tokenizer.decode([id])`, texts are `tokenizer.decode(ids)`,
+echoed prompts report `0.0` for the first token, and the end-of-text token ends a completion.
+Differences, on purpose:
+- temperature 0 is greedy decoding (HELM's client samples at temperature 1e-7), and every logprob
+  is the model's own log-softmax, never a temperature-processed one;
+- stop sequences act on text: any number, any length. The engine stops early on each stop's
+  canonical tokenisation; the completion is then cut at the first occurrence of any stop string in
+  the decoded text (a stop merged into a larger token is still found), keeping the tokens that
+  start before the cut, and `finish_reason` says why it ended;
+- `top_k_per_token` is part of the cache key only: HELM 0.5's `Token` has no field for the
+  alternatives (HELM's own client ignores it too).
+
+The client object is cheap (HELM builds several at once). Engines are loaded lazily, once per
+(checkpoint, policy, offload folder, device, dtype) per process, in `ENGINES`, each with a
+`Batcher` that gathers concurrent requests into engine batches. The cache lookup comes first, so
+cache hits never load a model or wait for a batch; a miss is written to HELM's cache by its own
+thread as soon as its batch returns.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from helm.clients.client import CachingClient
+from helm.common.cache import CacheConfig
+from helm.common.hierarchical_logger import hexception, hlog, htrack_block
+from helm.common.request import ErrorFlags, GeneratedOutput, Request, RequestResult, Token
+from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
+from helm.tokenizers.tokenizer import Tokenizer
+
+from flexgen_core import Policy
+from flexgen_helm.batcher import BatchSettings, Batcher, BatcherClosed, BatchOutcome
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16")
+
+# HELM's finish reasons (helm/benchmark/metrics/basic_metrics.py) for the engine's; a scoring-only
+# call (max_new_tokens=0) has none: it stopped at its length of 0.
+_FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "endoftext", None: "length"}
+
+
+class ConfigurationError(ValueError):
+    """The deployment's arguments cannot work: retrying is pointless and the run should stop."""
+
+
+class RequestRejected(ValueError):
+    """This request cannot succeed (e.g. too long for the model); the run goes on without it."""
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """What identifies one loaded engine (and its batcher) in this process."""
+
+    model_path: str
+    policy: Policy | str  # a Policy, or "auto"
+    offload_dir: str
+    device: str
+    dtype: str
+    batch_wait_s: float
+
+
+class EngineHandle:
+    """A loaded engine and the batcher that feeds it."""
+
+    def __init__(self, key: EngineKey, engine: Any) -> None:
+        self.key = key
+        self.engine = engine
+        self.max_positions: int = engine.config.max_positions
+        self.batcher = Batcher(
+            self._run_batch,
+            block_size=engine.policy.block_size,
+            idle_wait_s=key.batch_wait_s,
+            max_wait_s=20 * key.batch_wait_s,
+            name=f"flexgen-batcher:{os.path.basename(key.model_path.rstrip('/'))}",
+        )
+
+    def _run_batch(self, settings: BatchSettings, prompts: Sequence[Sequence[int]], seeds: Sequence[int | None]):
+        started_s = time.perf_counter()
+        results = self.engine.generate(prompts, seed=list(seeds), **settings.generate_kwargs())
+        hlog(
+            f"FlexGen: batch of {len(prompts)} prompts (x{settings.num_completions} completions, "
+            f"{settings.max_new_tokens} new tokens) in {time.perf_counter() - started_s:.2f} s"
+        )
+        return results
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.engine.close()
+
+
+class EngineRegistry:
+    """Process-wide cache of loaded engines (HELM creates client instances concurrently, unlocked).
+
+    Loading a checkpoint under a new policy first closes the idle engines already loaded from that
+    checkpoint: one 30B model in RAM at a time, not one per deployment (HELM runs one run spec
+    after another). A later request for a closed one reloads it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: dict[EngineKey, EngineHandle] = {}
+
+    def get(self, key: EngineKey) -> EngineHandle:
+        with self._lock:
+            handle = self._handles.get(key)
+            if handle is not None:
+                return handle
+            for other_key, other in list(self._handles.items()):
+                if other_key.model_path == key.model_path and other.batcher.idle:
+                    hlog(f"FlexGen: unloading {other_key.model_path} (policy {describe_policy(other_key.policy)})")
+                    del self._handles[other_key]
+                    other.close()
+            handle = EngineHandle(key, _load_engine(key))
+            self._handles[key] = handle
+            return handle
+
+    def close_all(self) -> None:
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for handle in handles:
+            handle.close()
+
+
+ENGINES = EngineRegistry()
+atexit.register(ENGINES.close_all)  # releases the engines' offload files
+
+
+_SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache")
+
+
+def describe_policy(policy: Policy | str) -> str:
+    """One line for logs: batch shape, the paper's six percentages, the switches that are on."""
+    if isinstance(policy, str):
+        return policy
+    switches = "+".join(name for name in _SWITCHES if getattr(policy, name)) or "no switches"
+    percent = " ".join(str(value) for value in policy.percent)
+    return f"{policy.gpu_batch_size}x{policy.num_gpu_batches} blocks, percent {percent}, {switches}"
+
+
+def _load_engine(key: EngineKey) -> Any:
+    from flexgen_core import Engine
+
+    description = f"{key.model_path} (policy {describe_policy(key.policy)}; device {key.device}, {key.dtype})"
+    with htrack_block(f"FlexGen: loading {description}"):
+        try:
+            return Engine.from_pretrained(
+                key.model_path, policy=key.policy, offload_dir=key.offload_dir, device=key.device, dtype=key.dtype
+            )
+        except (OSError, ValueError, TypeError) as error:
+            raise ConfigurationError(f"cannot load {key.model_path!r}: {error}") from error
+
+
+def _parse_policy(policy: Any) -> Policy | str:
+    if policy == "auto":
+        return "auto"
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, Mapping):
+        return Policy.from_dict(dict(policy))
+    raise ValueError(f"policy must be 'auto' or a mapping of Policy fields, got {policy!r}")
+
+
+def _failure(message: str, retriable: bool = True, fatal: bool = True) -> RequestResult:
+    flags = None if retriable else ErrorFlags(is_retriable=False, is_fatal=fatal)
+    return RequestResult(success=False, cached=False, error=message, error_flags=flags, completions=[], embedding=[])
+
+
+def request_seed(cache_key: Mapping[str, Any]) -> int:
+    """A sampling seed from the whole request (prompt, settings, HELM's `random`): same request,
+    same samples, whatever batch it lands in."""
+    digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class FlexGenClient(CachingClient):
+    """HELM client for `flexgen/...` deployments (see the module docstring)."""
+
+    def __init__(
+        self,
+        cache_config: CacheConfig,
+        tokenizer: Tokenizer,
+        tokenizer_name: str,
+        pretrained_model_name_or_path: str,
+        policy: Any = "auto",
+        offload_dir: str | None = None,
+        device: str = "auto",
+        dtype: str = "float32",
+        end_of_text_token: str | None = None,
+        batch_wait_s: float = 0.05,
+    ) -> None:
+        super().__init__(cache_config=cache_config)
+        self._tokenizer = tokenizer
+        self._tokenizer_name = tokenizer_name
+        self._end_of_text_token = end_of_text_token
+        self._model_path = os.path.expanduser(pretrained_model_name_or_path)
+        # Bad arguments come back as a fatal, non-retriable result of the first request: HELM would
+        # otherwise turn an exception here into a crash with less context.
+        self._config_error: str | None = None
+        self._engine_key: EngineKey | None = None
+        try:
+            if not isinstance(tokenizer, HuggingFaceTokenizer):
+                raise ValueError(f"FlexGenClient needs a HuggingFaceTokenizer, got {type(tokenizer).__name__}")
+            if device not in DEVICES:
+                raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+            if batch_wait_s < 0:
+                raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
+            offload = os.path.expanduser(offload_dir or os.path.join("~", ".cache", "flexgen-helm", "offload"))
+            self._engine_key = EngineKey(
+                self._model_path, _parse_policy(policy), offload, device, dtype, float(batch_wait_s)
+            )
+        except ValueError as error:
+            self._config_error = f"FlexGenClient configuration for {pretrained_model_name_or_path!r}: {error}"
+
+    # -- HELM entry point ------------------------------------------------------------------------
+
+    def make_request(self, request: Request) -> RequestResult:
+        if self._config_error is not None:
+            return _failure(self._config_error, retriable=False, fatal=True)
+        if request.embedding:
+            return _failure("FlexGenClient does not compute embeddings", retriable=False, fatal=True)
+        if request.messages or request.multimodal_prompt:
+            return _failure("FlexGenClient serves text prompts only (no chat messages)", retriable=False, fatal=True)
+
+        raw_request = self._raw_request(request)
+        cache_key = CachingClient.make_cache_key(raw_request, request)
+        try:
+            response, cached = self.cache.get(cache_key, lambda: self._compute(raw_request, cache_key))
+        except RequestRejected as error:
+            return _failure(f"FlexGen: {error}", retriable=False, fatal=False)
+        except ConfigurationError as error:
+            return _failure(f"FlexGen: {error}", retriable=False, fatal=True)
+        except (MemoryError, torch.OutOfMemoryError) as error:  # may pass in another batch: HELM retries
+            hexception(error)
+            return _failure(f"FlexGen: out of memory: {error}")
+        except Exception as error:  # a bug, not bad luck: retrying would only repeat it
+            hexception(error)
+            return _failure(f"FlexGen error: {type(error).__name__}: {error}", retriable=False, fatal=True)
+
+        completions = [
+            GeneratedOutput(
+                text=completion["text"],
+                logprob=sum(completion["logprobs"]),
+                tokens=[Token(text=text, logprob=lp) for text, lp in zip(completion["tokens"], completion["logprobs"])],
+                finish_reason={"reason": completion["finish_reason"]},
+            )
+            for completion in response["completions"]
+        ]
+        return RequestResult(
+            success=True,
+            cached=cached,
+            request_time=response["request_time"],
+            request_datetime=response.get("request_datetime"),
+            completions=completions,
+            embedding=[],
+            batch_size=response.get("batch_size"),
+            batch_request_time=response.get("batch_request_time"),
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _raw_request(self, request: Request) -> dict[str, Any]:
+        """The cache key: everything that decides the result, nothing about batching."""
+        assert self._engine_key is not None
+        policy = self._engine_key.policy
+        return {
+            "engine": request.model_engine,
+            "model_path": self._model_path,
+            "dtype": self._engine_key.dtype,
+            # Compression changes results; the other policy fields only move tensors around.
+            "compression": "auto" if policy == "auto" else [policy.compress_weight, policy.compress_cache],
+            "prompt": request.prompt,
+            "temperature": request.temperature,
+            "num_completions": request.num_completions,
+            "max_tokens": request.max_tokens,
+            "top_p": request.top_p,
+            "echo_prompt": request.echo_prompt,
+            "top_k_per_token": request.top_k_per_token,
+            "stop_sequences": list(request.stop_sequences),
+        }
+
+    def _compute(self, raw_request: dict[str, Any], cache_key: Mapping[str, Any]) -> dict[str, Any]:
+        started_s = time.time()
+        wrapped = self._tokenizer.get_wrapped_tokenizer()
+        with wrapped as tokenizer:
+            prompt_ids: list[int] = tokenizer(raw_request["prompt"], return_token_type_ids=False)["input_ids"]
+            stops = [stop for stop in raw_request["stop_sequences"] if stop]  # "" would stop at once
+            stop_ids = [tuple(ids) for ids in tokenizer(stops, add_special_tokens=False)["input_ids"]] if stops else []
+
+        num_completions = raw_request["num_completions"]
+        max_tokens = raw_request["max_tokens"]
+        echo = raw_request["echo_prompt"]
+        if num_completions < 1 or max_tokens < 0:
+            raise RequestRejected(f"need num_completions >= 1 and max_tokens >= 0, got {num_completions}, {max_tokens}")
+        if max_tokens == 0 and not echo:  # nothing to generate or score
+            completions = [dict(text="", tokens=[], logprobs=[], finish_reason="length")] * num_completions
+            return dict(completions=completions, request_time=time.time() - started_s, request_datetime=int(started_s))
+
+        max_positions = ENGINES.get(self._engine_key).max_positions  # loads the engine on first use
+        if len(prompt_ids) + max_tokens > max_positions:
+            raise RequestRejected(
+                f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} exceeds the model's "
+                f"{max_positions} positions"
+            )
+        temperature = raw_request["temperature"]
+        # Greedy completions are all the same: compute one, copy it.
+        engine_completions = num_completions if temperature > 0 and max_tokens > 0 else 1
+        settings = BatchSettings(
+            max_new_tokens=max_tokens,
+            temperature=float(temperature),
+            top_p=float(raw_request["top_p"]),
+            num_completions=engine_completions,
+            stop=tuple(stop_ids),
+            echo_prompt=echo,
+            # HELM 0.5's Token has no field for the top-k alternatives: `top_k_per_token` is only
+            # part of the cache key, as in HELM's own HuggingFaceClient.
+            top_k_logprobs=0,
+        )
+        seed = request_seed(cache_key) if temperature > 0 else None
+        outcome = self._submit(prompt_ids, settings, seed)
+        result = outcome.result
+
+        with wrapped as tokenizer:
+            completions = [
+                self._completion(tokenizer, prompt_ids, result.prompt_logprobs, completion, raw_request)
+                for completion in result.completions
+            ]
+        if len(completions) < num_completions:
+            completions = completions * num_completions
+        return dict(
+            completions=completions,
+            batch_size=outcome.batch_size,
+            batch_request_time=outcome.batch_time_s,
+            request_time=time.time() - started_s,
+            request_datetime=int(started_s),
+        )
+
+    def _submit(self, prompt_ids: list[int], settings: BatchSettings, seed: int | None) -> BatchOutcome:
+        try:
+            return ENGINES.get(self._engine_key).batcher.submit(prompt_ids, settings, seed)
+        except BatcherClosed:  # unloaded between get and submit (another policy took over): reload
+            return ENGINES.get(self._engine_key).batcher.submit(prompt_ids, settings, seed)
+
+    def _completion(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        prompt_logprobs: list[float | None] | None,
+        completion: Any,
+        raw_request: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """One engine completion as HELM text, token texts, logprobs and finish reason."""
+        generated_ids = list(completion.token_ids)
+        generated_logprobs = list(completion.logprobs)
+        finish_reason = _FINISH_REASONS[completion.finish_reason]
+
+        stops = list(raw_request["stop_sequences"])
+        if self._end_of_text_token:
+            stops.append(self._end_of_text_token)
+        generated_text = tokenizer.decode(generated_ids)
+        cut, cut_stop = _first_stop(generated_text, stops)
+        if cut is not None:
+            kept = _tokens_starting_before(tokenizer, generated_ids, cut)
+            generated_ids, generated_logprobs = generated_ids[:kept], generated_logprobs[:kept]
+            generated_text = generated_text[:cut]
+            finish_reason = "endoftext" if cut_stop == self._end_of_text_token else "stop"
+
+        token_ids, logprobs, text = generated_ids, generated_logprobs, generated_text
+        if raw_request["echo_prompt"]:
+            if prompt_logprobs is None:
+                raise RuntimeError("the engine returned no prompt logprobs for an echo request")
+            # HELM's convention: the first prompt token, which has no context, scores 0.0.
+            echoed = [0.0 if logprob is None else logprob for logprob in prompt_logprobs]
+            token_ids, logprobs = prompt_ids + generated_ids, echoed + generated_logprobs
+            text = tokenizer.decode(prompt_ids) + generated_text
+        return dict(
+            text=text,
+            tokens=[tokenizer.decode([token_id]) for token_id in token_ids],
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+        )
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> tuple[int | None, str | None]:
+    """Where the earliest stop string starts in `text`, and which one; (None, None) if none occurs."""
+    found = [(text.find(stop), stop) for stop in stops if stop and stop in text]
+    if not found:
+        return None, None
+    return min(found)
+
+
+def _tokens_starting_before(tokenizer: Any, token_ids: Sequence[int], cut: int) -> int:
+    """How many leading tokens start before character `cut` of `decode(token_ids)`.
+
+    A token that straddles the cut is kept (HELM can only cut at token boundaries and keeps it too);
+    the ones after it go. A token's start is the length of the text decoded from the ones before it.
+    """
+    kept = 0
+    while kept < len(token_ids) and len(tokenizer.decode(list(token_ids[:kept]))) < cut:
+        kept += 1
+    return kept

@@ -1,0 +1,201 @@
+"""`flexgen-helm demo`: the whole HELM path offline, on a locally built random-weight model.
+
+Steps: build the demo checkpoint where the packaged `flexgen/opt-demo` deployment expects it (if it
+is not there yet); run plain `helm-run` once per entry of the packaged `run_specs/flexgen_demo.conf`
+(the paper's sub-scenarios that need no downloaded data), through FlexGenClient; run
+`helm-summarize`; print one line per run: main metric, requests, mean batch size, wall time.
+
+The model has RANDOM weights (flexgen_core.testing, preset `tiny`): its scores mean nothing. The
+demo shows batching, offloading (20% of the weights on disk), HELM's cache and metrics working.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from flexgen_helm import configs
+
+DEMO_PRESET = "tiny"
+DEMO_SEED = 0
+DEMO_CONF = Path(__file__).resolve().parent / "run_specs" / "flexgen_demo.conf"
+
+# Main metric per scenario (HELM's schema names; synthetic_reasoning has no ScenarioMetadata).
+MAIN_METRICS = {
+    "synthetic_reasoning": "exact_match",
+    "synthetic_reasoning_natural": "f1_set_match",
+}
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and where to look."""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run: str
+    metric: str
+    value: float | None
+    requests: int
+    mean_batch_size: float | None
+    wall_s: float
+
+
+def demo_model_dir() -> Path:
+    """Where the packaged `flexgen/opt-demo` deployment loads its checkpoint from."""
+    deployment = configs.packaged_deployment(configs.DEMO_DEPLOYMENT)
+    return Path(deployment["client_spec"]["args"]["pretrained_model_name_or_path"])
+
+
+def ensure_demo_model(say: Callable[[str], None]) -> Path:
+    """Build the demo checkpoint (with its tokenizer) unless it is already in place."""
+    target = demo_model_dir()
+    if (target / "config.json").is_file():
+        say(f"Demo model: {target} (already built; RANDOM weights, scores mean nothing)")
+        return target
+    say(f"Building the demo model at {target}: OPT preset {DEMO_PRESET!r} with RANDOM weights, no download")
+    from flexgen_core.testing import build_checkpoint
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".opt-demo-build.", dir=target.parent) as build_root:
+        built = build_checkpoint(DEMO_PRESET, root=build_root, seed=DEMO_SEED)
+        staged = Path(build_root) / "staged"
+        shutil.copytree(built, staged)
+        try:
+            os.rename(staged, target)  # atomic: a half-built folder never sits at `target`
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+def read_run_entries(conf_path: Path) -> list[str]:
+    """The run-entry descriptions of a HELM conf file."""
+    from helm.benchmark.presentation.run_entry import read_run_entries as helm_read_run_entries
+
+    return [entry.description for entry in helm_read_run_entries([str(conf_path)]).entries]
+
+
+# HELM's console scripts, run as modules of this interpreter: the same programs as `helm-run` and
+# `helm-summarize`, in this environment whatever PATH says.
+HELM_RUN = (sys.executable, "-m", "helm.benchmark.run")
+HELM_SUMMARIZE = (sys.executable, "-m", "helm.benchmark.presentation.summarize")
+
+
+def _run_step(command: Sequence[str], what: str, env: dict[str, str]) -> float:
+    started_s = time.perf_counter()
+    completed = subprocess.run(list(command), env=env)
+    if completed.returncode != 0:
+        raise DemoError(f"{what} failed with exit code {completed.returncode} (its output is above)")
+    return time.perf_counter() - started_s
+
+
+def _scenario_part(description: str) -> str:
+    """A run entry or run name without its model arguments."""
+    parts = description.replace("/", "_").split(",")
+    return ",".join(part for part in parts if not part.startswith(("model=", "model_deployment=")))
+
+
+def _run_dir(output_path: Path, suite: str, entry: str) -> Path:
+    """The run folder HELM wrote for a run entry."""
+    runs = output_path / "runs" / suite
+    for candidate in sorted(runs.glob("*/scenario_state.json")):
+        if _scenario_part(candidate.parent.name) == _scenario_part(entry):
+            return candidate.parent
+    raise DemoError(f"helm-run wrote no run folder for {entry!r} under {runs}")
+
+
+def summarize_run(run_dir: Path, wall_s: float) -> RunRow:
+    with open(run_dir / "scenario_state.json", encoding="utf-8") as handle:
+        states = json.load(handle)["request_states"]
+    with open(run_dir / "stats.json", encoding="utf-8") as handle:
+        stats = json.load(handle)
+    scenario = run_dir.name.split(":", 1)[0]
+    metric = MAIN_METRICS.get(scenario, "exact_match")
+    # The unperturbed metric, on the test split when there is one.
+    candidates = [
+        stat
+        for stat in stats
+        if stat["name"]["name"] == metric and not stat["name"].get("perturbation") and stat.get("count")
+    ]
+    candidates.sort(key=lambda stat: stat["name"].get("split") != "test")
+    value = candidates[0]["mean"] if candidates else None
+    batch_sizes = [state["result"]["batch_size"] for state in states if state["result"].get("batch_size")]
+    mean_batch_size = sum(batch_sizes) / len(batch_sizes) if batch_sizes else None
+    return RunRow(run_dir.name, metric, value, len(states), mean_batch_size, wall_s)
+
+
+def format_table(rows: Sequence[RunRow]) -> str:
+    header = ("run", "main metric", "requests", "mean batch size", "wall time")
+    lines = [
+        (
+            _scenario_part(row.run),
+            f"{row.metric}={row.value:.3f}" if row.value is not None else f"{row.metric}=n/a",
+            str(row.requests),
+            f"{row.mean_batch_size:.1f}" if row.mean_batch_size is not None else "n/a",
+            f"{row.wall_s:.1f} s",
+        )
+        for row in rows
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    rendered = [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *lines]
+    ]
+    rendered.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(rendered)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)  # flushed: HELM's subprocesses write to the same terminal
+
+
+def run_demo(
+    output_path: Path,
+    suite: str = "flexgen-demo",
+    max_eval_instances: int = 20,
+    num_threads: int = 32,
+    say: Callable[[str], None] = _say,
+) -> list[RunRow]:
+    """Run the demo end to end; returns the table rows. Raises DemoError with a clear message."""
+    if max_eval_instances < 1 or num_threads < 1:
+        raise DemoError(f"need --max-eval-instances >= 1 and -n >= 1, got {max_eval_instances} and {num_threads}")
+    output_path = output_path.resolve()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    say("[1/3] Demo model")
+    ensure_demo_model(say)
+
+    entries = read_run_entries(DEMO_CONF)
+    rows = []
+    for index, entry in enumerate(entries, start=1):
+        say(f"[2/3] helm-run {index}/{len(entries)}: {entry}")
+        command = [
+            *HELM_RUN,
+            "--run-entries", entry,
+            "--suite", suite,
+            "--output-path", str(output_path),
+            "--max-eval-instances", str(max_eval_instances),
+            "-n", str(num_threads),
+            "--exit-on-error",
+        ]
+        wall_s = _run_step(command, f"helm-run on {entry!r}", env)
+        rows.append(summarize_run(_run_dir(output_path, suite, entry), wall_s))
+
+    say(f"[3/3] helm-summarize --suite {suite}")
+    summarize = [*HELM_SUMMARIZE, "--suite", suite, "--output-path", str(output_path)]
+    _run_step(summarize, "helm-summarize", env)
+
+    say("")
+    say(f"FlexGen HELM demo, model {configs.DEMO_DEPLOYMENT}: RANDOM weights, the metrics only show the pipeline works")
+    say(format_table(rows))
+    say("")
+    say(f"Results: {output_path / 'runs' / suite}")
+    say(f"Browse them: helm-server --output-path {output_path} --suite {suite}")
+    return rows

@@ -1,0 +1,387 @@
+"""FlexGenClient in process, built by HELM's own AutoClient from a prod_env/ folder, on the `tiny`
+random-weight OPT with a real engine (weights partly on disk).
+
+Covers what HELM sends beyond the parity runs: num_completions > 1, sampling reproducibility (also
+across batch compositions), multi-token and multiple stop sequences (checked against HELM's
+HuggingFaceClient), a mixture of request settings arriving concurrently, HELM's cache (hits never
+wait for a batch; each batch's results are written as soon as it finishes), tokenisation parity,
+and failures that must not be retried.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from flexgen_core.testing import PRESETS, build_checkpoint
+from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, OFFLOAD_POLICY, TEST_MODEL, write_prod_env
+
+from helm.benchmark.config_registry import register_builtin_configs_from_helm_package, register_configs_from_directory
+from helm.clients.auto_client import AutoClient
+from helm.common.cache_backend_config import BlackHoleCacheBackendConfig, SqliteCacheBackendConfig
+from helm.common.request import Request
+
+from flexgen_helm import client as client_module
+from flexgen_helm.client import FlexGenClient
+
+LOGPROB_TOLERANCE = 2e-4
+SLOW_DEPLOYMENT = "local-flexgen-slow/tiny"  # waits 2 s for a batch to fill
+SMALL_DEPLOYMENT = "local-flexgen-small/tiny"  # blocks of 2 sequences
+# Blocks of 8 sequences, waits 0.3 s for a batch to fill (robust on a busy host).
+PATIENT_DEPLOYMENT = "local-flexgen-patient/tiny"
+BAD_POLICY_DEPLOYMENT = "local-flexgen-bad-policy/tiny"
+MISSING_MODEL_DEPLOYMENT = "local-flexgen-missing/tiny"
+
+PROMPTS = [
+    "def parse(self, text):\n    return",
+    "The river and the stone were",
+    "import os\nimport sys\n\n",
+    "class Garden:\n    def __init__(self):",
+    "for index, value in enumerate(",
+    "Paper, window: yellow light",
+]
+
+
+def _flexgen_deployment(name: str, checkpoint: Path, offload_dir: Path, **args) -> dict:
+    client_args = {
+        "pretrained_model_name_or_path": str(checkpoint),
+        "policy": dict(OFFLOAD_POLICY),
+        "offload_dir": str(offload_dir),
+        "device": "cpu",
+        "dtype": "float32",
+        **args,
+    }
+    return {
+        "name": name,
+        "model_name": TEST_MODEL,
+        "tokenizer_name": TEST_MODEL,
+        "max_sequence_length": PRESETS["tiny"].max_positions - 1,  # see write_prod_env
+        "client_spec": {"class_name": "flexgen_helm.client.FlexGenClient", "args": client_args},
+    }
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("helm_client")
+    checkpoint = build_checkpoint("tiny", seed=0)
+    offload = root / "offload"
+    extra = [
+        _flexgen_deployment(SLOW_DEPLOYMENT, checkpoint, offload, batch_wait_s=2.0),
+        _flexgen_deployment(
+            PATIENT_DEPLOYMENT, checkpoint, offload, policy={**OFFLOAD_POLICY, "gpu_batch_size": 4}, batch_wait_s=0.3
+        ),
+        _flexgen_deployment(
+            SMALL_DEPLOYMENT,
+            checkpoint,
+            offload,
+            policy={**OFFLOAD_POLICY, "gpu_batch_size": 1, "num_gpu_batches": 2},
+            batch_wait_s=1.0,
+        ),
+        _flexgen_deployment(BAD_POLICY_DEPLOYMENT, checkpoint, offload, policy={"gpu_batch_size": 2, "w_gpu_pct": 50}),
+        _flexgen_deployment(MISSING_MODEL_DEPLOYMENT, root / "no-such-checkpoint", offload),
+    ]
+    prod_env = write_prod_env(root / "prod_env", checkpoint, PRESETS["tiny"].max_positions, extra_deployments=extra)
+    old_offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    register_builtin_configs_from_helm_package()
+    register_configs_from_directory(str(prod_env))
+    yield {"root": root, "checkpoint": checkpoint}
+    client_module.ENGINES.close_all()
+    if old_offline is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = old_offline
+
+
+def _client(env, deployment: str, cache: str | None = None):
+    """A client as HELM builds it; `cache` names a sqlite cache folder, None: no cache."""
+    backend = SqliteCacheBackendConfig(str(env["root"] / cache)) if cache else BlackHoleCacheBackendConfig()
+    if cache:
+        (env["root"] / cache).mkdir(exist_ok=True)
+    return AutoClient({}, str(env["root"] / "files"), backend)._get_client(deployment)
+
+
+def _request(deployment: str = FLEXGEN_DEPLOYMENT, **fields) -> Request:
+    values = dict(model_deployment=deployment, model=TEST_MODEL, prompt=PROMPTS[0], temperature=0.0, max_tokens=8)
+    values.update(fields)
+    return Request(**values)
+
+
+def _ok(result):
+    assert result.success, result.error
+    return result
+
+
+def _summary(result):
+    """Everything a result says about its completions, but the logprobs."""
+    return [(c.text, [t.text for t in c.tokens], c.finish_reason["reason"]) for c in result.completions]
+
+
+def _assert_same(result, expected):
+    """Same texts, tokens and finish reasons; logprobs equal to float tolerance (a batch of other
+    shapes may round differently)."""
+    assert _summary(result) == _summary(expected)
+    for completion, expected_completion in zip(result.completions, expected.completions):
+        assert [t.logprob for t in completion.tokens] == pytest.approx(
+            [t.logprob for t in expected_completion.tokens], abs=LOGPROB_TOLERANCE
+        )
+
+
+# -- tokenisation and scoring -------------------------------------------------------------------
+
+
+def test_echo_scoring_tokens_match_hf_client(env):
+    """Same prompt token ids and token texts as HELM's HuggingFaceClient, same logprobs (2e-4)."""
+    flexgen, hf = _client(env, FLEXGEN_DEPLOYMENT), _client(env, HF_DEPLOYMENT)
+    prompts = PROMPTS[:3] + ["  leading spaces\tand tabs\n\n", "Unicode: café, naïve, 東京, emoji 🎉 done"]
+    for prompt in prompts:
+        fields = dict(prompt=prompt, max_tokens=0, echo_prompt=True)
+        ours = _ok(flexgen.make_request(_request(**fields)))
+        theirs = _ok(hf.make_request(_request(HF_DEPLOYMENT, **fields)))
+        (ours_completion,), (their_completion,) = ours.completions, theirs.completions
+        assert ours_completion.text == their_completion.text
+        assert [t.text for t in ours_completion.tokens] == [t.text for t in their_completion.tokens]
+        assert ours_completion.tokens[0].logprob == 0.0
+        for ours_token, their_token in zip(ours_completion.tokens, their_completion.tokens):
+            assert ours_token.logprob == pytest.approx(their_token.logprob, abs=LOGPROB_TOLERANCE)
+        assert ours.batch_size >= 1 and ours.batch_request_time > 0
+
+
+def test_max_tokens_zero_without_echo_is_empty(env):
+    result = _ok(_client(env, FLEXGEN_DEPLOYMENT).make_request(_request(max_tokens=0, num_completions=2)))
+    assert [(c.text, c.tokens) for c in result.completions] == [("", [])] * 2
+
+
+def test_top_k_per_token_accepted(env):
+    flexgen = _client(env, FLEXGEN_DEPLOYMENT)
+    plain = _ok(flexgen.make_request(_request(top_k_per_token=1)))
+    with_top_k = _ok(flexgen.make_request(_request(top_k_per_token=5)))
+    _assert_same(with_top_k, plain)
+
+
+# -- completions, sampling, stops --------------------------------------------------------------
+
+
+def test_greedy_num_completions_are_copies(env):
+    flexgen = _client(env, FLEXGEN_DEPLOYMENT)
+    single = _ok(flexgen.make_request(_request(max_tokens=10)))
+    triple = _ok(flexgen.make_request(_request(max_tokens=10, num_completions=3)))
+    assert _summary(triple) == _summary(single) * 3
+    for completion in triple.completions:
+        assert [t.logprob for t in completion.tokens] == [t.logprob for t in single.completions[0].tokens]
+    assert single.completions[0].finish_reason == {"reason": "length"} and len(single.completions[0].tokens) == 10
+
+
+def test_greedy_text_matches_hf_client(env):
+    flexgen, hf = _client(env, FLEXGEN_DEPLOYMENT), _client(env, HF_DEPLOYMENT)
+    for prompt in PROMPTS:
+        ours = _ok(flexgen.make_request(_request(prompt=prompt, max_tokens=12)))
+        theirs = _ok(hf.make_request(_request(HF_DEPLOYMENT, prompt=prompt, max_tokens=12)))
+        assert ours.completions[0].text == theirs.completions[0].text
+        assert [t.text for t in ours.completions[0].tokens] == [t.text for t in theirs.completions[0].tokens]
+
+
+def test_sampling_reproducible_and_independent_of_batch(env):
+    flexgen = _client(env, FLEXGEN_DEPLOYMENT)
+    sampled = _request(temperature=1.0, top_p=0.9, num_completions=3, max_tokens=10)
+    first = _ok(flexgen.make_request(sampled))
+    _assert_same(_ok(flexgen.make_request(sampled)), first)
+    texts = [c.text for c in first.completions]
+    assert len(set(texts)) > 1, "three samples at temperature 1 came out identical"
+    for completion in first.completions:  # logprobs are the model's own, not temperature-processed
+        assert all(t.logprob < 0 for t in completion.tokens)
+    # HELM's `random` field asks for other samples.
+    other = _ok(flexgen.make_request(replace(sampled, random="1")))
+    assert [c.text for c in other.completions] != texts
+
+    # The same request inside a batch of other prompts samples the same tokens.
+    patient = _client(env, PATIENT_DEPLOYMENT)
+    batched = [replace(sampled, model_deployment=PATIENT_DEPLOYMENT, prompt=prompt) for prompt in PROMPTS]
+    batched = batched[1:] + batched[:1]
+    with ThreadPoolExecutor(max_workers=len(batched)) as pool:
+        futures = [pool.submit(patient.make_request, request) for request in batched]
+        results = [_ok(future.result()) for future in futures]
+    _assert_same(results[-1], first)
+    assert max(result.batch_size for result in results) > 1
+
+
+def test_multi_token_stop_sequences(env):
+    """Text-level stops of several tokens, several at once, cut where HELM's client cuts."""
+    flexgen, hf = _client(env, FLEXGEN_DEPLOYMENT), _client(env, HF_DEPLOYMENT)
+    checked = 0
+    for prompt in PROMPTS:
+        full = _ok(flexgen.make_request(_request(prompt=prompt, max_tokens=16))).completions[0]
+        tokens = [t.text for t in full.tokens]
+        if len(tokens) < 8 or "".join(tokens) != full.text:  # a token that is part of a character
+            continue
+        stop = "".join(tokens[4:7])  # three generated tokens, starting at a token boundary
+        cut = full.text.index(stop)
+        stops = ["\u2603\u2603", stop]  # HELM's client fails on a stop longer (in tokens) than the prompt
+        ours = _ok(flexgen.make_request(_request(prompt=prompt, max_tokens=16, stop_sequences=stops))).completions[0]
+        theirs = _ok(hf.make_request(_request(HF_DEPLOYMENT, prompt=prompt, max_tokens=16, stop_sequences=stops)))
+        assert ours.text == full.text[:cut] == theirs.completions[0].text
+        assert ours.finish_reason == {"reason": "stop"}
+        assert "".join(t.text for t in ours.tokens) == ours.text
+        assert ours.logprob == pytest.approx(sum(t.logprob for t in ours.tokens))
+        checked += 1
+    assert checked >= 3
+
+
+def test_stop_inside_a_token_cuts_text_and_later_tokens(env):
+    """A stop string that starts inside a generated token: the text is cut there, the token that
+    holds it stays (tokens are whole, as in HELM), every later token goes."""
+    flexgen = _client(env, FLEXGEN_DEPLOYMENT)
+    for prompt in PROMPTS:
+        full = _ok(flexgen.make_request(_request(prompt=prompt, max_tokens=16))).completions[0]
+        texts = [t.text for t in full.tokens]
+        for index in range(1, len(texts) - 1):
+            offset = len("".join(texts[:index]))
+            token = texts[index]
+            if len(token) < 2 or not token.isprintable() or full.text[:offset] != "".join(texts[:index]):
+                continue
+            stop = token[1:] + texts[index + 1]
+            if full.text.find(stop) != offset + 1:  # it also occurs earlier: another case
+                continue
+            request = _request(prompt=prompt, max_tokens=16, stop_sequences=[stop])
+            ours = _ok(flexgen.make_request(request)).completions[0]
+            assert ours.text == full.text[: offset + 1]
+            assert [t.text for t in ours.tokens] == texts[: index + 1]
+            assert ours.finish_reason == {"reason": "stop"}
+            return
+    pytest.fail("no completion had a multi-character token to cut inside")
+
+
+# -- concurrency and batching ------------------------------------------------------------------
+
+
+def _mixed_requests() -> list[Request]:
+    requests = []
+    for index, prompt in enumerate(PROMPTS * 3):
+        kind = index % 6
+        if kind == 0:
+            requests.append(_request(prompt=prompt, max_tokens=6))
+        elif kind == 1:
+            requests.append(_request(prompt=prompt, max_tokens=9, stop_sequences=["\n", "):"]))
+        elif kind == 2:
+            requests.append(_request(prompt=prompt, max_tokens=0, echo_prompt=True))
+        elif kind == 3:
+            requests.append(_request(prompt=prompt, max_tokens=7, temperature=0.8, num_completions=2))
+        elif kind == 4:
+            requests.append(_request(prompt=prompt, max_tokens=5, temperature=0.8, top_p=0.5, random=str(index)))
+        else:
+            requests.append(_request(prompt=prompt, max_tokens=4, echo_prompt=True))
+    return requests
+
+
+def test_mixed_settings_concurrently_match_requests_made_alone(env):
+    """18 requests of 6 kinds at once: batches group equal settings only, so every result equals
+    the one the same request gets when sent by itself."""
+    requests = _mixed_requests()
+    alone_client = _client(env, FLEXGEN_DEPLOYMENT)
+    alone = [_ok(alone_client.make_request(request)) for request in requests]
+
+    concurrent_client = _client(env, PATIENT_DEPLOYMENT)
+    patient_requests = [replace(request, model_deployment=PATIENT_DEPLOYMENT) for request in requests]
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        results = [_ok(r) for r in pool.map(concurrent_client.make_request, patient_requests)]
+    for result, expected in zip(results, alone):
+        _assert_same(result, expected)
+    assert max(result.batch_size for result in results) > 1
+    for request, result in zip(requests, results):
+        assert len(result.completions) == request.num_completions
+
+
+def test_cache_hit_never_waits_for_a_batch(env):
+    """On a deployment that waits 2 s for a batch to fill, a miss waits; the same request again is a
+    cache hit and returns at once, without loading anything or joining a batch."""
+    slow = _client(env, SLOW_DEPLOYMENT, cache="cache_slow")
+    request = _request(SLOW_DEPLOYMENT, prompt=PROMPTS[1], max_tokens=3)
+    started_s = time.perf_counter()
+    miss = _ok(slow.make_request(request))
+    miss_s = time.perf_counter() - started_s
+    started_s = time.perf_counter()
+    hit = _ok(slow.make_request(request))
+    hit_s = time.perf_counter() - started_s
+    assert not miss.cached and hit.cached
+    assert miss_s >= 2.0 and hit_s < 0.5, (miss_s, hit_s)
+    _assert_same(hit, miss)
+    assert hit.batch_size == miss.batch_size == 1
+
+
+def test_each_batch_is_cached_as_soon_as_it_finishes(env):
+    """Crash safety: while the second batch runs, the first batch's results are already in HELM's
+    sqlite cache (they are not held back until every request is done)."""
+    small = _client(env, SMALL_DEPLOYMENT, cache="cache_small")
+    cache_path = env["root"] / "cache_small" / "local-flexgen-small.sqlite"
+    requests = [_request(SMALL_DEPLOYMENT, prompt=prompt, max_tokens=5) for prompt in PROMPTS[:4]]
+    _ok(small.make_request(_request(SMALL_DEPLOYMENT, prompt="warm up", max_tokens=1)))  # load the engine
+
+    handle = next(h for k, h in client_module.ENGINES._handles.items() if k.policy.block_size == 2)
+    original_run = handle.batcher._run_batch
+    rows_at_batch_start = []
+
+    def cached_rows() -> int:
+        with sqlite3.connect(cache_path) as connection:
+            return connection.execute("SELECT COUNT(*) FROM unnamed").fetchone()[0]
+
+    def observing_run(settings, prompts, seeds):
+        if rows_at_batch_start:  # batches after the first: wait (bounded) for the earlier ones' rows
+            expected = 1 + 2 * len(rows_at_batch_start)
+            deadline_s = time.monotonic() + 10
+            while cached_rows() < expected and time.monotonic() < deadline_s:
+                time.sleep(0.02)
+        rows_at_batch_start.append(cached_rows())
+        return original_run(settings, prompts, seeds)
+
+    handle.batcher._run_batch = observing_run
+    try:
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            results = [_ok(r) for r in pool.map(small.make_request, requests)]
+    finally:
+        handle.batcher._run_batch = original_run
+    assert [r.batch_size for r in results] == [2, 2, 2, 2]
+    assert rows_at_batch_start == [1, 3], rows_at_batch_start  # warm-up row, then + the first batch
+    assert cached_rows() == 5
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+def test_prompt_too_long_is_not_retried_and_not_fatal(env):
+    flexgen = _client(env, FLEXGEN_DEPLOYMENT)
+    result = flexgen.make_request(_request(prompt="word " * 400, max_tokens=8))
+    assert not result.success and "positions" in result.error
+    assert result.error_flags.is_retriable is False and result.error_flags.is_fatal is False
+
+
+@pytest.mark.parametrize(
+    "deployment, message", [(BAD_POLICY_DEPLOYMENT, "w_gpu_pct"), (MISSING_MODEL_DEPLOYMENT, "no-such-checkpoint")]
+)
+def test_bad_configuration_is_fatal_and_not_retried(env, deployment, message):
+    client = _client(env, deployment)
+    result = client.make_request(_request(deployment))
+    assert not result.success and message in result.error, result.error
+    assert result.error_flags.is_retriable is False and result.error_flags.is_fatal is True
+
+
+def test_chat_messages_are_rejected(env):
+    result = _client(env, FLEXGEN_DEPLOYMENT).make_request(
+        _request(prompt="", messages=[{"role": "user", "content": "hi"}])
+    )
+    assert not result.success and result.error_flags.is_retriable is False
+
+
+def test_client_is_cheap_to_build(env):
+    """HELM builds clients eagerly and concurrently: construction loads nothing."""
+    loaded_before = len(client_module.ENGINES._handles)
+    started_s = time.perf_counter()
+    clients = [_client(env, SLOW_DEPLOYMENT) for _ in range(4)]
+    assert time.perf_counter() - started_s < 2.0
+    assert all(isinstance(c, FlexGenClient) for c in clients)
+    assert len(client_module.ENGINES._handles) == loaded_before

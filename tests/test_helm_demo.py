@@ -1,0 +1,238 @@
+"""`flexgen-helm demo` from an empty folder with an empty home (nothing built, nothing cached),
+offline; then helm-summarize's output is there and helm-server serves it (acceptance 5). Also the
+packaged configs: registration through the entry point, prod_env/ overrides, the paper's conf.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flexgen_core.testing import PRESETS
+from helm_support import helm_bin, offline_env
+
+from flexgen_helm import configs, demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    workdir = tmp_path_factory.mktemp("empty")
+    completed = subprocess.run(
+        [helm_bin("flexgen-helm"), "demo", "--max-eval-instances", "8", "-n", "8"],
+        cwd=workdir,
+        env=offline_env(home),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return {"completed": completed, "workdir": workdir, "home": home}
+
+
+def test_demo_succeeds_and_prints_the_table(demo_run):
+    completed = demo_run["completed"]
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    out = completed.stdout
+    assert "RANDOM weights" in out
+    assert "[1/3]" in out and "[2/3]" in out and "[3/3]" in out
+    table = out[out.index("main metric") - 200 :]
+    for run in ("synthetic_reasoning:mode=pattern_match", "synthetic_reasoning_natural:difficulty=easy"):
+        (line,) = [line for line in table.splitlines() if line.startswith(run + " ")]
+        cells = line.split()
+        assert cells[2] == "8"  # requests: one per instance
+        assert float(cells[3]) >= 1 and cells[4:] == [cells[4], "s"]
+    model_dir = demo_run["home"] / ".cache" / "flexgen-helm" / "demo" / "opt-demo"
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+
+
+def test_demo_output_summarized_and_served(demo_run):
+    output_path = demo_run["workdir"] / "benchmark_output"
+    suite_dir = output_path / "runs" / "flexgen-demo"
+    assert (suite_dir / "groups").is_dir() and (suite_dir / "summary.json").is_file()
+    runs = [path for path in suite_dir.glob("*/stats.json")]
+    assert len(runs) == 2
+    for stats_path in runs:
+        batch_sizes = [s for s in json.loads(stats_path.read_text()) if s["name"]["name"] == "batch_size"]
+        assert batch_sizes and batch_sizes[0]["mean"] > 1
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [helm_bin("helm-server"), "--port", str(port), "--output-path", str(output_path), "--suite", "flexgen-demo"],
+        cwd=demo_run["workdir"],
+        env=offline_env(demo_run["home"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # localhost: never via a proxy
+    try:
+        body = None
+        deadline_s = time.monotonic() + 60
+        while body is None and time.monotonic() < deadline_s:
+            try:
+                url = f"http://127.0.0.1:{port}/benchmark_output/runs/flexgen-demo/summary.json"
+                with opener.open(url, timeout=5) as response:
+                    body = json.loads(response.read())
+            except OSError:
+                assert server.poll() is None, "helm-server exited"
+                time.sleep(0.5)
+        assert body is not None, "helm-server did not answer"
+        assert body["suite"] == "flexgen-demo"
+        with opener.open(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            assert response.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_cli_error_is_one_line(tmp_path):
+    completed = subprocess.run(
+        [helm_bin("flexgen-helm"), "demo", "--max-eval-instances", "0"],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode != 0
+    assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
+    assert completed.stderr.startswith("error: ") and "Traceback" not in completed.stderr
+
+
+# -- packaged configs --------------------------------------------------------------------------
+
+
+def test_entry_point_points_at_the_plugin():
+    (entry,) = [ep for ep in entry_points().select(group="helm") if ep.value == "flexgen_helm.plugin"]
+    assert entry.name == "flexgen"
+
+
+def test_demo_deployment_matches_the_demo_model():
+    deployment = configs.packaged_deployment(configs.DEMO_DEPLOYMENT)
+    assert deployment["max_sequence_length"] == PRESETS[demo.DEMO_PRESET].max_positions - 1
+    metadata = {m["name"]: m for m in configs.load_config(configs.MODEL_METADATA_FILE)["models"]}
+    assert metadata[configs.DEMO_DEPLOYMENT]["num_parameters"] == PRESETS[demo.DEMO_PRESET].num_params
+    assert "random weights" in metadata[configs.DEMO_DEPLOYMENT]["display_name"].lower()
+    assert not deployment["client_spec"]["args"]["pretrained_model_name_or_path"].startswith("~")
+
+
+_REGISTRATION_CHECK = """
+import json, sys
+from helm.benchmark.config_registry import register_builtin_configs_from_helm_package, register_configs_from_directory
+from helm.benchmark.run import load_entry_point_plugins
+from helm.benchmark.model_deployment_registry import get_model_deployment
+from helm.benchmark.model_metadata_registry import get_model_metadata
+from helm.benchmark.tokenizer_config_registry import get_tokenizer_config
+register_builtin_configs_from_helm_package()
+if len(sys.argv) > 1:
+    register_configs_from_directory(sys.argv[1])
+load_entry_point_plugins()  # what helm-run does after reading prod_env/
+names = ["flexgen/opt-iml-30b", "flexgen/opt-iml-30b-long", "flexgen/opt-30b", "flexgen/opt-6.7b",
+         "flexgen/opt-1.3b", "flexgen/opt-demo"]
+out = {}
+for name in names:
+    deployment = get_model_deployment(name)
+    get_model_metadata(deployment.model_name)
+    assert get_tokenizer_config(deployment.tokenizer_name) is not None, deployment.tokenizer_name
+    out[name] = {"class": deployment.client_spec.class_name, "args": deployment.client_spec.args,
+                 "model": deployment.model_name}
+print(json.dumps(out))
+"""
+
+
+def _registered(tmp_path, prod_env=None) -> dict:
+    args = [sys.executable, "-c", _REGISTRATION_CHECK] + ([str(prod_env)] if prod_env else [])
+    completed = subprocess.run(
+        args, env=offline_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_entry_point_registers_the_deployments(tmp_path):
+    registered = _registered(tmp_path)
+    assert {d["class"] for d in registered.values()} == {"flexgen_helm.client.FlexGenClient"}
+    paper = registered["flexgen/opt-iml-30b"]
+    assert paper["model"] == "meta/opt-iml-30b"
+    assert paper["args"]["pretrained_model_name_or_path"] == "facebook/opt-iml-30b"
+    policy = paper["args"]["policy"]
+    assert [policy[k] for k in ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                                 "act_gpu_percent", "act_cpu_percent")] == [20, 80, 0, 100, 0, 100]
+    assert policy["cpu_cache_compute"] is True
+    assert registered["flexgen/opt-30b"]["args"]["pretrained_model_name_or_path"] == "facebook/opt-30b"
+    assert registered["flexgen/opt-demo"]["args"]["pretrained_model_name_or_path"].startswith(str(tmp_path))
+
+
+def test_prod_env_overrides_a_packaged_deployment(tmp_path):
+    prod_env = tmp_path / "prod_env"
+    prod_env.mkdir()
+    override = {
+        "model_deployments": [
+            {
+                "name": "flexgen/opt-1.3b",
+                "model_name": "meta/opt-1.3b",
+                "tokenizer_name": "facebook/opt-66b",
+                "max_sequence_length": 2047,
+                "client_spec": {
+                    "class_name": "flexgen_helm.client.FlexGenClient",
+                    "args": {"pretrained_model_name_or_path": "/models/opt-1.3b", "policy": {"gpu_batch_size": 64}},
+                },
+            }
+        ]
+    }
+    (prod_env / "model_deployments.yaml").write_text(yaml.safe_dump(override))
+    registered = _registered(tmp_path, prod_env)
+    assert registered["flexgen/opt-1.3b"]["args"] == override["model_deployments"][0]["client_spec"]["args"]
+    assert registered["flexgen/opt-6.7b"]["args"]["pretrained_model_name_or_path"] == "facebook/opt-6.7b"
+
+
+def test_paper_conf_has_the_seven_sub_scenarios():
+    entries = demo.read_run_entries(REPO / "run_specs" / "flexgen.conf")
+    scenarios = [entry.split(",model=")[0] for entry in entries]
+    assert scenarios == [
+        "wikifact:k=5,subject=plaintiff",
+        "wikifact:k=5,subject=instance_of",
+        "mmlu:subject=abstract_algebra,data_augmentation=canonical",
+        "mmlu:subject=us_foreign_policy,data_augmentation=canonical",
+        "synthetic_reasoning:mode=pattern_match",
+        "synthetic_reasoning_natural:difficulty=easy",
+        "summarization_xsum_sampled:temperature=0.3,device=cpu",
+    ]
+    deployments = [entry.split("model_deployment=")[1] for entry in entries]
+    assert deployments == ["flexgen/opt-iml-30b"] * 6 + ["flexgen/opt-iml-30b-long"]
+    assert all(",model=meta/opt-iml-30b," in entry for entry in entries)
+
+
+def test_paper_conf_builds_run_specs_offline(tmp_path):
+    """HELM turns every entry of run_specs/flexgen.conf into a run spec on our deployments (no
+    model is loaded and nothing is downloaded: --dry-run stops before execution)."""
+    script = """
+import sys
+from helm.benchmark.config_registry import register_builtin_configs_from_helm_package
+from helm.benchmark.run import load_entry_point_plugins, run_entries_to_run_specs
+from helm.benchmark.presentation.run_entry import read_run_entries
+register_builtin_configs_from_helm_package()
+load_entry_point_plugins()
+entries = read_run_entries([sys.argv[1]]).entries
+specs = run_entries_to_run_specs(entries, max_eval_instances=10)
+print(len(specs), sorted({s.adapter_spec.model_deployment for s in specs}))
+"""
+    conf = REPO / "run_specs" / "flexgen.conf"
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(conf)], env=offline_env(tmp_path), capture_output=True, text=True,
+        timeout=120, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == "7 ['flexgen/opt-iml-30b', 'flexgen/opt-iml-30b-long']"
