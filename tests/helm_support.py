@@ -81,6 +81,7 @@ def write_prod_env(
     max_positions: int,
     flexgen_args: Mapping[str, Any] | None = None,
     extra_deployments: Sequence[Mapping[str, Any]] = (),
+    prefix_token: str = "</s>",
 ) -> Path:
     """A prod_env/ with `local/tiny` served by HELM's HuggingFaceClient and by FlexGenClient."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def write_prod_env(
                     "args": {"pretrained_model_name_or_path": str(checkpoint)},
                 },
                 "end_of_text_token": "</s>",
-                "prefix_token": "</s>",
+                "prefix_token": prefix_token,  # OPT prepends </s>; Llama-style tokenizers <s>
             }
         ]
     }
