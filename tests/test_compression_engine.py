@@ -18,7 +18,7 @@ from reference import check_against, check_result, quantised_cache_logprobs, qua
 from test_parity_opt import LOGPROB_TOL, PLACEMENTS, TIE_TOL
 
 
-@pytest.fixture(scope="module", params=["odd", "llama"])
+@pytest.fixture(scope="module", params=["odd", "llama", "mistral", "qwen2"])
 def model(request):
     path = build_checkpoint(request.param)
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
