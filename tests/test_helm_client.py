@@ -260,9 +260,9 @@ def test_stop_inside_a_token_cuts_text_and_later_tokens(env):
 # -- concurrency and batching ------------------------------------------------------------------
 
 
-def _mixed_requests() -> list[Request]:
+def _mixed_requests(count: int) -> list[Request]:
     requests = []
-    for index, prompt in enumerate(PROMPTS * 3):
+    for index, prompt in enumerate((PROMPTS * count)[:count]):
         kind = index % 6
         if kind == 0:
             requests.append(_request(prompt=prompt, max_tokens=6))
@@ -280,16 +280,22 @@ def _mixed_requests() -> list[Request]:
 
 
 def test_mixed_settings_concurrently_match_requests_made_alone(env):
-    """18 requests of 6 kinds at once: batches group equal settings only, so every result equals
-    the one the same request gets when sent by itself."""
-    requests = _mixed_requests()
+    """66 requests of 6 kinds at once from 66 threads through 4 client instances (as HELM builds
+    them, sharing one engine): batches group equal settings only, so every result equals the one
+    the same request gets when sent by itself."""
+    requests = _mixed_requests(66)
     alone_client = _client(env, FLEXGEN_DEPLOYMENT)
     alone = [_ok(alone_client.make_request(request)) for request in requests]
 
-    concurrent_client = _client(env, PATIENT_DEPLOYMENT)
+    clients = [_client(env, PATIENT_DEPLOYMENT) for _ in range(4)]
     patient_requests = [replace(request, model_deployment=PATIENT_DEPLOYMENT) for request in requests]
+
+    def send(index_request):
+        index, request = index_request
+        return clients[index % len(clients)].make_request(request)
+
     with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        results = [_ok(r) for r in pool.map(concurrent_client.make_request, patient_requests)]
+        results = [_ok(r) for r in pool.map(send, enumerate(patient_requests))]
     for result, expected in zip(results, alone):
         _assert_same(result, expected)
     assert max(result.batch_size for result in results) > 1
