@@ -157,6 +157,7 @@ class _BlockPass:
         self.act_stores: dict[int, Future] = {}
         self.last_tokens: dict[int, torch.Tensor] = {}  # batch -> ids chosen at the previous step
         self.pending_weights: Future | None = None
+        self._memo_step, self._memo = -1, {}  # positions and decode masks of the current step
         self.failed = False
 
     # ---- the schedule -------------------------------------------------------------------------
@@ -261,6 +262,25 @@ class _BlockPass:
             self.act_stores[batch_idx] = self.r.stores.submit(
                 self.acts.store, batch_idx, hidden, waits=(self.act_stores.get(batch_idx),))
 
+    # ---- per-step index tensors, built once per (step, batch) rather than per layer ----------------
+    def _positions(self, step: int, batch_idx: int, start: int, length: int) -> torch.Tensor:
+        if self._memo_step != step:
+            self._memo_step, self._memo = step, {}
+        key = ("positions", batch_idx)
+        if key not in self._memo:
+            self._memo[key] = self.batches[batch_idx].positions(start, length)
+        return self._memo[key]
+
+    def _mask(self, step, batch_idx, start, length, key_len, device, window) -> torch.Tensor:
+        if step == 0:  # prompt-pass masks are (B, 1, s, s): too big to keep for every batch
+            return self.batches[batch_idx].allowed(start, length, key_len, device, window)
+        if self._memo_step != step:
+            self._memo_step, self._memo = step, {}
+        key = ("mask", batch_idx, device, window)
+        if key not in self._memo:
+            self._memo[key] = self.batches[batch_idx].allowed(start, length, key_len, device, window)
+        return self._memo[key]
+
     # ---- one unit: (step, layer, batch) ----------------------------------------------------------
     def _compute(self, step: int, layer_idx: int, batch_idx: int, weights) -> None:
         layer = self.r.layers[layer_idx]
@@ -269,7 +289,7 @@ class _BlockPass:
         length = self.prompt_len if step == 0 else 1
         if layer.kind is LayerKind.INPUT:
             tokens = batch.token_ids if step == 0 else self.last_tokens[batch_idx][:, None]
-            hidden = layer.forward(weights, tokens, batch.positions(start, length))
+            hidden = layer.forward(weights, tokens, self._positions(step, batch_idx, start, length))
         elif layer.kind is LayerKind.ATTENTION:
             hidden = self._attention(layer, layer_idx, batch_idx, weights, step, start, length)
         elif layer.kind is LayerKind.MLP:
@@ -282,7 +302,7 @@ class _BlockPass:
     def _attention(self, layer, layer_idx, batch_idx, weights, step, start, length) -> torch.Tensor:
         batch = self.batches[batch_idx]
         x = self._hidden(batch_idx)
-        q, k, v = layer.qkv(weights, x, batch.positions(start, length))  # each (B, s, heads, hd)
+        q, k, v = layer.qkv(weights, x, self._positions(step, batch_idx, start, length))  # each (B, s, heads, hd)
         group = self.r.shape.num_heads // self.r.shape.num_kv_heads
         key_len = start + length
         compute = self.r.devices.compute
@@ -294,7 +314,6 @@ class _BlockPass:
                 self._request_cache(step, layer_idx, batch_idx)
                 future, slot = self.cache_loads.pop((layer_idx, batch_idx))
             buffers = future.result()
-        masks: dict[torch.device, torch.Tensor] = {}
         outputs, rows = [], []
         for seg_idx, seg in enumerate(self.cache.segments):
             new_kv = torch.stack((k[:, :, seg.start:seg.stop], v[:, :, seg.start:seg.stop]))  # (2, B, s, h, hd)
@@ -308,11 +327,10 @@ class _BlockPass:
                 kv = kv[:key_len]
                 rows.append(buffers[seg_idx][start:start + 1])
             device = kv.device
-            if device not in masks:
-                window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
-                masks[device] = batch.allowed(start, length, key_len, device, window)
+            window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
+            mask = self._mask(step, batch_idx, start, length, key_len, device, window)
             q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
-            out = math.attend(q_seg, kv[:, 0], kv[:, 1], masks[device])
+            out = math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
             outputs.append(out.to(compute))
         attn_idx = self.r.attention_index[layer_idx]
         key = (layer_idx, batch_idx)
