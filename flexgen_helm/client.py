@@ -18,7 +18,10 @@ The client object is cheap (HELM builds several at once). Engines are loaded laz
 (checkpoint, policy, offload folder, device, dtype) per process, in `ENGINES`, each with a
 `Batcher` that gathers concurrent requests into engine batches. The cache lookup comes first, so
 cache hits never load a model or wait for a batch; a miss is written to HELM's cache by its own
-thread as soon as its batch returns.
+thread as soon as its batch returns. With `request_log` set, each request the engine computes (a
+cache miss) appends one JSON line to that file: which request (a digest of its cache key), its
+prompt and generation lengths, and its batch (size, seconds), for watching a long run and auditing
+what a rerun recomputed.
 """
 
 from __future__ import annotations
@@ -177,11 +180,37 @@ def _failure(message: str, retriable: bool = True, fatal: bool = True) -> Reques
     return RequestResult(success=False, cached=False, error=message, error_flags=flags, completions=[], embedding=[])
 
 
+def request_digest(cache_key: Mapping[str, Any]) -> str:
+    """SHA-256 of a request's cache key, serialised as HELM's request cache serialises keys."""
+    return hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def request_seed(cache_key: Mapping[str, Any]) -> int:
     """A sampling seed from the whole request (prompt, settings, HELM's `random`): same request,
     same samples, whatever batch it lands in."""
-    digest = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode("utf-8")).digest()
+    digest = bytes.fromhex(request_digest(cache_key))
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class RequestLog:
+    """Appends one JSON line per computed request to a file shared by threads (and processes)."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"request_log {path!r}: cannot create its folder: {error}") from error
+        if os.path.isdir(path):
+            raise ValueError(f"request_log {path!r} is a folder, not a file")
+
+    def append(self, entry: Mapping[str, Any]) -> None:
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
 
 
 class FlexGenClient(CachingClient):
@@ -199,6 +228,7 @@ class FlexGenClient(CachingClient):
         dtype: str = "float32",
         end_of_text_token: str | None = None,
         batch_wait_s: float = 0.05,
+        request_log: str | None = None,
     ) -> None:
         super().__init__(cache_config=cache_config)
         self._tokenizer = tokenizer
@@ -209,6 +239,7 @@ class FlexGenClient(CachingClient):
         # otherwise turn an exception here into a crash with less context.
         self._config_error: str | None = None
         self._engine_key: EngineKey | None = None
+        self._request_log: RequestLog | None = None
         try:
             if not isinstance(tokenizer, HuggingFaceTokenizer):
                 raise ValueError(f"FlexGenClient needs a HuggingFaceTokenizer, got {type(tokenizer).__name__}")
@@ -222,6 +253,8 @@ class FlexGenClient(CachingClient):
             self._engine_key = EngineKey(
                 self._model_path, _parse_policy(policy), offload, device, dtype, float(batch_wait_s)
             )
+            if request_log is not None:
+                self._request_log = RequestLog(os.path.expanduser(request_log))
         except ValueError as error:
             self._config_error = f"FlexGenClient configuration for {pretrained_model_name_or_path!r}: {error}"
 
@@ -340,6 +373,18 @@ class FlexGenClient(CachingClient):
             ]
         if len(completions) < num_completions:
             completions = completions * num_completions
+        if self._request_log is not None:
+            self._request_log.append(
+                dict(
+                    request=request_digest(cache_key),
+                    prompt_tokens=len(prompt_ids),
+                    max_tokens=max_tokens,
+                    num_completions=engine_completions,
+                    batch_size=outcome.batch_size,
+                    batch_s=round(outcome.batch_time_s, 6),
+                    time=round(time.time(), 3),
+                )
+            )
         return dict(
             completions=completions,
             batch_size=outcome.batch_size,

@@ -36,6 +36,7 @@ SMALL_DEPLOYMENT = "local-flexgen-small/tiny"  # blocks of 2 sequences
 # Blocks of 8 sequences, waits 0.3 s for a batch to fill (robust on a busy host).
 PATIENT_DEPLOYMENT = "local-flexgen-patient/tiny"
 BAD_POLICY_DEPLOYMENT = "local-flexgen-bad-policy/tiny"
+BAD_LOG_DEPLOYMENT = "local-flexgen-bad-log/tiny"
 MISSING_MODEL_DEPLOYMENT = "local-flexgen-missing/tiny"
 
 PROMPTS = [
@@ -85,7 +86,9 @@ def env(tmp_path_factory):
         ),
         _flexgen_deployment(BAD_POLICY_DEPLOYMENT, checkpoint, offload, policy={"gpu_batch_size": 2, "w_gpu_pct": 50}),
         _flexgen_deployment(MISSING_MODEL_DEPLOYMENT, root / "no-such-checkpoint", offload),
+        _flexgen_deployment(BAD_LOG_DEPLOYMENT, checkpoint, offload, request_log=str(root / "a-folder")),
     ]
+    (root / "a-folder").mkdir()
     prod_env = write_prod_env(root / "prod_env", checkpoint, PRESETS["tiny"].max_positions, extra_deployments=extra)
     old_offline = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -367,7 +370,12 @@ def test_prompt_too_long_is_not_retried_and_not_fatal(env):
 
 
 @pytest.mark.parametrize(
-    "deployment, message", [(BAD_POLICY_DEPLOYMENT, "w_gpu_pct"), (MISSING_MODEL_DEPLOYMENT, "no-such-checkpoint")]
+    "deployment, message",
+    [
+        (BAD_POLICY_DEPLOYMENT, "w_gpu_pct"),
+        (MISSING_MODEL_DEPLOYMENT, "no-such-checkpoint"),
+        (BAD_LOG_DEPLOYMENT, "a-folder"),
+    ],
 )
 def test_bad_configuration_is_fatal_and_not_retried(env, deployment, message):
     client = _client(env, deployment)
