@@ -9,8 +9,9 @@ states. So a layer costs the longest of three lanes, as in the paper's model:
     load    = disk->cpu + cpu->gpu copies of the next layer's weights, of this layer's cache (the next
               layer's for the block's first batch) and of the hidden states
     store   = gpu->cpu + cpu->disk copies of the new cache rows and hidden states
-    compute = matmuls (roofline: flops / rate, or weight bytes / device memory bandwidth) + attention on
-              the device + attention on the CPU (`cpu_cache_compute`) + a fixed cost per layer and batch
+    compute = matmuls (the profile's measured time per parameter at the batch's row count, or the
+              roofline: flops / rate, or weight bytes / device memory bandwidth) + attention on the
+              device + attention on the CPU (`cpu_cache_compute`) + a fixed cost per layer and batch
 
 and `overlap=False` adds them up. On a CPU-only host the I/O threads and the compute share the same
 cores: the profile's measured `io_overlap` (1 = perfect) blends the maximum with the sum. Two things of
@@ -351,6 +352,19 @@ class CostModel:
         b = max(0.0, math.log2(4096 / self.shape.hidden_size))
         return self.hw.cpu_attention * max(0.1, 1 + c1 * a * b - c2 * a - c3 * b)
 
+    def matmul_seconds(self, rows: int, params: int, prefill: bool) -> float:
+        """One GPU batch's `rows` tokens through weights of `params` parameters: the profile's measured
+        table where it has one, else the roofline (flops at the phase's rate, or reading the weights
+        from device memory, whichever is longer)."""
+        measured = self.hw.matmul_seconds(rows, params)
+        if measured is not None:
+            return measured
+        rate = self.hw.gpu_matmul_prefill if prefill else self.hw.gpu_matmul_decode
+        seconds = 2 * rows * params / rate
+        if self.hw.gpu_memory:  # each batch reads the layer's weights from device memory
+            seconds = max(seconds, params * self.dtype_bytes / self.hw.gpu_memory)
+        return seconds
+
     def cache_row_bytes(self, gpu_batch_size: int, compressed: bool) -> float:
         """K and V of one position for one GPU batch and one attention layer, as stored."""
         dense = 2 * gpu_batch_size * self.shape.kv_width * self.dtype_bytes
@@ -424,11 +438,7 @@ class CostModel:
         out: dict[str, Linear] = {}
         tokens = wl.prompt_len if prefill and cur.kind is not LayerKind.OUTPUT else 1
         if cur.matrix_params:
-            rate = hw.gpu_matmul_prefill if prefill else hw.gpu_matmul_decode
-            seconds = 2 * B * tokens * cur.matrix_params / rate
-            if hw.gpu_memory:  # each batch reads the layer's weights from device memory
-                seconds = max(seconds, cur.matrix_params * self.dtype_bytes / hw.gpu_memory)
-            out["matmul"] = Linear(k * seconds)
+            out["matmul"] = Linear(k * self.matmul_seconds(B * tokens, cur.matrix_params, prefill))
         if sw.compress_weight and hw.gpu_memory:  # read 4-bit, write dense: once per layer per step
             out["decompress"] = Linear((cur.weight_bytes_compressed + cur.weight_bytes) / hw.gpu_memory)
         if cur.kind is LayerKind.ATTENTION:

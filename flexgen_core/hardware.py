@@ -14,7 +14,11 @@ Optional fields the paper's profile lacks (absent = not modelled):
   cache, used when the plan's disk files fit in RAM the plan leaves free;
 - `overhead_s.per_layer_batch`: fixed cost of computing one layer on one GPU batch (launches, Python);
 - `io_overlap`: how much the I/O threads overlap compute, 1 (default: copy engines and disk work
-  beside the GPU) down to 0 (a CPU-only host whose copies and compute share the same cores).
+  beside the GPU) down to 0 (a CPU-only host whose copies and compute share the same cores);
+- `matmul_s_per_param`: measured seconds of a linear layer per weight parameter, by the number of rows
+  (tokens) multiplied at once, e.g. `{"1": 7.1e-11, "8": 1.2e-10, ...}`. Where present it replaces the
+  roofline (flop rate, memory bandwidth) for matmuls: on a CPU the time of a few-row matmul is nearer
+  the sum of its memory and flop times than their maximum, and a table measures it as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -76,6 +81,8 @@ class HardwareProfile:
     io_overlap: float = 1.0
     # Host RAM of the machine, kept when `with_memory` sets a smaller budget: what is left is page cache.
     physical_cpu_bytes: int = -1
+    # (rows, seconds per weight parameter) pairs, rows ascending; None: use the roofline.
+    matmul_s_per_param: tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.physical_cpu_bytes == -1:
@@ -93,6 +100,30 @@ class HardwareProfile:
                 raise ValueError(f"profile {self.name!r}: io_overlap must be in [0, 1], got {value!r}")
             if f.name in _OPTIONAL_BANDWIDTHS and value is not None and not value > 0:
                 raise ValueError(f"profile {self.name!r}: {f.name} must be > 0 or absent, got {value!r}")
+        if self.matmul_s_per_param is not None:
+            table = self.matmul_s_per_param
+            rows = [r for r, _ in table]
+            if not table or rows != sorted(set(rows)) or any(r < 1 or not t > 0 for r, t in table):
+                raise ValueError(f"profile {self.name!r}: matmul_s_per_param must map distinct row counts >= 1 "
+                                 f"to seconds > 0, got {table!r}")
+
+    def matmul_seconds(self, rows: int, params: int) -> float | None:
+        """Measured time of multiplying `rows` rows by a weight of `params` parameters, interpolated in
+        log-log between measured row counts; past the largest, linear in rows (compute-bound). None
+        without a table."""
+        if not self.matmul_s_per_param:
+            return None
+        table = self.matmul_s_per_param
+        if rows <= table[0][0]:
+            return params * table[0][1]
+        if rows >= table[-1][0]:
+            last_rows, last = table[-1]
+            return params * last * rows / last_rows
+        for (r0, t0), (r1, t1) in zip(table, table[1:]):
+            if r0 <= rows <= r1:
+                w = math.log(rows / r0) / math.log(r1 / r0)
+                return params * math.exp((1 - w) * math.log(t0) + w * math.log(t1))
+        raise AssertionError("unreachable")
 
     @property
     def unified(self) -> bool:
@@ -133,6 +164,8 @@ class HardwareProfile:
                 if correction else None,
                 layer_overhead_s=float(d.get("overhead_s", {}).get("per_layer_batch", 0.0)),
                 io_overlap=float(d.get("io_overlap", 1.0)),
+                matmul_s_per_param=tuple(sorted((int(r), float(t)) for r, t in d["matmul_s_per_param"].items()))
+                if d.get("matmul_s_per_param") else None,
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r} (see flexgen_core/profiles/t4-gcp.json)") from None
@@ -161,6 +194,8 @@ class HardwareProfile:
             out["overhead_s"] = {"per_layer_batch": _round(self.layer_overhead_s)}
         if self.io_overlap != 1.0:
             out["io_overlap"] = _round(self.io_overlap)
+        if self.matmul_s_per_param:
+            out["matmul_s_per_param"] = {str(rows): _round(t) for rows, t in self.matmul_s_per_param}
         return out
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -6,9 +6,10 @@
   `copy_` (the memcpy of hidden states and prompt cache rows into their homes);
 - disk: an offload file (`storage.DiskFile`) written and read in layer-sized pieces: through the page
   cache (`*_cached`) and, after `fsync` and dropping the file's pages, from the device itself;
-- compute, in the profile's dtype: `models.layers.linear` at prompt-pass and decode shapes (the decode
-  rows sweep gives both the flop rate and the device memory bandwidth of the matmul roofline) and
-  `models.layers.attend` at prompt and decode shapes, on the device and, with CUDA, on the CPU;
+- compute, in the profile's dtype: `models.layers.linear` at row counts from 1 to a prompt pass, kept
+  as a table of seconds per weight parameter (and read as the roofline's flop rates and device memory
+  bandwidth), and `models.layers.attend` at prompt and decode shapes, on the device and, with CUDA,
+  on the CPU;
 - fixed cost per layer and GPU batch: the engine's block schedule (`schedule.BlockRunner`) decoding
   with a small random OPT, less what the rates above predict for it (calibrated last);
 - on a CPU-only host, how much a disk read on a background thread overlaps matmuls on the main thread
@@ -28,7 +29,7 @@ import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -38,6 +39,7 @@ from flexgen_core.storage import TORCH_DTYPES, Devices, OffloadDir
 
 log = logging.getLogger(__name__)
 MiB = 2**20
+CALIBRATION_PROMPT_LEN = 16
 
 
 def _timed(fn: Callable[[], None], sync: Callable[[], None], repeats: int) -> float:
@@ -60,6 +62,7 @@ class _Bench:
         self.dtype = dtype
         self.quick = quick
         self.repeats = 3 if quick else 5
+        self.calibration_steps = 16 if quick else 32  # decode steps of the engine runs that calibrate
         self.sync = (lambda: torch.cuda.synchronize(devices.compute)) if devices.cuda else (lambda: None)
 
     # ---- copies ---------------------------------------------------------------------------------
@@ -124,25 +127,38 @@ class _Bench:
     def _tensor(self, *shape, device=None) -> torch.Tensor:
         return torch.randn(*shape, dtype=self.dtype, device=device or self.devices.compute) * 0.1
 
-    def matmul(self) -> dict[str, float]:
+    def matmul(self) -> dict[str, Any]:
+        """`models.layers.linear` timed at row counts from one token to a prompt pass, as seconds per
+        weight parameter (the profile's `matmul_s_per_param` table), and the roofline figures read off
+        it: the flop rate of the largest rows (prefill), the best flop rate up to 128 rows (decode), and
+        the weight bytes per second of one row (device memory bandwidth)."""
         cuda = self.devices.cuda
         hidden = (4096 if cuda else 1024) if not self.quick else (2048 if cuda else 768)
-        tokens = (8192 if cuda else 1024) if not self.quick else (4096 if cuda else 512)
-        x, w = self._tensor(tokens, hidden), self._tensor(hidden, hidden)
-        prefill = 2 * tokens * hidden * hidden / _timed(lambda: L.linear(x, w), self.sync, self.repeats)
-        # Decode: few rows times many distinct weights, more bytes than any cache holds, as a decode step
-        # streams a model's layers; bytes/s from the fewest rows, flop/s from the most.
+        if self.quick:
+            row_counts = (1, 4, 16, 64, 256, 1024) + ((4096,) if cuda else ())
+        else:
+            row_counts = tuple(2**i for i in range(12)) + ((4096, 8192) if cuda else ())
+        # Few rows: many distinct weights, more bytes than any cache holds, as a decode step streams a
+        # model's layers. Many rows (compute-bound): as many of them as keep a call near `flop_budget`.
         total = (128 if self.quick else 512) * MiB if not cuda else 2048 * MiB
         count = max(1, total // (4 * hidden * hidden * self.dtype.itemsize))
         weights = [self._tensor(4 * hidden, hidden) for _ in range(count)]
-        numel = sum(w.numel() for w in weights)
-        flop_rate = byte_rate = 0.0
-        for rows in (1, 8, 32, 128):
-            xr = self._tensor(rows, hidden)
-            t = _timed(lambda: [L.linear(xr, w) for w in weights], self.sync, self.repeats)
-            flop_rate = max(flop_rate, 2 * rows * numel / t)
-            byte_rate = max(byte_rate, numel * self.dtype.itemsize / t)
-        return {"gpu_matmul_prefill": prefill, "gpu_matmul_decode": flop_rate, "gpu_memory": byte_rate}
+        params_each = weights[0].numel()
+        flop_budget = 2e12 if cuda else (5e9 if self.quick else 2e10)
+        table = {}
+        for rows in row_counts:
+            used = weights[:max(1, min(count, round(flop_budget / (2 * rows * params_each))))]
+            x = self._tensor(rows, hidden)
+            repeats = self.repeats if rows <= 128 else 3
+            seconds = _timed(lambda: [L.linear(x, w) for w in used], self.sync, repeats)
+            table[rows] = seconds / (len(used) * params_each)
+        decode_rows = [r for r in row_counts if r <= 128]
+        return {
+            "matmul_s_per_param": table,
+            "gpu_matmul_prefill": 2 * row_counts[-1] / table[row_counts[-1]],
+            "gpu_matmul_decode": max(2 * rows / table[rows] for rows in decode_rows),
+            "gpu_memory": self.dtype.itemsize / table[1],
+        }
 
     def _attention_rate(self, batch: int, q_len: int, key_len: int, heads: int, head_dim: int, device) -> float:
         q = self._tensor(batch, q_len, heads, head_dim, device=device)        # (B, s, nh, hd)
@@ -162,28 +178,21 @@ class _Bench:
         cpu = self._attention_rate(16, 1, 1024, heads, head_dim, "cpu") if self.devices.cuda else decode
         return {"gpu_batched_matmul_prefill": prefill, "gpu_batched_matmul_decode": decode, "cpu": cpu}
 
-    def layer_overhead(self, offload_dir, profile: HardwareProfile) -> float:
-        """Seconds per layer and GPU batch that the engine spends beside what the rates account for
-        (Python, small ops, masks, token choice, and waiting on its I/O threads' futures, which on a busy
-        host costs a scheduler slice): the engine's own block schedule (`schedule.BlockRunner`) decodes
-        with a small random OPT, and the measured time per decode step, less the cost model's prediction
-        from `profile` (the rates measured above, no overhead), is divided by the step's (layer, batch)
-        units."""
-        from flexgen_core.cost_model import CostModel, Workload
+    def _decode_step_s(self, offload_dir, hidden: int, policy) -> tuple[float, Any]:
+        """Seconds per decode step of the engine's own block schedule (`schedule.BlockRunner`) on a
+        4-layer random OPT of width `hidden` under `policy`, and that model's plan shape."""
         from flexgen_core.decoding import DecodeSettings, Sequence
         from flexgen_core.models import opt
-        from flexgen_core.policy import Policy
         from flexgen_core.schedule import Batch, BlockRunner
         from flexgen_core.shapes import PlanModel
         from flexgen_core.weights import WeightStore
 
-        hidden = 1024 if self.devices.cuda else 512
         cfg = opt.OPTConfig.from_hf({"hidden_size": hidden, "num_attention_heads": hidden // 64,
                                      "num_hidden_layers": 4, "ffn_dim": 4 * hidden, "vocab_size": 1024,
                                      "max_position_embeddings": 256})
         layers = opt.build_layers(cfg)
-        policy = Policy(gpu_batch_size=8)
-        prompt_len, extra = 16, (16 if self.quick else 32)
+        steps = self.calibration_steps
+        prompt_len = CALIBRATION_PROMPT_LEN
         offload = OffloadDir(offload_dir)
         runner = None
         try:
@@ -193,22 +202,34 @@ class _Bench:
                     weights.put(layer_idx, spec.name, torch.randn(spec.shape) * 0.02)
             runner = BlockRunner(layers, weights, cfg, policy, self.devices, self.dtype, offload)
 
-            def generate(steps: int) -> None:
-                seqs = [Sequence([5] * prompt_len, None) for _ in range(policy.gpu_batch_size)]
-                ids = torch.full((policy.gpu_batch_size, prompt_len), 5, dtype=torch.long, device=self.devices.compute)
-                runner.run([Batch(ids, [0] * policy.gpu_batch_size, seqs)],
-                           DecodeSettings(steps, 0.0, 1.0, 0, (), None), False)
+            def generate(new_tokens: int) -> None:
+                batch = policy.gpu_batch_size
+                seqs = [Sequence([5] * prompt_len, None) for _ in range(batch)]
+                ids = torch.full((batch, prompt_len), 5, dtype=torch.long, device=self.devices.compute)
+                runner.run([Batch(ids, [0] * batch, seqs)], DecodeSettings(new_tokens, 0.0, 1.0, 0, (), None), False)
 
             short = _timed(lambda: generate(1), self.sync, self.repeats)
-            long = _timed(lambda: generate(1 + extra), self.sync, self.repeats)
+            long = _timed(lambda: generate(1 + steps), self.sync, self.repeats)
         finally:
             if runner is not None:
                 runner.close()
             offload.close()
-        model = PlanModel("profile-opt", cfg, layers, "profile")
-        predicted = CostModel(model, Workload(prompt_len, 1 + extra), profile, self.dtype.itemsize).estimate(policy)
-        per_step = (long - short) / extra
-        return max(0.0, per_step - predicted.decode_token_s) / (len(layers) * policy.num_gpu_batches)
+        return (long - short) / steps, PlanModel("profile-opt", cfg, layers, "profile")
+
+    def layer_overhead(self, offload_dir, profile: HardwareProfile) -> float:
+        """Seconds per layer and GPU batch that the engine spends beside what the rates account for
+        (Python, small ops, masks, token choice, and waiting on its I/O threads' futures, which on a busy
+        host costs a scheduler slice): a small random OPT decodes with every tensor on the device, and
+        the measured time per decode step, less the cost model's prediction from `profile` (the rates
+        measured above, no overhead), is divided by the step's (layer, batch) units."""
+        from flexgen_core.cost_model import CostModel, Workload
+        from flexgen_core.policy import Policy
+
+        policy = Policy(gpu_batch_size=8)
+        per_step, model = self._decode_step_s(offload_dir, 1024 if self.devices.cuda else 512, policy)
+        workload = Workload(CALIBRATION_PROMPT_LEN, 1 + self.calibration_steps)
+        predicted = CostModel(model, workload, profile, self.dtype.itemsize).estimate(policy)
+        return max(0.0, per_step - predicted.decode_token_s) / (len(model.layers) * policy.num_gpu_batches)
 
     def io_overlap(self, offload_dir) -> float:
         """How much a disk read on a background thread (the engine's load thread) overlaps decode matmuls
@@ -263,7 +284,7 @@ def measure(device: str = "auto", offload_dir: str | os.PathLike | None = None, 
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
     bench = _Bench(devices, TORCH_DTYPES[dtype], quick)
-    results: dict[str, float] = {}
+    results: dict[str, Any] = {}
     steps = [("host<->device copies", bench.copies), ("disk", lambda: bench.disk(offload_dir)),
              ("matmul", bench.matmul), ("attention", bench.attention)]
     if not devices.cuda:  # on CUDA hosts copies run on their own engines and disks beside the GPU
@@ -284,7 +305,7 @@ def measure(device: str = "auto", offload_dir: str | os.PathLike | None = None, 
     return profile
 
 
-def _profile(devices: Devices, dtype: str, quick: bool, name: str | None, results: dict[str, float]) -> HardwareProfile:
+def _profile(devices: Devices, dtype: str, quick: bool, name: str | None, results: dict[str, Any]) -> HardwareProfile:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gpu = torch.cuda.get_device_properties(devices.compute).total_memory if devices.cuda else ram
     host = socket.gethostname()
@@ -313,4 +334,5 @@ def _profile(devices: Devices, dtype: str, quick: bool, name: str | None, result
         disk_to_cpu_cached=results["disk_to_cpu_cached"],
         cpu_to_disk_cached=results["cpu_to_disk_cached"],
         io_overlap=results.get("io_overlap", 1.0),
+        matmul_s_per_param=tuple(sorted(results["matmul_s_per_param"].items())),
     )

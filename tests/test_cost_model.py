@@ -180,6 +180,28 @@ def test_roofline_bounds_decode_matmuls_by_memory_bandwidth():
     assert est.breakdown["decode"]["compute.matmul"] == pytest.approx(3 * decode_matmul)
 
 
+def test_measured_matmul_table_interpolates_in_log_log_and_extrapolates_linearly():
+    hw = toy_hardware(matmul_s_per_param=((1, 1e-10), (4, 4e-10), (16, 8e-10)))
+    assert hw.matmul_seconds(1, 1000) == pytest.approx(1e-7)
+    assert hw.matmul_seconds(2, 1000) == pytest.approx(2e-7)        # halfway between 1 and 4 in log rows
+    assert hw.matmul_seconds(8, 1000) == pytest.approx(4e-10 * 2**0.5 * 1000)  # 4e-10 -> 8e-10 over 4 -> 16
+    assert hw.matmul_seconds(64, 1000) == pytest.approx(8e-10 * 4 * 1000)      # past the table: x rows
+    assert toy_hardware().matmul_seconds(8, 1000) is None
+    with pytest.raises(ValueError, match="matmul_s_per_param"):
+        toy_hardware(matmul_s_per_param=((4, 1e-10), (1, 2e-10)))
+
+
+def test_measured_matmul_table_replaces_the_roofline():
+    table = ((1, 1e-6), (2, 3e-6))
+    est = toy_cost(matmul_s_per_param=table, gpu_memory=1e6).estimate(policy(ALL_GPU))
+    params = {"attention": 4 * 64 * 64, "mlp": 2 * 256 * 64, "output": 100 * 64}
+    # Decode multiplies B = 2 rows per layer; prefill B x S = 16 rows (linear past 2), the output layer 2.
+    decode = sum(params.values()) * 3e-6
+    prefill = (params["attention"] + params["mlp"]) * 3e-6 * 16 / 2 + params["output"] * 3e-6
+    assert est.breakdown["decode"]["compute.matmul"] == pytest.approx(3 * decode)
+    assert est.breakdown["prefill"]["compute.matmul"] == pytest.approx(prefill)
+
+
 def test_layer_overhead_counts_per_layer_and_batch():
     cost = toy_cost(layer_overhead_s=1e-3)
     est = cost.estimate(policy(ALL_GPU, num_gpu_batches=3))

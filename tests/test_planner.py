@@ -263,6 +263,11 @@ def test_profile_command_measures_this_machine(tmp_path, capsys):
     assert hw.unified and hw.dtype == "float32" and hw.gpu_bytes == hw.cpu_bytes > 0
     assert hw.disk_to_cpu > 0 and hw.disk_to_cpu_cached > 0 and hw.gpu_memory > 0
     assert hw.gpu_matmul_prefill > 1e8 and 0 <= hw.io_overlap <= 1 and hw.layer_overhead_s >= 0
+    rows = [r for r, _ in hw.matmul_s_per_param]
+    assert rows[0] == 1 and rows[-1] >= 1024  # one token up to a prompt pass
+    # More rows take longer in all (the same weights are read), but less per row.
+    per_row = [t / r for r, t in hw.matmul_s_per_param]
+    assert hw.matmul_seconds(rows[-1], 10**6) > hw.matmul_seconds(1, 10**6) and per_row[-1] < per_row[0]
     assert list(tmp_path.iterdir()) == [out]  # the offload files are gone
 
 
@@ -272,6 +277,8 @@ def test_profile_round_trips(tmp_path):
     loaded = load_profile(path)
     assert loaded.unified and loaded.disk_to_cpu_cached == pytest.approx(hw.disk_to_cpu_cached, rel=1e-3)
     assert loaded.gpu_bytes == hw.gpu_bytes
+    table = dataclasses.replace(hw, matmul_s_per_param=((1, 2.5e-10), (64, 1.0e-9)))
+    assert load_profile(table.save(tmp_path / "t.json")).matmul_s_per_param == table.matmul_s_per_param
     with pytest.raises(ValueError, match="t4-gcp"):
         load_profile(tmp_path / "missing.json")
 
