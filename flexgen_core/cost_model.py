@@ -365,6 +365,15 @@ class CostModel:
             seconds = max(seconds, params * self.dtype_bytes / self.hw.gpu_memory)
         return seconds
 
+    def decompress_seconds(self, dense_bytes: float, stored_bytes: float) -> float:
+        """Decompressing to `dense_bytes`: at the profile's measured decompression rate, else as one read
+        of the stored bytes and one write of the dense ones at device memory bandwidth (else free)."""
+        if self.hw.decompress:
+            return dense_bytes / self.hw.decompress
+        if self.hw.gpu_memory:
+            return (dense_bytes + stored_bytes) / self.hw.gpu_memory
+        return 0.0
+
     def cache_row_bytes(self, gpu_batch_size: int, compressed: bool) -> float:
         """K and V of one position for one GPU batch and one attention layer, as stored."""
         dense = 2 * gpu_batch_size * self.shape.kv_width * self.dtype_bytes
@@ -439,8 +448,8 @@ class CostModel:
         tokens = wl.prompt_len if prefill and cur.kind is not LayerKind.OUTPUT else 1
         if cur.matrix_params:
             out["matmul"] = Linear(k * self.matmul_seconds(B * tokens, cur.matrix_params, prefill))
-        if sw.compress_weight and hw.gpu_memory:  # read 4-bit, write dense: once per layer per step
-            out["decompress"] = Linear((cur.weight_bytes_compressed + cur.weight_bytes) / hw.gpu_memory)
+        if sw.compress_weight:  # once per layer per step, for all the block's batches
+            out["decompress"] = Linear(self.decompress_seconds(cur.weight_bytes, cur.weight_bytes_compressed))
         if cur.kind is LayerKind.ATTENTION:
             q_width = self.shape.num_heads * self.shape.head_dim
             if prefill:
@@ -453,10 +462,10 @@ class CostModel:
                 out["attention"] = k * work / hw.gpu_batched_matmul_decode * on_device
                 if cpu_attention:
                     out["cpu_attention"] = k * work / self.cpu_attention_rate(B) * cache.off_gpu
-                if sw.compress_cache and hw.gpu_memory:
+                if sw.compress_cache:
                     dense = wl.decode_keys * self.cache_row_bytes(B, False)
                     stored = wl.decode_keys * self.cache_row_bytes(B, True)
-                    out["decompress_cache"] = k * (dense + stored) / hw.gpu_memory * on_device
+                    out["decompress_cache"] = k * self.decompress_seconds(dense, stored) * on_device
         if hw.layer_overhead_s:
             out["overhead"] = Linear(k * hw.layer_overhead_s)
         return out

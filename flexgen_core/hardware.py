@@ -12,6 +12,8 @@ Optional fields the paper's profile lacks (absent = not modelled):
 - `bandwidth_GBps.gpu_memory`: device memory bandwidth, the roofline of decode matmuls at small batch;
 - `bandwidth_GBps.disk_to_cpu_cached` / `cpu_to_disk_cached`: disk reads and writes served by the page
   cache, used when the plan's disk files fit in RAM the plan leaves free;
+- `bandwidth_GBps.decompress`: dense bytes per second that decompressing 4-bit weights or cache
+  writes on the compute device (else costed as memory traffic at `gpu_memory`);
 - `overhead_s.per_layer_batch`: fixed cost of computing one layer on one GPU batch (launches, Python);
 - `io_overlap`: how much the I/O threads overlap compute, 1 (default: copy engines and disk work
   beside the GPU) down to 0 (a CPU-only host whose copies and compute share the same cores);
@@ -42,7 +44,7 @@ PROFILES_DIR = Path(__file__).with_name("profiles")
 
 _BANDWIDTHS = ("cpu_to_gpu", "gpu_to_cpu_cache", "gpu_to_cpu_hidden", "disk_to_cpu",
                "cpu_to_disk_cache_prefill", "cpu_to_disk_hidden_prefill", "cpu_to_disk_decode")
-_OPTIONAL_BANDWIDTHS = ("gpu_memory", "disk_to_cpu_cached", "cpu_to_disk_cached")
+_OPTIONAL_BANDWIDTHS = ("gpu_memory", "disk_to_cpu_cached", "cpu_to_disk_cached", "decompress")
 _FLOPS = ("gpu_matmul_prefill", "gpu_matmul_decode", "gpu_batched_matmul_prefill", "gpu_batched_matmul_decode")
 COMPUTE_DEVICES = ("cuda", "cpu")
 
@@ -75,6 +77,7 @@ class HardwareProfile:
     gpu_memory: float | None = None
     disk_to_cpu_cached: float | None = None
     cpu_to_disk_cached: float | None = None
+    decompress: float | None = None  # dense bytes/s that 4-bit decompression writes on the compute device
     cpu_attention_correction: tuple[float, float, float] | None = None
     layer_overhead_s: float = 0.0
     # How well I/O threads overlap compute: 1 = fully (separate engines), 0 = not at all (same cores).

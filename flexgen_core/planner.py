@@ -68,6 +68,10 @@ class PlanOptions:
     tie_tolerance: float = 0.05  # throughputs this close count as equal (see `_choose`)
 
     def __post_init__(self) -> None:
+        for name in ("compress_weight", "compress_cache", "cpu_cache_compute"):
+            if getattr(self, name) not in (True, False, None):
+                raise ValueError(f"PlanOptions.{name} must be True, False or None (let the planner choose), "
+                                 f"got {getattr(self, name)!r}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
         if not 0 <= self.tie_tolerance < 1:

@@ -8,8 +8,8 @@
   cache (`*_cached`) and, after `fsync` and dropping the file's pages, from the device itself;
 - compute, in the profile's dtype: `models.layers.linear` at row counts from 1 to a prompt pass, kept
   as a table of seconds per weight parameter (and read as the roofline's flop rates and device memory
-  bandwidth), and `models.layers.attend` at prompt and decode shapes, on the device and, with CUDA,
-  on the CPU;
+  bandwidth), `models.layers.attend` at prompt and decode shapes, on the device and, with CUDA, on
+  the CPU, and `compression.decompress` of a 4-bit weight;
 - fixed cost per layer and GPU batch: the engine's block schedule (`schedule.BlockRunner`) decoding
   with a small random OPT, less what the rates above predict for it (calibrated last);
 - on a CPU-only host, how much a disk read on a background thread overlaps matmuls on the main thread
@@ -160,6 +160,19 @@ class _Bench:
             "gpu_memory": self.dtype.itemsize / table[1],
         }
 
+    def decompress(self) -> dict[str, float]:
+        """Dense bytes per second of `compression.decompress` on a 4-bit weight (the engine's weight
+        config), into a reused output buffer as the engine does."""
+        from flexgen_core.compression import compress, decompress
+        from flexgen_core.memory import WEIGHT_COMPRESSION
+
+        hidden = (4096 if self.devices.cuda else 1024) if not self.quick else (2048 if self.devices.cuda else 768)
+        weight = self._tensor(4 * hidden, hidden)
+        packed = compress(weight, WEIGHT_COMPRESSION)
+        out = torch.empty_like(weight)
+        seconds = _timed(lambda: decompress(packed, out=out), self.sync, self.repeats)
+        return {"decompress": weight.numel() * weight.element_size() / seconds}
+
     def _attention_rate(self, batch: int, q_len: int, key_len: int, heads: int, head_dim: int, device) -> float:
         q = self._tensor(batch, q_len, heads, head_dim, device=device)        # (B, s, nh, hd)
         kv = self._tensor(key_len, 2, batch, heads, head_dim, device=device)  # the cache layout (s, 2, B, nh, hd)
@@ -286,7 +299,7 @@ def measure(device: str = "auto", offload_dir: str | os.PathLike | None = None, 
     bench = _Bench(devices, TORCH_DTYPES[dtype], quick)
     results: dict[str, Any] = {}
     steps = [("host<->device copies", bench.copies), ("disk", lambda: bench.disk(offload_dir)),
-             ("matmul", bench.matmul), ("attention", bench.attention)]
+             ("matmul", bench.matmul), ("attention", bench.attention), ("decompression", bench.decompress)]
     if not devices.cuda:  # on CUDA hosts copies run on their own engines and disks beside the GPU
         steps.append(("I/O-compute overlap", lambda: {"io_overlap": bench.io_overlap(offload_dir)}))
     bar = tqdm(total=len(steps) + 1, desc="profiling", unit="step", disable=not progress)
@@ -331,6 +344,7 @@ def _profile(devices: Devices, dtype: str, quick: bool, name: str | None, result
         gpu_batched_matmul_decode=results["gpu_batched_matmul_decode"],
         cpu_attention=results["cpu"],
         gpu_memory=results["gpu_memory"],
+        decompress=results["decompress"],
         disk_to_cpu_cached=results["disk_to_cpu_cached"],
         cpu_to_disk_cached=results["cpu_to_disk_cached"],
         io_overlap=results.get("io_overlap", 1.0),

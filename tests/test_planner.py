@@ -83,46 +83,70 @@ def test_opt_6_7b_plans_everything_on_the_gpu(opt_6_7b):
 def test_opt_175b_needs_disk_for_weights(opt_175b):
     result = paper_plan(opt_175b)
     p = result.policy
-    assert p.w_disk_percent > 0 and p.w_cpu_percent > 0       # weights split between CPU and disk, as 0 50
-    assert p.cache_disk_percent >= 90 and p.cpu_cache_compute  # cache on disk, attention on the CPU
-    assert p.block_size >= 64 and not p.pin_weight
-    # With the fitted disk read rate (0.473 GB/s) reading the cache bounds throughput far below the
-    # paper's measured 0.69: the same model gives the paper's own policy 0.154.
-    assert 0.1 <= result.throughput <= 0.3
-    assert CostModel(opt_175b, PAPER, T4, 2).estimate(PAPER_175B).throughput == pytest.approx(0.154, rel=0.05)
+    # 326 GiB of fp16 weights on a 15 GB GPU and 204 GB of RAM: most of them on disk, as in the paper
+    # (which read half from disk); the KV cache off the GPU, big blocks to amortise the weight reads.
+    assert p.w_disk_percent >= 50 and p.cache_gpu_percent == 0
+    assert p.block_size >= 64
+    # Paper: 0.69 tokens/s. Tolerance 15%.
+    assert result.throughput == pytest.approx(0.69, rel=0.15)
+    # The paper's own policy, 32x8, is predicted within 15% too.
+    assert CostModel(opt_175b, PAPER, T4, 2).estimate(PAPER_175B).throughput == pytest.approx(0.69, rel=0.15)
 
 
-def test_opt_175b_with_the_disk_rate_the_papers_breakdown_implies(opt_175b):
-    """The paper's decode breakdown reads the whole cache in 7,046 s: that is ~2.6 GB/s, not the fitted
-    0.473. With that rate the cost model reproduces the paper's figure and breakdown."""
+def test_t4_gcp_disk_rate_is_the_one_the_papers_breakdown_implies(opt_175b):
+    """The paper's OPT-175B decode reads its whole KV cache from disk every step, in 7,046 s all told:
+    that is the profile's 2.61 GiB/s (the authors' fitted 0.473 would take 38,900 s). With it the model
+    reproduces the paper's breakdown and, out of sample, its prompt-1024 run."""
     cost = CostModel(opt_175b, PAPER, T4, 2)
     p = PAPER_175B
     cache_bytes = (cost.num_attention * p.num_gpu_batches * PAPER.decode_rows_loaded
                    * cost.cache_row_bytes(p.gpu_batch_size, False) * PAPER.decode_steps)
-    implied = cache_bytes / PAPER_175B_CACHE_READ_S
-    assert implied == pytest.approx(2.6 * GiB, rel=0.05)
-    hw = dataclasses.replace(T4, disk_to_cpu=implied)
-    est = CostModel(opt_175b, PAPER, hw, 2).estimate(p)
-    assert est.throughput == pytest.approx(0.69, rel=0.15)
-    assert est.decode_s == pytest.approx(11315, rel=0.15)
-    assert est.breakdown["decode"]["load.cache"] == pytest.approx(7046, rel=0.05)
+    assert T4.disk_to_cpu == pytest.approx(cache_bytes / PAPER_175B_CACHE_READ_S, rel=0.01)
+    est = cost.estimate(p)
+    assert est.breakdown["decode"]["load.cache"] == pytest.approx(PAPER_175B_CACHE_READ_S, rel=0.01)
     assert est.breakdown["decode"]["load.weights"] == pytest.approx(3047, rel=0.25)
-    planned = plan(opt_175b, PAPER, hw, 2, PlanOptions(cpu_cache_compute=True))
-    assert planned.policy.w_disk_percent > 0
-    assert planned.throughput == pytest.approx(0.69, rel=0.25)
+    assert est.decode_s == pytest.approx(11315, rel=0.15)
+    # Prompt 1024: 0.35 tokens/s with 12x12 blocks, same percentages (flexgen-paper.md). Tolerance 10%.
+    long_prompt = Policy.from_percent([0, 50, 0, 0, 0, 100], gpu_batch_size=12, num_gpu_batches=12,
+                                      cpu_cache_compute=True, pin_weight=False)
+    assert CostModel(opt_175b, Workload(1024, 32), T4, 2).estimate(long_prompt).throughput == \
+        pytest.approx(0.35, rel=0.10)
+
+
+PAPER_6_7B_DENSE = Policy(gpu_batch_size=2, overlap=False)
+PAPER_6_7B_PACKED = Policy(gpu_batch_size=72, compress_weight=True, compress_cache=True)
+
+
+def test_decompression_rate_is_fitted_to_the_papers_4_bit_run(opt_6_7b):
+    """t4-gcp's decompression rate reproduces the paper's OPT-6.7B 4-bit run (72x1, 29.12 tokens/s) and,
+    out of sample, its prompt-1024 run (28x1, 13.18). Tolerance: 1% and 10%."""
+    assert CostModel(opt_6_7b, PAPER, T4, 2).estimate(PAPER_6_7B_PACKED).throughput == pytest.approx(29.12, rel=0.01)
+    long_prompt = Policy(gpu_batch_size=28, compress_weight=True, compress_cache=True)
+    assert CostModel(opt_6_7b, Workload(1024, 32), T4, 2).estimate(long_prompt).throughput == \
+        pytest.approx(13.18, rel=0.10)
 
 
 def test_compression_goes_the_papers_direction(opt_6_7b, opt_175b):
-    dense_6_7b, packed_6_7b = paper_plan(opt_6_7b), paper_plan(opt_6_7b, compressed=True)
-    # Paper: 25.26 -> 29.12 tokens/s, block 2 -> 72, still all on the GPU.
-    assert packed_6_7b.policy.percent == (100, 0, 100, 0, 100, 0)
-    assert packed_6_7b.policy.block_size >= 8 * dense_6_7b.policy.block_size
-    assert packed_6_7b.throughput > 1.1 * dense_6_7b.throughput
     dense_175b, packed_175b = paper_plan(opt_175b), paper_plan(opt_175b, compressed=True)
-    # Paper: 0.69 -> 1.12 tokens/s, weights from disk to the CPU (percent 0 100 0 100 0 100, 48x3).
+    # Paper: 0.69 -> 1.12 tokens/s, weights from disk to the CPU and the cache mostly (there wholly) in
+    # RAM (percent 0 100 0 100 0 100, 48x3).
     assert packed_175b.policy.w_disk_percent == 0 and packed_175b.policy.w_gpu_percent <= 5
-    assert packed_175b.policy.cache_disk_percent == 0
+    assert packed_175b.policy.cache_disk_percent < min(50, dense_175b.policy.cache_disk_percent)
     assert packed_175b.throughput > 1.5 * dense_175b.throughput
+    # Paper: 25.26 -> 29.12 tokens/s, block 2 -> 72, weights on the GPU. Compressed, the plan takes
+    # much larger blocks with the weights mostly on the GPU, and beats the paper's dense policy...
+    dense_6_7b, packed_6_7b = paper_plan(opt_6_7b), paper_plan(opt_6_7b, compressed=True)
+    assert packed_6_7b.policy.block_size >= 8 * dense_6_7b.policy.block_size
+    assert packed_6_7b.policy.w_gpu_percent >= 80
+    paper_dense = CostModel(opt_6_7b, PAPER, T4, 2).estimate(PAPER_6_7B_DENSE).throughput
+    assert packed_6_7b.throughput > 1.1 * paper_dense
+    # ...but not the better dense policy planned here (all on the GPU with overlap): decompressing at the
+    # rate the paper's own 4-bit run implies costs more than it saves when nothing leaves the GPU. Left
+    # to choose, the planner compresses OPT-175B and not OPT-6.7B.
+    assert packed_6_7b.throughput < dense_6_7b.throughput
+    choose = PlanOptions(compress_weight=None, compress_cache=None)
+    assert not plan(opt_6_7b, PAPER, T4, 2, choose).policy.compress_weight
+    assert plan(opt_175b, PAPER, T4, 2, choose).policy.compress_weight
 
 
 # ---- acceptance 2: planned policies never exceed a tier ---------------------------------------------------
@@ -261,7 +285,7 @@ def test_profile_command_measures_this_machine(tmp_path, capsys):
     assert code == 0 and str(out) in capsys.readouterr().out
     hw = load_profile(out)
     assert hw.unified and hw.dtype == "float32" and hw.gpu_bytes == hw.cpu_bytes > 0
-    assert hw.disk_to_cpu > 0 and hw.disk_to_cpu_cached > 0 and hw.gpu_memory > 0
+    assert hw.disk_to_cpu > 0 and hw.disk_to_cpu_cached > 0 and hw.gpu_memory > 0 and hw.decompress > 0
     assert hw.gpu_matmul_prefill > 1e8 and 0 <= hw.io_overlap <= 1 and hw.layer_overhead_s >= 0
     rows = [r for r, _ in hw.matmul_s_per_param]
     assert rows[0] == 1 and rows[-1] >= 1024  # one token up to a prompt pass
