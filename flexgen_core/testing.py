@@ -235,10 +235,15 @@ def _tokenizer_config(model_max_length: int) -> dict:
     }
 
 
-def _write_tokenizer_config(folder: Path, model_max_length: int) -> None:
-    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as handle:
-        json.dump(_tokenizer_config(model_max_length), handle, indent=2)
+def write_json(path: Path, content: dict) -> None:
+    """A tokenizer or config file as Hugging Face writes them: indented, with a final newline."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2)
         handle.write("\n")
+
+
+def _write_tokenizer_config(folder: Path, model_max_length: int) -> None:
+    write_json(folder / "tokenizer_config.json", _tokenizer_config(model_max_length))
 
 
 def _train_tokenizer(vocab_size: int, folder: Path) -> None:
@@ -277,9 +282,7 @@ def _train_tokenizer(vocab_size: int, folder: Path) -> None:
         "unk_token": UNK_TOKEN,
         "pad_token": PAD_TOKEN,
     }
-    with open(folder / "special_tokens_map.json", "w", encoding="utf-8") as handle:
-        json.dump(special_tokens_map, handle, indent=2)
-        handle.write("\n")
+    write_json(folder / "special_tokens_map.json", special_tokens_map)
     _write_tokenizer_config(folder, DEFAULT_MODEL_MAX_LENGTH)
 
 

@@ -206,9 +206,7 @@ def _train_llama_tokenizer(vocab_size: int, folder: Path, model_max_length: int)
     )
     tokenizer.save(str(folder / "tokenizer.json"))
     special_tokens_map = {"bos_token": LLAMA_BOS_TOKEN, "eos_token": LLAMA_EOS_TOKEN, "unk_token": LLAMA_UNK_TOKEN}
-    with open(folder / "special_tokens_map.json", "w", encoding="utf-8") as handle:
-        json.dump(special_tokens_map, handle, indent=2)
-        handle.write("\n")
+    testing.write_json(folder / "special_tokens_map.json", special_tokens_map)
     write_tokenizer_config(folder, model_max_length)
 
 
@@ -225,9 +223,9 @@ def write_tokenizer_config(folder: Path, model_max_length: int) -> None:
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
     }
-    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2)
-        handle.write("\n")
+    from flexgen_core import testing
+
+    testing.write_json(folder / "tokenizer_config.json", config)
 
 
 def build_llama_tokenizer(vocab_size: int, cache_root: Path) -> Path:

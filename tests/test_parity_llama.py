@@ -18,8 +18,8 @@ from flexgen_core.models import llama
 from flexgen_core.models.base import LayerKind
 from flexgen_core.models.registry import family_for, supported
 from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts
-from reference import check_result, reference_logprobs
-from test_parity_opt import LOGPROB_TOL, PLACEMENTS, TIE_TOL
+from reference import reference_logprobs
+from test_parity_opt import LOGPROB_TOL, PLACEMENTS, check_greedy_parity
 
 LLAMA_PRESETS = ["llama", "llama3", "mistral", "qwen2"]
 
@@ -32,13 +32,7 @@ def model(request):
 
 @pytest.mark.parametrize("name", sorted(PLACEMENTS))
 def test_greedy_parity(model, name, tmp_path):
-    path, hf = model
-    prompts = sample_prompts(path, 7, 3, 40, seed=1)  # ragged; 7 fills no block exactly
-    with Engine.from_pretrained(path, policy=PLACEMENTS[name], offload_dir=tmp_path, device="cpu") as engine:
-        results = engine.generate(prompts, max_new_tokens=8, echo_prompt=True, top_k_logprobs=3)
-    for prompt, result in zip(prompts, results):
-        assert len(result.completions[0].token_ids) == 8 or result.completions[0].finish_reason == "eos"
-        check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=3)
+    check_greedy_parity(model, PLACEMENTS[name], tmp_path)
 
 
 def test_presets_exercise_what_they_claim():

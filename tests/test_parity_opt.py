@@ -34,15 +34,21 @@ def model(request):
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("name", sorted(PLACEMENTS))
-def test_greedy_parity(model, name, tmp_path):
+def check_greedy_parity(model, policy: Policy, offload_dir) -> None:
+    """7 ragged prompts through the engine under `policy`, 8 greedy tokens with echo and top-3, each
+    checked against transformers' forward pass on the same weights."""
     path, hf = model
     prompts = sample_prompts(path, 7, 3, 40, seed=1)  # ragged; 7 fills no block exactly
-    with Engine.from_pretrained(path, policy=PLACEMENTS[name], offload_dir=tmp_path, device="cpu") as engine:
+    with Engine.from_pretrained(path, policy=policy, offload_dir=offload_dir, device="cpu") as engine:
         results = engine.generate(prompts, max_new_tokens=8, echo_prompt=True, top_k_logprobs=3)
     for prompt, result in zip(prompts, results):
         assert len(result.completions[0].token_ids) == 8 or result.completions[0].finish_reason == "eos"
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=3)
+
+
+@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+def test_greedy_parity(model, name, tmp_path):
+    check_greedy_parity(model, PLACEMENTS[name], tmp_path)
 
 
 def test_sharded_checkpoint_matches_single(tmp_path):
