@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 from flexgen_core.hardware import HardwareProfile

@@ -33,7 +33,6 @@ the engine's exact accounting (`memory.account`), compression included.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping

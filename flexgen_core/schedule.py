@@ -300,7 +300,6 @@ class _BlockPass:
         self._keep_hidden(batch_idx, hidden)
 
     def _attention(self, layer, layer_idx, batch_idx, weights, step, start, length) -> torch.Tensor:
-        batch = self.batches[batch_idx]
         x = self._hidden(batch_idx)
         q, k, v = layer.qkv(weights, x, self._positions(step, batch_idx, start, length))  # each (B, s, heads, hd)
         group = self.r.shape.num_heads // self.r.shape.num_kv_heads

@@ -1,450 +1,75 @@
 """Small, deterministic, offline OPT and Llama-style checkpoints for tests, benchmarks and the demo.
 
-Llama-style presets (`llama`, `llama3`, `mistral`, `qwen2`) and their Llama-2-like tokenizer are built
-by `flexgen_core.testing_llama` through the same functions; what follows describes the OPT ones.
-
-No network is touched. `build_tokenizer` trains a byte-level BPE tokenizer (the `tokenizers`
-library) on a fixed, sorted list of Python standard-library source files and saves it in the layout
-of OPT's Hugging Face tokenizer: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, bos = eos = `</s>`, and
-encoding a text prepends `</s>`. `build_checkpoint` builds a `transformers.OPTForCausalLM` from a
-named preset (`PRESETS`), fills its weights from a seeded generator, and saves it with
-`save_pretrained` (safetensors) next to the tokenizer files, so `from_pretrained(path)` works offline
-for both the model and the tokenizer.
+The public API: `PRESETS` (shapes by name), `build_checkpoint` (a random-weight checkpoint with its
+tokenizer, saved with `save_pretrained` so `from_pretrained(path)` works offline for model and
+tokenizer), `build_tokenizer`, `sample_prompts` and `greedy_stats`. The families live in their own
+modules: `testing_opt` (OPT presets, an OPT-layout byte-level BPE tokenizer, weights) and
+`testing_llama` (Llama 2/3, Mistral, Qwen2 presets, a Llama-2-like tokenizer, weights); what they
+share (cache, corpus, weight scales) is in `testing_common`. No network is touched: tokenizers are
+trained on a fixed, sorted list of Python standard-library source files.
 
 Why the weights are not HF's default init: with std 0.02 everywhere, logits come out nearly uniform
 and greedy choices are decided by float noise, so parity tests against HF would compare coin flips;
-and random pre-LN models with tied embeddings tend to repeat one token forever. `_scaled_weight`
-scales each tensor so that the logits spread over several nats (top-1/top-2 gaps far above float16
-noise), generations vary, every bias and LayerNorm parameter is nonzero (an engine that drops one
-fails parity), and special tokens are practically never generated (generation runs to
+and random pre-LN models with tied embeddings tend to repeat one token forever. Each family's
+`_scaled_weight` scales each tensor so that the logits spread over several nats (top-1/top-2 gaps far
+above float16 noise), generations vary, every bias and norm parameter is nonzero (an engine that
+drops one fails parity), and special tokens are practically never generated (generation runs to
 `max_new_tokens`). `greedy_stats` measures this; `python -m flexgen_core.testing` prints it.
 
 Checkpoints are cached under `default_cache_root()` keyed by preset, seed, dtype, sharding, the
 factory version and a digest of the tokenizer corpus; each is built in a temporary folder and moved
 into place with `os.rename`, so concurrent test processes can race safely.
-
-Files followed: transformers/models/opt/{configuration,modeling}_opt.py; the facebook/opt-125m and
-facebook/opt-350m tokenizer and model configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
-import logging
 import os
 import random
-import shutil
-import sysconfig
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from flexgen_core import testing_llama, testing_opt
+from flexgen_core.testing_common import (
+    DEFAULT_MODEL_MAX_LENGTH,
+    DTYPES,
+    FACTORY_VERSION,
+    build_cached,
+    corpus_digest,
+    corpus_texts,
+    default_cache_root,
+)
 from flexgen_core.testing_llama import LLAMA_PRESETS, LlamaPreset
+from flexgen_core.testing_opt import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    OPT_PRESETS,
+    PAD_TOKEN_ID,
+    SPECIAL_TOKENS,
+    TOKENIZER_FILES,
+    Preset,
+    build_tokenizer,
+)
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: importing this module stays cheap.
-    import torch
     from transformers import PreTrainedTokenizerBase
 
-logger = logging.getLogger(__name__)
-
-# Bump when anything that changes the files produced changes (weights, shapes, tokenizer layout).
-FACTORY_VERSION = 1
-
-SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0, 1, 2, 3, as in OPT's vocabulary
-BOS_TOKEN = EOS_TOKEN = "</s>"
-PAD_TOKEN = "<pad>"
-UNK_TOKEN = "<unk>"
-BOS_TOKEN_ID = EOS_TOKEN_ID = 2
-PAD_TOKEN_ID = 1
-
-DTYPES = ("float32", "float16", "bfloat16")
-DEFAULT_MODEL_MAX_LENGTH = 2048  # OPT's context length; a checkpoint's tokenizer uses its preset's
-
-# Tokenizer corpus: the first files of the sorted standard-library listing, up to this many bytes.
-CORPUS_MAX_BYTES = 3_000_000
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Shape of one synthetic OPT model. Field names follow the project's model-shapes.json."""
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-    vocab: int  # rows of the model's embedding
-    tokenizer_vocab: int  # tokens the tokenizer knows; <= vocab, as in OPT (50265 vs 50272)
-    max_positions: int
-    word_embed_proj_dim: int | None = None  # None: embeddings are `hidden` wide (all OPT but 350m)
-    do_layer_norm_before: bool = True  # False: post-LayerNorm blocks, as opt-350m
-
-    def __post_init__(self) -> None:
-        if self.hidden % self.heads != 0:
-            raise ValueError(f"Preset {self.name!r}: hidden {self.hidden} is not divisible by heads {self.heads}")
-        if self.tokenizer_vocab > self.vocab:
-            raise ValueError(
-                f"Preset {self.name!r}: tokenizer_vocab {self.tokenizer_vocab} exceeds model vocab {self.vocab}"
-            )
-        if self.tokenizer_vocab < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(
-                f"Preset {self.name!r}: tokenizer_vocab {self.tokenizer_vocab} cannot hold the 256 byte tokens "
-                f"and {len(SPECIAL_TOKENS)} special tokens"
-            )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def embed_dim(self) -> int:
-        """Width of the token embedding (and of the logits' dot product)."""
-        return self.word_embed_proj_dim or self.hidden
-
-    @property
-    def num_params(self) -> int:
-        """Parameter count with tied input/output embeddings, as OPT stores them."""
-        h, f = self.hidden, self.ffn
-        attention = 4 * (h * h + h)  # q, k, v, out projections with biases
-        mlp = h * f + f + f * h + h  # fc1, fc2 with biases
-        norms = 2 * 2 * h  # self_attn_layer_norm, final_layer_norm of the block
-        embeddings = self.vocab * self.embed_dim + (self.max_positions + 2) * h  # OPT offsets positions by 2
-        projections = 2 * h * self.embed_dim if self.embed_dim != h else 0  # project_in/out, no biases
-        final_norm = 2 * h if self.do_layer_norm_before else 0
-        return self.layers * (attention + mlp + norms) + embeddings + projections + final_norm
-
-    def opt_config_kwargs(self) -> dict:
-        """Keyword arguments for `transformers.OPTConfig`."""
-        return dict(
-            vocab_size=self.vocab,
-            hidden_size=self.hidden,
-            num_hidden_layers=self.layers,
-            ffn_dim=self.ffn,
-            num_attention_heads=self.heads,
-            max_position_embeddings=self.max_positions,
-            word_embed_proj_dim=self.embed_dim,
-            do_layer_norm_before=self.do_layer_norm_before,
-            activation_function="relu",
-            dropout=0.0,
-            attention_dropout=0.0,
-            layerdrop=0.0,
-            enable_bias=True,
-            layer_norm_elementwise_affine=True,
-            tie_word_embeddings=True,
-            pad_token_id=PAD_TOKEN_ID,
-            bos_token_id=BOS_TOKEN_ID,
-            eos_token_id=EOS_TOKEN_ID,
-        )
-
+__all__ = [
+    "BOS_TOKEN_ID", "DEFAULT_MODEL_MAX_LENGTH", "DTYPES", "EOS_TOKEN_ID", "FACTORY_VERSION", "PAD_TOKEN_ID",
+    "PRESETS", "SPECIAL_TOKENS", "TOKENIZER_FILES", "GreedyStats", "LlamaPreset", "Preset", "build_checkpoint",
+    "build_tokenizer", "default_cache_root", "greedy_stats", "preset_table", "sample_prompts",
+]
 
 PRESETS: dict[str, Preset | LlamaPreset] = {
-    preset.name: preset
-    for preset in (
-        Preset("tiny", layers=2, hidden=64, heads=4, ffn=256, vocab=1024, tokenizer_vocab=1000, max_positions=256),
-        # Nothing is a power of two: head dim 18, ffn 170, an odd vocabulary.
-        Preset("odd", layers=3, hidden=90, heads=5, ffn=170, vocab=1001, tokenizer_vocab=1000, max_positions=300),
-        # opt-350m's variant: 32-wide embeddings projected to 64, LayerNorm after each block.
-        Preset(
-            "proj",
-            layers=2,
-            hidden=64,
-            heads=4,
-            ffn=256,
-            vocab=1024,
-            tokenizer_vocab=1000,
-            max_positions=256,
-            word_embed_proj_dim=32,
-            do_layer_norm_before=False,
-        ),
-        # opt-125m's shape with an 8192-token vocabulary (~93M parameters).
-        Preset(
-            "opt-100m", layers=12, hidden=768, heads=12, ffn=3072, vocab=8192, tokenizer_vocab=8192, max_positions=2048
-        ),
-        # Large enough (~212M parameters: 848 MB in float32, 424 MB in float16) that a leaked copy of the
-        # weights shows in process memory.
-        Preset(
-            "large", layers=16, hidden=1024, heads=16, ffn=4096, vocab=8192, tokenizer_vocab=8192, max_positions=2048
-        ),
-        *LLAMA_PRESETS,  # llama, llama3, mistral, qwen2: see testing_llama
-    )
+    preset.name: preset for preset in (*OPT_PRESETS, *LLAMA_PRESETS)  # tiny, odd, proj, opt-100m, large, llama, ...
 }
-
-
-def default_cache_root() -> Path:
-    """`$FLEXGEN_TEST_CACHE`, or `~/.cache/flexgen-helm/test-models`."""
-    configured = os.environ.get("FLEXGEN_TEST_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "flexgen-helm" / "test-models"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def _corpus_paths() -> list[Path]:
-    """Sorted top-level standard-library modules, capped at `CORPUS_MAX_BYTES` in total."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    paths: list[Path] = []
-    total_bytes = 0
-    for path in sorted(stdlib.glob("*.py")):
-        if total_bytes >= CORPUS_MAX_BYTES:
-            break
-        paths.append(path)
-        total_bytes += path.stat().st_size
-    if not paths:
-        raise FileNotFoundError(f"No standard-library sources found under {stdlib} to train a tokenizer on")
-    return paths
-
-
-@functools.lru_cache(maxsize=1)
-def _corpus_texts() -> tuple[str, ...]:
-    return tuple(path.read_text(encoding="utf-8", errors="replace") for path in _corpus_paths())
-
-
-@functools.lru_cache(maxsize=1)
-def _corpus_digest() -> str:
-    """Short digest of the training text: another Python's stdlib gives another tokenizer (and cache key)."""
-    digest = hashlib.sha256()
-    for text in _corpus_texts():
-        digest.update(text.encode("utf-8"))
-    return digest.hexdigest()[:10]
-
-
-def _tokenizer_config(model_max_length: int) -> dict:
-    # `add_bos_token` is honoured by transformers 4.x's Python tokenizer; the fast path (and v5) takes the
-    # BOS from tokenizer.json's post-processor instead.
-    return {
-        "tokenizer_class": "GPT2Tokenizer",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "errors": "replace",
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "unk_token": UNK_TOKEN,
-        "pad_token": PAD_TOKEN,
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-    }
-
-
-def write_json(path: Path, content: dict) -> None:
-    """A tokenizer or config file as Hugging Face writes them: indented, with a final newline."""
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2)
-        handle.write("\n")
-
-
-def _write_tokenizer_config(folder: Path, model_max_length: int) -> None:
-    write_json(folder / "tokenizer_config.json", _tokenizer_config(model_max_length))
-
-
-def _train_tokenizer(vocab_size: int, folder: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),  # first, so they get ids 0..3
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no <unk> in practice
-        show_progress=False,
-    )
-    texts = _corpus_texts()
-    tokenizer.train_from_iterator(list(texts), trainer, length=len(texts))
-    if tokenizer.get_vocab_size() != vocab_size:
-        raise ValueError(
-            f"Tokenizer training reached {tokenizer.get_vocab_size()} tokens, not the requested {vocab_size}: "
-            f"the corpus ({CORPUS_MAX_BYTES} bytes) is too small for that vocabulary"
-        )
-    for token_id, token in enumerate(SPECIAL_TOKENS):
-        assert tokenizer.token_to_id(token) == token_id, (token, tokenizer.token_to_id(token))
-    # OPT's tokenizer prepends </s> to every text (GPT2Converter with add_bos_token=True does the same).
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN}:0 $A:0",
-        pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
-        special_tokens=[(BOS_TOKEN, BOS_TOKEN_ID)],
-    )
-    tokenizer.save(str(folder / "tokenizer.json"))
-    tokenizer.model.save(str(folder))  # vocab.json and merges.txt, for the Python (slow) tokenizer
-    special_tokens_map = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "unk_token": UNK_TOKEN,
-        "pad_token": PAD_TOKEN,
-    }
-    write_json(folder / "special_tokens_map.json", special_tokens_map)
-    _write_tokenizer_config(folder, DEFAULT_MODEL_MAX_LENGTH)
-
-
-def build_tokenizer(vocab_size: int = 1000, root: str | os.PathLike | None = None) -> Path:
-    """Train (or reuse) a byte-level BPE tokenizer of `vocab_size` tokens; returns its folder.
-
-    The folder loads with `transformers.AutoTokenizer.from_pretrained(folder)`; its
-    `model_max_length` is OPT's 2048 (a checkpoint's copy carries its preset's `max_positions`).
-    """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be an int >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size!r}")
-    cache_root = Path(root) if root is not None else default_cache_root()
-    key = f"tokenizer-bpe{vocab_size}-v{FACTORY_VERSION}-{_corpus_digest()}"
-    return _build_cached(cache_root / key, lambda folder: _train_tokenizer(vocab_size, folder))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoint
-
-
-@dataclass(frozen=True)
-class _InitScales:
-    """Scales of the synthetic weights, chosen so greedy decoding is decisive (see `_scaled_weight`)."""
-
-    logit_std: float = 6.0  # std of a logit across the vocabulary; sets the top-1/top-2 gaps
-    token_norm: float = 0.25  # norm of a token embedding row: small beside the blocks' outputs
-    position_std: float = 0.5  # relative to a token's per-component std in the hidden stream
-    special_row_scale: float = 0.1  # rows for special tokens and ids past the tokenizer's vocabulary
-    qk_gain: float = 2.5  # attention scores of std ~qk_gain**2: peaked, so that context matters
-    attn_out_gain: float = 1.0  # std of a block's attention output, per component
-    mlp_out_gain: float = 1.0  # std of a block's MLP output, per component
-    bias_std: float = 0.1
-    norm_weight_std: float = 0.1  # LayerNorm weight = 1 + noise
-    norm_bias_std: float = 0.1
-    anti_repeat: float = 1.5  # pre-LN only: layer 0's attention pushes down tokens already in context
-
-
-def _param_generator(seed: int, name: str) -> "torch.Generator":
-    """A generator per tensor, seeded from (seed, name): a tensor's values do not depend on module order."""
-    import torch
-
-    digest = hashlib.sha256(f"{seed}:{name}".encode("utf-8")).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def _output_norm_name(preset: Preset) -> str:
-    """The last LayerNorm before the output head: the decoder's final norm, or the last block's (post-LN)."""
-    if preset.do_layer_norm_before:
-        return "model.decoder.final_layer_norm"
-    return f"model.decoder.layers.{preset.layers - 1}.final_layer_norm"
-
-
-def _scaled_weight(name: str, noise: "torch.Tensor", preset: Preset, scales: _InitScales) -> "torch.Tensor":
-    """Turn standard-normal `noise` into the value of parameter `name` of an OPTForCausalLM.
-
-    Design, for a model whose greedy choices are decisive and varied rather than coin flips:
-    - Logits spread over `logit_std` nats. The spread comes from the weight of the output LayerNorm,
-      not from large embeddings: embeddings are tied, so in a pre-LN model a token embedding that is
-      large in the residual stream makes the current token its own best prediction, and greedy
-      decoding repeats it. Rows have norm `token_norm`, small beside the blocks' outputs (std ~1).
-    - A Linear(fan_in, ...) of std gain/sqrt(fan_in) maps a unit-variance input to std `gain`, so every
-      block adds about unit variance to the residual stream.
-    - Every bias and LayerNorm parameter is nonzero, so an engine that drops one fails parity.
-    - Rows of special tokens and of ids past the tokenizer's vocabulary are small: their logits are
-      never the maximum, so generation runs to `max_new_tokens` and decodes to text.
-    """
-    import torch
-
-    hidden, embed_dim = preset.hidden, preset.embed_dim
-    token_std = scales.token_norm / embed_dim**0.5
-    # Per-component std of a token in the hidden stream: small in a pre-LN model (see above); a post-LN
-    # model's first block works on raw embeddings, which need unit scale there.
-    stream_std = scales.token_norm / hidden**0.5 if preset.do_layer_norm_before else 1.0
-    is_output_norm = name.startswith(_output_norm_name(preset) + ".")
-    output_gain = scales.logit_std / scales.token_norm if is_output_norm else 1.0
-
-    if name.endswith("embed_tokens.weight"):
-        values = noise * token_std
-        values[: len(SPECIAL_TOKENS)] *= scales.special_row_scale
-        values[preset.tokenizer_vocab :] *= scales.special_row_scale
-        return values
-    if "layer_norm" in name:
-        if name.endswith(".weight"):
-            return output_gain * (1.0 + scales.norm_weight_std * noise)
-        return output_gain * scales.norm_bias_std * noise
-    if name.endswith(".bias"):
-        return scales.bias_std * noise
-
-    std_by_suffix = {
-        "q_proj.weight": scales.qk_gain / hidden**0.5,
-        "k_proj.weight": scales.qk_gain / hidden**0.5,
-        "v_proj.weight": 1.0 / hidden**0.5,
-        "out_proj.weight": scales.attn_out_gain / hidden**0.5,
-        "fc1.weight": 1.0 / hidden**0.5,
-        "fc2.weight": scales.mlp_out_gain * 2**0.5 / preset.ffn**0.5,  # sqrt(2): ReLU halves the variance
-        "project_in.weight": stream_std / scales.token_norm,  # an embedding row -> `stream_std` per component
-        "project_out.weight": 1.0 / hidden**0.5,
-        "embed_positions.weight": scales.position_std * (stream_std if embed_dim != hidden else token_std),
-    }
-    suffix = ".".join(name.split(".")[-2:])
-    if suffix not in std_by_suffix:
-        raise AssertionError(f"No init rule for parameter {name!r}")
-    values = noise * std_by_suffix[suffix]
-    if suffix == "fc2.weight":
-        # ReLU outputs have a positive mean; zero-sum rows keep it from adding one fixed vector at every
-        # position, which would make a few "hub" tokens win everywhere.
-        values -= values.mean(dim=1, keepdim=True)
-    if scales.anti_repeat and preset.do_layer_norm_before and name.startswith("model.decoder.layers.0.self_attn."):
-        # Layer 0 sees normalised token embeddings. With v = I + noise and out = -c I + noise its
-        # attention output carries minus the tokens it attends to, and the tied head turns that into
-        # lower logits for tokens already in context: a built-in repetition penalty. Random models
-        # otherwise fall into loops of one token. c makes the push about `anti_repeat` * logit spread:
-        # the final hidden state has rms ~sqrt(2 * layers + 1), an embedding's self-projection ~sqrt(hidden).
-        eye = torch.eye(hidden)
-        if suffix == "v_proj.weight":
-            values += eye
-        elif suffix == "out_proj.weight":
-            values -= eye * scales.anti_repeat * (2 * preset.layers + 1) ** 0.5 / hidden**0.5
-    return values
-
-
-def _fill_weights(model: "torch.nn.Module", preset: Preset, seed: int, scales: _InitScales = _InitScales()) -> None:
-    """Overwrite every parameter of a float32 OPTForCausalLM with seeded values (`_scaled_weight`)."""
-    import torch
-
-    names = [name for name, _ in model.named_parameters()]  # the tied lm_head appears once, as embed_tokens
-    if not any(name.startswith(_output_norm_name(preset) + ".") for name in names):
-        raise AssertionError(f"Output norm {_output_norm_name(preset)!r} not among the parameters: {names}")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=_param_generator(seed, name), dtype=torch.float32)
-            param.copy_(_scaled_weight(name, noise, preset, scales))
 
 
 def _checkpoint_key(preset: Preset | LlamaPreset, seed: int, sharded: bool, dtype: str) -> str:
     layout = "sharded" if sharded else "single"
-    return f"model-{preset.name}-seed{seed}-{dtype}-{layout}-v{FACTORY_VERSION}-{_corpus_digest()}"
-
-
-def _shard_bytes(model: "torch.nn.Module") -> int:
-    """A shard size that splits the stored state dict into roughly four files."""
-    total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return max(total_bytes // 4, 1)
-
-
-def _save_checkpoint(preset: Preset, seed: int, sharded: bool, dtype: str, tokenizer_dir: Path, folder: Path) -> None:
-    import torch
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch_dtype = getattr(torch, dtype)
-    config = OPTConfig(**preset.opt_config_kwargs())
-    model = OPTForCausalLM(config)
-    model.eval()
-    _fill_weights(model, preset, seed)
-    model.to(torch_dtype)  # save_pretrained records it in config.json
-    max_shard_size = _shard_bytes(model) if sharded else "50GB"
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    for file_name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir / file_name, folder / file_name)
-    _write_tokenizer_config(folder, preset.max_positions)  # HELM reads model_max_length offline
-    if sharded and not (folder / "model.safetensors.index.json").exists():
-        raise AssertionError(f"save_pretrained wrote no shard index in {folder}: {sorted(os.listdir(folder))}")
+    return f"model-{preset.name}-seed{seed}-{dtype}-{layout}-v{FACTORY_VERSION}-{corpus_digest()}"
 
 
 def build_checkpoint(
@@ -468,46 +93,13 @@ def build_checkpoint(
     spec = PRESETS[preset]
     cache_root = Path(root) if root is not None else default_cache_root()
     if isinstance(spec, LlamaPreset):
-        from flexgen_core import testing_llama
-
         tokenizer_dir = testing_llama.build_llama_tokenizer(spec.tokenizer_vocab, cache_root)
         save = testing_llama.save_checkpoint
     else:
         tokenizer_dir = build_tokenizer(spec.tokenizer_vocab, root=cache_root)
-        save = _save_checkpoint
+        save = testing_opt.save_checkpoint
     target = cache_root / _checkpoint_key(spec, seed, bool(sharded), dtype)
-    return _build_cached(target, lambda folder: save(spec, seed, bool(sharded), dtype, tokenizer_dir, folder))
-
-
-def _build_cached(target: Path, build: Callable[[Path], None]) -> Path:
-    """Return `target`, building it first with `build(temp_folder)` unless it exists.
-
-    The folder appears atomically (`os.rename` of a finished sibling temp folder); a process that loses
-    a race discards its own build and uses the winner's.
-    """
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp_folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        started_s = time.perf_counter()
-        build(temp_folder)
-        # mkdtemp makes the folder private; the cache is meant to be shared like any other cache.
-        os.chmod(temp_folder, 0o755)
-        for file_path in temp_folder.iterdir():
-            os.chmod(file_path, 0o644)
-        try:
-            os.rename(temp_folder, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-            logger.debug("Another process built %s first; using its copy", target)
-        else:
-            logger.info("Built %s in %.1f s", target, time.perf_counter() - started_s)
-    finally:
-        if temp_folder.exists():
-            shutil.rmtree(temp_folder, ignore_errors=True)
-    return target
+    return build_cached(target, lambda folder: save(spec, seed, bool(sharded), dtype, tokenizer_dir, folder))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -524,7 +116,7 @@ def _load_tokenizer(tokenizer_or_path: "PreTrainedTokenizerBase | str | os.PathL
 
 def _corpus_chunks(max_chars: int = 1000):
     """Corpus text in pieces of whole lines, short enough to encode without length warnings."""
-    for text in _corpus_texts():
+    for text in corpus_texts():
         chunk: list[str] = []
         chunk_chars = 0
         for line in text.splitlines(keepends=True):

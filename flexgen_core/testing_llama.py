@@ -1,7 +1,7 @@
 """Small, deterministic, offline Llama-style checkpoints (Llama 2/3, Mistral, Qwen2) for tests.
 
 The Llama-family half of `flexgen_core.testing`, which holds the public API (`build_checkpoint`,
-`sample_prompts`, `PRESETS`), the on-disk cache and the corpus; use it through that module. This
+`sample_prompts`, `PRESETS`); the on-disk cache and the corpus are in `testing_common`. This
 file adds `LlamaPreset`, the Llama-style tokenizer and the seeded weights.
 
 Tokenizer: shaped like Llama 2's, i.e. a sentencepiece-style BPE that `transformers` loads as
@@ -12,7 +12,7 @@ prepends `<s>` (BOS), and decoding a single word token drops its leading space. 
 although the real Llama 3 and Qwen2 tokenizers are byte-level (and Qwen2's adds no BOS): the engine
 sees token ids only, and a Llama-2-like tokenizer is the one whose BOS handling differs from OPT's.
 
-Weights follow `testing._scaled_weight`'s design for OPT (decisive, varied greedy choices; special
+Weights follow `testing_opt._scaled_weight`'s design for OPT (decisive, varied greedy choices; special
 and byte-fallback tokens practically never generated), adapted to RMSNorm and the SwiGLU MLP.
 
 Files followed: transformers/models/{llama,mistral,qwen2}/configuration_*.py and modeling_*.py; the
@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from flexgen_core import testing_common
 
 if TYPE_CHECKING:
     import torch
@@ -166,8 +168,6 @@ LLAMA_PRESETS: tuple[LlamaPreset, ...] = (
 def _train_llama_tokenizer(vocab_size: int, folder: Path, model_max_length: int) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from flexgen_core import testing
-
     # Learn merges on "▁"-prefixed words (sentencepiece never merges across a word start), then lay out
     # the vocabulary as Llama's: specials, the 256 byte-fallback tokens, then the learned pieces.
     learner = Tokenizer(models.BPE(unk_token=LLAMA_UNK_TOKEN, byte_fallback=True, fuse_unk=True))
@@ -179,7 +179,7 @@ def _train_llama_tokenizer(vocab_size: int, folder: Path, model_max_length: int)
         limit_alphabet=ALPHABET_LIMIT,
         show_progress=False,
     )
-    texts = testing._corpus_texts()
+    texts = testing_common.corpus_texts()
     learner.train_from_iterator(list(texts), trainer, length=len(texts))
     learned = json.loads(learner.to_str())["model"]
     vocab = {token: token_id for token_id, token in enumerate(LLAMA_SPECIAL_TOKENS)}
@@ -206,7 +206,7 @@ def _train_llama_tokenizer(vocab_size: int, folder: Path, model_max_length: int)
     )
     tokenizer.save(str(folder / "tokenizer.json"))
     special_tokens_map = {"bos_token": LLAMA_BOS_TOKEN, "eos_token": LLAMA_EOS_TOKEN, "unk_token": LLAMA_UNK_TOKEN}
-    testing.write_json(folder / "special_tokens_map.json", special_tokens_map)
+    testing_common.write_json(folder / "special_tokens_map.json", special_tokens_map)
     write_tokenizer_config(folder, model_max_length)
 
 
@@ -223,19 +223,15 @@ def write_tokenizer_config(folder: Path, model_max_length: int) -> None:
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
     }
-    from flexgen_core import testing
-
-    testing.write_json(folder / "tokenizer_config.json", config)
+    testing_common.write_json(folder / "tokenizer_config.json", config)
 
 
 def build_llama_tokenizer(vocab_size: int, cache_root: Path) -> Path:
     """Train (or reuse) the Llama-style tokenizer of `vocab_size` tokens under `cache_root`."""
-    from flexgen_core import testing
-
-    key = f"tokenizer-llama-bpe{vocab_size}-v{testing.FACTORY_VERSION}-{testing._corpus_digest()}"
-    return testing._build_cached(
+    key = f"tokenizer-llama-bpe{vocab_size}-v{testing_common.FACTORY_VERSION}-{testing_common.corpus_digest()}"
+    return testing_common.build_cached(
         cache_root / key,
-        lambda folder: _train_llama_tokenizer(vocab_size, folder, testing.DEFAULT_MODEL_MAX_LENGTH),
+        lambda folder: _train_llama_tokenizer(vocab_size, folder, testing_common.DEFAULT_MODEL_MAX_LENGTH),
     )
 
 
@@ -251,7 +247,7 @@ def _rare_rows(preset: LlamaPreset) -> list[slice]:
 def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales) -> "torch.Tensor":
     """Turn standard-normal `noise` into the value of parameter `name` of a Llama-style causal LM.
 
-    As `testing._scaled_weight` for OPT: token embeddings (and an untied head) have rows of norm
+    As `testing_opt._scaled_weight` for OPT: token embeddings (and an untied head) have rows of norm
     `token_norm`; the final RMSNorm's weight spreads the logits over `logit_std` nats; each block adds
     about unit variance to the residual stream; every RMSNorm weight and bias is visibly nontrivial.
     """
@@ -283,34 +279,13 @@ def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales
 
 def fill_weights(model: "torch.nn.Module", preset: LlamaPreset, seed: int) -> None:
     """Overwrite every parameter of a float32 Llama-style model with seeded values (`_scaled_weight`)."""
-    import torch
-
-    from flexgen_core import testing
-
-    scales = testing._InitScales()
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # a tied lm_head appears once, as embed_tokens
-            noise = torch.randn(param.shape, generator=testing._param_generator(seed, name), dtype=torch.float32)
-            param.copy_(_scaled_weight(name, noise, preset, scales))
+    scales = testing_common.InitScales()
+    testing_common.fill_seeded(model, seed, lambda name, noise: _scaled_weight(name, noise, preset, scales))
 
 
 def save_checkpoint(preset: LlamaPreset, seed: int, sharded: bool, dtype: str, tokenizer_dir: Path,
                     folder: Path) -> None:
-    import shutil
-
-    import torch
-
-    from flexgen_core import testing
-
-    model = preset.hf_model_class()(preset.hf_config())
-    model.eval()
+    model = preset.hf_model_class()(preset.hf_config()).eval()
     fill_weights(model, preset, seed)
-    model.to(getattr(torch, dtype))
-    max_shard_size = testing._shard_bytes(model) if sharded else "50GB"
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    for file_name in LLAMA_TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir / file_name, folder / file_name)
+    testing_common.save_model(model, folder, dtype, sharded, tokenizer_dir, LLAMA_TOKENIZER_FILES)
     write_tokenizer_config(folder, preset.max_positions)
-    if sharded and not (folder / "model.safetensors.index.json").exists():
-        files = sorted(p.name for p in folder.iterdir())
-        raise AssertionError(f"save_pretrained wrote no shard index in {folder}: {files}")

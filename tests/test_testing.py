@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (after the importorskip guards)
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM  # noqa: E402
 
-from flexgen_core import testing  # noqa: E402
+from flexgen_core import testing, testing_common  # noqa: E402
 from flexgen_core.testing import (  # noqa: E402
     PRESETS,
     build_checkpoint,
@@ -158,7 +158,7 @@ def test_losing_a_build_race_keeps_the_winners_folder(tmp_path):
         target.mkdir()
         (target / "theirs.txt").write_text("winner")
 
-    assert testing._build_cached(target, build_while_another_process_wins) == target
+    assert testing_common.build_cached(target, build_while_another_process_wins) == target
     assert sorted(os.listdir(target)) == ["theirs.txt"]
     assert sorted(os.listdir(tmp_path)) == ["artifact"]  # the loser's temp folder is gone
 
@@ -169,7 +169,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        testing._build_cached(tmp_path / "artifact", broken_build)
+        testing_common.build_cached(tmp_path / "artifact", broken_build)
     assert os.listdir(tmp_path) == []
 
 
