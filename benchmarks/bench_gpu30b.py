@@ -87,7 +87,7 @@ def paper_policy(model: ModelFacts, args, cpu_limit: int, gpu_limit: int) -> Pol
         policy = Policy(gpu_batch_size=g, num_gpu_batches=k, w_gpu_percent=20, w_cpu_percent=80, cache_gpu_percent=0,
                         cache_cpu_percent=100, act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True)
         report = memory.account(model.layers, model.shape, policy, args.prompt_len, args.gen_len, DTYPE_BYTES,
-                                cuda=True)
+                                split=True)
         peak = report.peak
         if (peak["cpu"] <= cpu_limit and peak["gpu"] <= gpu_limit) or g == 1:
             return policy

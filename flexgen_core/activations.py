@@ -6,6 +6,7 @@ import torch
 
 from flexgen_core.memory import split_ranges
 from flexgen_core.storage import Devices, OffloadDir, view_as
+from flexgen_core.streams import copy_
 
 
 class Activations:
@@ -41,7 +42,7 @@ class Activations:
             if tier == "gpu":
                 homes["gpu"] = rows.clone()
             elif tier == "cpu":
-                view_as(homes["cpu"], 0, self.dtype, rows.shape).copy_(rows, non_blocking=True)
+                copy_(view_as(homes["cpu"], 0, self.dtype, rows.shape), rows)
             else:
                 homes["disk"].write(0, rows.to(self.devices.host))
 
@@ -50,18 +51,20 @@ class Activations:
         homes = self.held[batch_idx]
         if self.on_device[batch_idx]:
             return homes["gpu"]
-        seq_len, parts = self.seq_len[batch_idx], []
+        seq_len = self.seq_len[batch_idx]
+        batch = self.ranges[batch_idx][-1][2]
+        out = torch.empty((batch, seq_len, self.hidden_size), dtype=self.dtype, device=self.devices.compute)
         for tier, start, stop in self.ranges[batch_idx]:
             shape = (stop - start, seq_len, self.hidden_size)
             if tier == "gpu":
-                parts.append(homes["gpu"])
+                copy_(out[start:stop], homes["gpu"])
             elif tier == "cpu":
-                parts.append(view_as(homes["cpu"], 0, self.dtype, shape).to(self.devices.compute, non_blocking=True))
+                copy_(out[start:stop], view_as(homes["cpu"], 0, self.dtype, shape))
             else:
                 host = torch.empty(shape, dtype=self.dtype, pin_memory=self.devices.cuda)
                 homes["disk"].read_into(0, host)
-                parts.append(host.to(self.devices.compute, non_blocking=True))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+                copy_(out[start:stop], host)
+        return out
 
     def allocated(self) -> dict[str, int]:
         out = {"gpu": 0, "cpu": 0, "disk": 0}

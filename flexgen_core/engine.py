@@ -80,7 +80,7 @@ class Engine:
 
         offload = OffloadDir(offload_dir)
         try:
-            needs = memory.account(layers, config, policy, 1, 0, TORCH_DTYPES[dtype].itemsize, devices.cuda)
+            needs = memory.account(layers, config, policy, 1, 0, TORCH_DTYPES[dtype].itemsize, devices.split)
             check_fits(_sum_terms(needs, ("weights", "weight_staging")), devices, offload.path, policy, "the weights")
             weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
             for key, tensor in checkpoint.iter_tensors(files, set(sources)):
@@ -150,7 +150,7 @@ class Engine:
                                dtype=torch.long, device=self.devices.compute)
             batches.append(Batch(ids, pads, members))
         needs = memory.account(self.layers, self.config, self.policy, prompt_len, settings.max_new_tokens,
-                               self.dtype.itemsize, self.devices.cuda, echo_prompt)
+                               self.dtype.itemsize, self.devices.split, echo_prompt)
         check_fits(_sum_terms(needs, ("cache", "cache_staging", "activations")), self.devices, self.offload.path,
                    self.policy, f"a block of {len(seqs)} sequences of {prompt_len}+{settings.max_new_tokens} tokens")
         try:
@@ -198,7 +198,7 @@ class Engine:
     def memory(self, prompt_len: int, gen_len: int, echo_prompt: bool = False) -> memory.MemoryReport:
         """Bytes per tier for a block of prompts padded to `prompt_len` generating `gen_len` tokens."""
         return memory.account(self.layers, self.config, self.policy, prompt_len, gen_len, self.dtype.itemsize,
-                              self.devices.cuda, echo_prompt)
+                              self.devices.split, echo_prompt)
 
     # ---- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -19,6 +19,7 @@ import torch
 from flexgen_core.compression import CompressedMeta, CompressedTensor, compress, decompress, stored_parts
 from flexgen_core.memory import CACHE_COMPRESSION, cache_segments, cache_staging_tiers, num_slots
 from flexgen_core.storage import Devices, OffloadDir, Slots, view_as
+from flexgen_core.streams import copy_, stream_ordered
 
 _TORCH = {"uint8": torch.uint8, "float16": torch.float16}
 
@@ -57,7 +58,7 @@ class KVCache:
         self.dtype = dtype
         self.offload = offload
         self.batch_sizes = batch_sizes
-        self.segments = cache_segments(shape.num_kv_heads, policy, devices.cuda)
+        self.segments = cache_segments(shape.num_kv_heads, policy, devices.split)
         self.layouts = [_Segment(seg, total_len, shape.head_dim, dtype, policy.compress_cache) for seg in self.segments]
         # (attention layer, batch) -> per segment: part name -> tensor (gpu/cpu tier) or DiskFile (disk)
         self.homes: dict[tuple[int, int], list[dict[str, object]]] = {}
@@ -79,7 +80,7 @@ class KVCache:
         self.staging: dict[tuple[int, str], dict[str, Slots]] = {}
         self.dense: dict[int, Slots] = {}
         for seg_idx, layout in enumerate(self.layouts):
-            for tier in cache_staging_tiers(layout.seg, devices.cuda):
+            for tier in cache_staging_tiers(layout.seg, devices.split):
                 self.staging[(seg_idx, tier)] = {
                     name: Slots(devices, tier, prod(part_shape) * part_dtype.itemsize, slots)
                     for name, part_dtype, part_shape in layout.parts(widest)}
@@ -103,7 +104,7 @@ class KVCache:
                     src = home[name]
                 if (seg_idx, "gpu") in self.staging:
                     dst = view_as(self.staging[(seg_idx, "gpu")][name].get(slot), 0, part_dtype, part_shape)
-                    dst[:upto].copy_(src[:upto], non_blocking=True)
+                    copy_(dst[:upto], src[:upto])
                     src = dst
                 parts[name] = src
             if not layout.compressed:
@@ -112,7 +113,7 @@ class KVCache:
             dense = view_as(self.dense[seg_idx].get(slot), 0, self.dtype, layout.dense_shape(batch))
             if upto:
                 rows = CompressedTensor.from_tensors(layout.meta(batch, upto), {n: t[:upto] for n, t in parts.items()})
-                decompress(rows, out=dense[:upto])
+                stream_ordered(decompress, rows, out=dense[:upto])  # after the copies into the staging slot
             out.append(dense)
         return out
 
@@ -127,7 +128,7 @@ class KVCache:
                     row_bytes = part[0].numel() * part.element_size()
                     target.write(start * row_bytes, part.to(self.devices.host))
                 elif part.data_ptr() != target[start].data_ptr():
-                    target[start:start + part.shape[0]].copy_(part, non_blocking=True)
+                    copy_(target[start:start + part.shape[0]], part)
 
     def allocated(self) -> dict[str, dict[str, int]]:
         cache = {"gpu": 0, "cpu": 0, "disk": 0}

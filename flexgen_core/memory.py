@@ -162,21 +162,23 @@ class CacheSegment:
         return self.stop - self.start
 
 
-def cache_segments(num_kv_heads: int, policy, cuda: bool) -> list[CacheSegment]:
+def cache_segments(num_kv_heads: int, policy, split: bool) -> list[CacheSegment]:
+    """The KV heads of one attention layer by tier. `split`: the compute tier is memory of its own
+    (a GPU, or the simulated device), so off-device segments may attend on the CPU where they lie."""
     segments = []
     for tier, start, stop in split_ranges(num_kv_heads, policy.cache_gpu_percent, policy.cache_cpu_percent):
-        on_cpu = tier != "gpu" and policy.cpu_cache_compute and cuda
+        on_cpu = tier != "gpu" and policy.cpu_cache_compute and split
         segments.append(CacheSegment(tier, start, stop, "cpu" if on_cpu else "gpu"))
     return segments
 
 
-def cache_staging_tiers(segment: CacheSegment, cuda: bool) -> list[str]:
+def cache_staging_tiers(segment: CacheSegment, split: bool) -> list[str]:
     """Where a segment's cache is staged for attention: host buffer for disk reads, device buffer for
     host->device copies. Resident segments attend in place."""
     tiers = []
     if segment.tier == "disk":
         tiers.append("cpu")
-    if cuda and segment.tier != "gpu" and segment.compute_on == "gpu":
+    if split and segment.tier != "gpu" and segment.compute_on == "gpu":
         tiers.append("gpu")
     return tiers
 
@@ -185,10 +187,12 @@ def num_slots(policy) -> int:
     return 2 if policy.overlap else 1
 
 
-def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int, cuda: bool,
+def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int, split: bool,
             echo_prompt: bool = False, compression=None) -> MemoryReport:
     """Exact bytes per tier for generating `gen_len` tokens after prompts padded to `prompt_len`.
-    Compression follows the policy's switches (`compression` overrides the weights' config)."""
+    `split`: the compute tier is memory of its own (CUDA, the simulated device), so off-device data is
+    staged there by copies; on a plain CPU it is used where it lies. Compression follows the policy's
+    switches (`compression` overrides the weights' config)."""
     report = MemoryReport()
     slots = num_slots(policy)
     compression = compression or weight_compression(policy)
@@ -202,7 +206,7 @@ def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: i
         for tier in TIERS:
             report.weights[tier] += per_tier[tier]
         max_host_stage = max(max_host_stage, per_tier["disk"])
-        if cuda:
+        if split:
             max_device_stage = max(max_device_stage, per_tier["cpu"] + per_tier["disk"])
         if compression is not None:
             dense = [align(s.numel * dtype_bytes) for s in layer.specs if s.compress_group_dim is not None]
@@ -214,10 +218,10 @@ def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: i
     total_len = prompt_len + gen_len
     batch = policy.gpu_batch_size
     num_attention = sum(1 for layer in layers if layer.kind.value == "attention")
-    for seg in cache_segments(shape.num_kv_heads, policy, cuda):
+    for seg in cache_segments(shape.num_kv_heads, policy, split):
         stored = cache_nbytes(shape, batch, total_len, seg.num_heads, dtype_bytes, policy.compress_cache)
         report.cache[seg.tier] += num_attention * policy.num_gpu_batches * stored
-        for tier in cache_staging_tiers(seg, cuda):
+        for tier in cache_staging_tiers(seg, split):
             report.cache_staging[tier] += slots * stored
         if policy.compress_cache:  # decompressed rows for attention, where attention runs
             dense = cache_nbytes(shape, batch, total_len, seg.num_heads, dtype_bytes, False)

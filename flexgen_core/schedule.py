@@ -17,36 +17,33 @@ import torch
 from flexgen_core.activations import Activations
 from flexgen_core.decoding import DecodeSettings, Sequence, record_prompt_logprobs, select_tokens
 from flexgen_core.kv_cache import KVCache
+from flexgen_core.memory import num_slots
 from flexgen_core.models import layers as math
 from flexgen_core.models.base import LayerKind
 from flexgen_core.storage import Devices
 
 
 class IOQueue:
-    """Copies off the compute path: one background thread (with its own CUDA stream on GPU hosts).
+    """Copies off the compute path: one background thread with its own copy stream (streams.py).
 
-    Each job first waits for the compute queued before it was submitted (a CUDA event) and for the
-    futures it depends on. With overlap off, jobs run at once on the caller's thread.
+    Each job first waits for the compute issued before it was submitted (an event) and for the
+    futures it depends on, and its future resolves only once its stream's copies have landed. With
+    overlap off, jobs run at once on the caller's thread.
     """
 
     def __init__(self, overlap: bool, devices: Devices, name: str):
         self.devices = devices
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"flexgen-{name}") if overlap else None
-        self.stream = torch.cuda.Stream(devices.compute) if overlap and devices.cuda else None
+        self.stream = devices.new_stream() if overlap else None
 
     def submit(self, fn: Callable, *args, waits: tuple[Future | None, ...] = ()) -> Future:
         if self.pool is None:
             done: Future = Future()
             result = fn(*args)
-            if self.devices.cuda:
-                torch.cuda.current_stream(self.devices.compute).synchronize()
+            self.devices.synchronize()
             done.set_result(result)
             return done
-        event = None
-        if self.stream is not None:
-            event = torch.cuda.Event()
-            event.record()
-        return self.pool.submit(self._run, event, waits, fn, args)
+        return self.pool.submit(self._run, self.devices.record_event(), waits, fn, args)
 
     def _run(self, event, waits, fn, args):
         for f in waits:
@@ -54,7 +51,7 @@ class IOQueue:
                 f.result()
         if self.stream is None:
             return fn(*args)
-        with torch.cuda.stream(self.stream):
+        with self.stream.active():
             self.stream.wait_event(event)
             result = fn(*args)
         self.stream.synchronize()
@@ -63,6 +60,8 @@ class IOQueue:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        if self.stream is not None:
+            self.stream.close()
 
 
 @dataclass
@@ -239,7 +238,7 @@ class _BlockPass:
         slot = self.r.next_slot("cache")
         upto = self.prompt_len + step - 1  # rows already written
         attn_idx = self.r.attention_index[layer_idx]
-        waits = (self.cache_stores.get(key), self.slot_stores.get(slot % 2))
+        waits = (self.cache_stores.get(key), self.slot_stores.get(slot % num_slots(self.r.policy)))
         future = self.r.loads.submit(self.cache.load, attn_idx, batch_idx, upto, slot, waits=waits)
         self.cache_loads[key] = (future, slot)
 
@@ -271,12 +270,14 @@ class _BlockPass:
             self._memo[key] = self.batches[batch_idx].positions(start, length)
         return self._memo[key]
 
-    def _mask(self, step, batch_idx, start, length, key_len, device, window) -> torch.Tensor:
+    def _mask(self, step, batch_idx, start, length, key_len, tier, window) -> torch.Tensor:
+        """The attention mask for attention running on `tier` ("gpu": the compute device, or "cpu")."""
+        device = self.r.devices.tier_device(tier)
         if step == 0:  # prompt-pass masks are (B, 1, s, s): too big to keep for every batch
             return self.batches[batch_idx].allowed(start, length, key_len, device, window)
         if self._memo_step != step:
             self._memo_step, self._memo = step, {}
-        key = ("mask", batch_idx, device, window)
+        key = ("mask", batch_idx, tier, window)
         if key not in self._memo:
             self._memo[key] = self.batches[batch_idx].allowed(start, length, key_len, device, window)
         return self._memo[key]
@@ -325,9 +326,9 @@ class _BlockPass:
                 kv[start].copy_(new_kv[0])
                 kv = kv[:key_len]
                 rows.append(buffers[seg_idx][start:start + 1])
-            device = kv.device
+            device = self.r.devices.tier_device(seg.compute_on)
             window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
-            mask = self._mask(step, batch_idx, start, length, key_len, device, window)
+            mask = self._mask(step, batch_idx, start, length, key_len, seg.compute_on, window)
             q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
             out = math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
             outputs.append(out.to(compute))
@@ -337,7 +338,7 @@ class _BlockPass:
         store = self.r.stores.submit(self.cache.store, attn_idx, batch_idx, start, rows, waits=waits)
         self.cache_stores[key] = store
         if slot is not None:
-            self.slot_stores[slot % 2] = store
+            self.slot_stores[slot % num_slots(self.r.policy)] = store
         attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return layer.finish(weights, x, attn)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from flexgen_core.memory import ALIGN_BYTES
+from flexgen_core.streams import CudaStream, SimulatedStream
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,32 @@ def view_as(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> tor
     return buffer[offset:offset + nbytes].view(dtype).view(shape)
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "simulated")
+
+
 class Devices:
-    """The compute device and how host memory is allocated next to it."""
+    """The compute device and how host memory is allocated next to it.
+
+    `split` says whether the compute tier ("gpu") is memory of its own, reached from the host tier
+    ("cpu") by explicit copies: true on CUDA and on the simulated device, false on a plain CPU, where
+    both tiers are the same RAM and no staging copies are made. The simulated device computes on the
+    CPU but keeps the tiers apart and runs every host <-> device copy asynchronously on a simulated
+    stream (streams.py), so every code path of a GPU host except the CUDA calls runs in CI.
+    """
 
     def __init__(self, device: str = "auto"):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if device not in ("cpu", "cuda", "simulated") and not device.startswith("cuda:"):
+            raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available on this host")
-        self.compute = torch.device(device)
+        self.simulated = device == "simulated"
+        self.compute = torch.device("cpu" if self.simulated else device)
         self.cuda = self.compute.type == "cuda"
+        self.split = self.cuda or self.simulated
         self.host = torch.device("cpu")
+        self._streams = 0
 
     def tier_device(self, tier: str) -> torch.device:
         return self.compute if tier == "gpu" else self.host
@@ -62,6 +76,28 @@ class Devices:
         if tier == "gpu":
             return torch.empty(nbytes, dtype=torch.uint8, device=self.compute)
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda and pin)
+
+    def new_stream(self) -> CudaStream | SimulatedStream | None:
+        """A side stream for an I/O queue: CUDA's, a simulated copy lane, or None on a plain CPU."""
+        if self.cuda:
+            return CudaStream(self.compute)
+        if self.simulated:
+            self._streams += 1
+            return SimulatedStream(seed=self._streams)
+        return None
+
+    def record_event(self):
+        """An event after the compute issued so far (CUDA); None where compute is synchronous."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def synchronize(self) -> None:
+        """Wait for the compute stream (CUDA); a no-op where compute is synchronous."""
+        if self.cuda:
+            torch.cuda.current_stream(self.compute).synchronize()
 
 
 class DiskFile:

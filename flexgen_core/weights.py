@@ -17,6 +17,7 @@ import torch
 from flexgen_core.compression import CompressedMeta, CompressedTensor, compress, decompress, stored_parts
 from flexgen_core.memory import align, num_slots, packed_offsets, place_layer_weights, weight_compression
 from flexgen_core.storage import Devices, OffloadDir, Slots, view_as
+from flexgen_core.streams import copy_, stream_ordered
 
 _TORCH = {"uint8": torch.uint8, "float16": torch.float16}
 
@@ -53,7 +54,7 @@ class WeightStore:
                 dense_bytes = max(dense_bytes, sum(dense))
         slots = num_slots(policy)
         self.host_slots = Slots(devices, "cpu", max(p["disk"] for p in self.packed_bytes), slots)
-        device_stage = max(p["cpu"] + p["disk"] for p in self.packed_bytes) if devices.cuda else 0
+        device_stage = max(p["cpu"] + p["disk"] for p in self.packed_bytes) if devices.split else 0
         self.device_slots = Slots(devices, "gpu", device_stage, slots)
         self.dense_slots = Slots(devices, "gpu", dense_bytes, slots)
 
@@ -100,12 +101,12 @@ class WeightStore:
         if sizes["disk"]:
             sources["disk"] = self.host_slots.get(slot)[:sizes["disk"]]
             self.disk_files[layer_idx].read_into(0, sources["disk"])
-        if self.devices.cuda:
+        if self.devices.split:
             start = 0
             for tier in ("cpu", "disk"):
                 if sizes[tier]:
                     device_buf = self.device_slots.get(slot)[start:start + sizes[tier]]
-                    device_buf.copy_(sources[tier][:sizes[tier]], non_blocking=True)
+                    copy_(device_buf, sources[tier][:sizes[tier]])
                     sources[tier] = device_buf
                     start += sizes[tier]
         weights, dense_offset = {}, 0
@@ -123,7 +124,8 @@ class WeightStore:
             out = view_as(self.dense_slots.get(slot), dense_offset, self.dtype, spec.shape)
             dense_offset += align(spec.numel * self.dtype.itemsize)
             meta = CompressedMeta(spec.shape, str(self.dtype).removeprefix("torch."), self._config(spec))
-            weights[name] = decompress(CompressedTensor.from_tensors(meta, parts), out=out)
+            stream_ordered(decompress, CompressedTensor.from_tensors(meta, parts), out=out)  # after the copies
+            weights[name] = out
         return weights
 
     def allocated(self) -> dict[str, dict[str, int]]:

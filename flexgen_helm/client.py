@@ -11,6 +11,8 @@ Differences, on purpose:
   canonical tokenisation; the completion is then cut at the first occurrence of any stop string in
   the decoded text (a stop merged into a larger token is still found), keeping the tokens that
   start before the cut, and `finish_reason` says why it ended;
+- with `echo_prompt` and `max_tokens > 0`, every token carries its real logprob (HELM's client
+  reports 0.0 for each one there), and the echoed text is the whole sequence decoded at once;
 - `top_k_per_token` is part of the cache key only: HELM 0.5's `Token` has no field for the
   alternatives (HELM's own client ignores it too).
 
@@ -430,7 +432,11 @@ class FlexGenClient(CachingClient):
             # HELM's convention: the first prompt token, which has no context, scores 0.0.
             echoed = [0.0 if logprob is None else logprob for logprob in prompt_logprobs]
             token_ids, logprobs = prompt_ids + generated_ids, echoed + generated_logprobs
-            text = tokenizer.decode(prompt_ids) + generated_text
+            # Decoded whole, as HELM's client does: decoding the parts apart loses a Llama-style
+            # tokenizer's leading space of the first generated word.
+            text = tokenizer.decode(token_ids)
+            if cut is not None:  # a stop inside the last kept token: drop that token's text past the stop
+                text = text[:len(text) - (len(tokenizer.decode(generated_ids)) - len(generated_text))]
         return dict(
             text=text,
             tokens=[tokenizer.decode([token_id]) for token_id in token_ids],

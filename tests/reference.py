@@ -37,7 +37,7 @@ def check_result(model, prompt, result, *, logprob_tol, tie_tol, greedy=True, ec
                 top = completion.top_logprobs[step]
                 values, _ = row.topk(top_k)
                 assert len(top) == top_k
-                assert sorted(top.values(), reverse=True) == sorted(top.values(), reverse=True)
+                assert list(top.values()) == sorted(top.values(), reverse=True), "top logprobs out of order"
                 for tok, lp in top.items():
                     assert abs(lp - row[tok].item()) <= logprob_tol
                 assert abs(min(top.values()) - values[-1].item()) <= logprob_tol

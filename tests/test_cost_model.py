@@ -230,12 +230,12 @@ def test_compressed_cache_ratio():
 def test_memory_is_the_engines_accounting():
     cost = CostModel(load_model("facebook/opt-125m"), Workload(128, 16), toy_hardware(), 2)
     pol = Policy.from_percent([30, 30, 25, 50, 50, 0], gpu_batch_size=3, num_gpu_batches=2)
-    expected = memory.account(cost.model.layers, cost.shape, pol, 128, 16, 2, cuda=True)
+    expected = memory.account(cost.model.layers, cost.shape, pol, 128, 16, 2, split=True)
     assert cost.estimate(pol).memory.to_dict() == expected.to_dict()
     assert cost.exact_memory(pol).to_dict() == cost.exact_memory(pol, full=True).to_dict()
     # Compression included, and the per-kind shortcut equals the whole-model accounting.
     for packed in (pol.replace(compress_cache=True), pol.replace(compress_weight=True, compress_cache=True)):
-        packed_expected = memory.account(cost.model.layers, cost.shape, packed, 128, 16, 2, cuda=True)
+        packed_expected = memory.account(cost.model.layers, cost.shape, packed, 128, 16, 2, split=True)
         assert cost.exact_memory(packed).to_dict() == packed_expected.to_dict()
     assert cost.exact_memory(pol.replace(compress_cache=True)).cache["cpu"] == pytest.approx(
         expected.cache["cpu"] * cost.cache_ratio, rel=1e-6)

@@ -4,6 +4,7 @@ test_helm_client.py and the helm-run tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -61,12 +62,14 @@ def test_settings_never_share_a_call_and_results_go_to_their_callers():
         outcomes = list(pool.map(lambda job: batcher.submit(job[1], job[0], seed=job[2]), jobs))
     batcher.close()
     for (settings, prompt, seed), outcome in zip(jobs, outcomes):
-        assert outcome.result == (settings, tuple(prompt), seed)
+        got_settings, got_prompt, got_seed = outcome.result
+        assert (dataclasses.astuple(got_settings), got_prompt, got_seed) == (dataclasses.astuple(settings), tuple(prompt), seed)
         assert 1 <= outcome.batch_size <= 4
     for settings, prompts, _ in recorder.calls:
         assert len(prompts) <= 4
         assert prompts == sorted(prompts, key=len)
-        assert all(kinds[prompt[0] % 4] == settings for prompt in prompts)  # prompt [i, ...] is job i
+        # prompt [i, ...] is job i; compared field by field, not by the class's own equality
+        assert all(dataclasses.astuple(kinds[prompt[0] % 4]) == dataclasses.astuple(settings) for prompt in prompts)
     assert sum(len(prompts) for _, prompts, _ in recorder.calls) == len(jobs)
     assert max(len(prompts) for _, prompts, _ in recorder.calls) == 4
 

@@ -18,8 +18,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexgen_core.testing import PRESETS, build_checkpoint
+from reference import reference_logprobs
 from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, OFFLOAD_POLICY, TEST_MODEL, write_prod_env
 
 from helm.benchmark.config_registry import register_builtin_configs_from_helm_package, register_configs_from_directory
@@ -190,6 +193,30 @@ def test_greedy_text_matches_hf_client(env):
         assert [t.text for t in ours.completions[0].tokens] == [t.text for t in theirs.completions[0].tokens]
 
 
+def test_sampled_completions_each_carry_their_own_logprobs(env):
+    """num_completions > 1 at temperature 1: every completion's token logprobs are transformers' on
+    that completion's own tokens (ids recovered from the token texts where a text names one id)."""
+    tokenizer = AutoTokenizer.from_pretrained(env["checkpoint"])
+    hf = AutoModelForCausalLM.from_pretrained(env["checkpoint"], dtype=torch.float32).eval()
+    ids_of: dict[str, list[int]] = {}
+    for token_id in range(len(tokenizer)):
+        ids_of.setdefault(tokenizer.decode([token_id]), []).append(token_id)
+    result = _ok(_client(env, FLEXGEN_DEPLOYMENT).make_request(_request(temperature=1.0, num_completions=4, max_tokens=8)))
+    assert len({c.text for c in result.completions}) > 1
+    prompt_ids = tokenizer(PROMPTS[0])["input_ids"]
+    checked = 0
+    for completion in result.completions:
+        candidates = [ids_of[t.text] for t in completion.tokens]
+        if any(len(c) != 1 for c in candidates):
+            continue
+        ids = [c[0] for c in candidates]
+        ref = reference_logprobs(hf, prompt_ids + ids)
+        for step, (token_id, token) in enumerate(zip(ids, completion.tokens)):
+            assert token.logprob == pytest.approx(ref[len(prompt_ids) - 1 + step, token_id].item(), abs=LOGPROB_TOLERANCE)
+        checked += 1
+    assert checked >= 2
+
+
 def test_sampling_reproducible_and_independent_of_batch(env):
     flexgen = _client(env, FLEXGEN_DEPLOYMENT)
     sampled = _request(temperature=1.0, top_p=0.9, num_completions=3, max_tokens=10)
@@ -266,7 +293,7 @@ def test_stop_inside_a_token_cuts_text_and_later_tokens(env):
 def _mixed_requests(count: int) -> list[Request]:
     requests = []
     for index, prompt in enumerate((PROMPTS * count)[:count]):
-        kind = index % 6
+        kind = index % 7
         if kind == 0:
             requests.append(_request(prompt=prompt, max_tokens=6))
         elif kind == 1:
@@ -277,13 +304,15 @@ def _mixed_requests(count: int) -> list[Request]:
             requests.append(_request(prompt=prompt, max_tokens=7, temperature=0.8, num_completions=2))
         elif kind == 4:
             requests.append(_request(prompt=prompt, max_tokens=5, temperature=0.8, top_p=0.5, random=str(index)))
-        else:
+        elif kind == 5:
             requests.append(_request(prompt=prompt, max_tokens=4, echo_prompt=True))
+        else:  # kind 0 but for its temperature: must never share kind 0's batches
+            requests.append(_request(prompt=prompt, max_tokens=6, temperature=0.8))
     return requests
 
 
 def test_mixed_settings_concurrently_match_requests_made_alone(env):
-    """66 requests of 6 kinds at once from 66 threads through 4 client instances (as HELM builds
+    """66 requests of 7 kinds at once from 66 threads through 4 client instances (as HELM builds
     them, sharing one engine): batches group equal settings only, so every result equals the one
     the same request gets when sent by itself."""
     requests = _mixed_requests(66)

@@ -43,13 +43,16 @@ def test_weight_tiers_follow_byte_midpoints():
     assert weight_tiers([10, 10], 0, 0) == ["disk", "disk"]
 
 
+@pytest.mark.parametrize("device", ["cpu", "simulated"])
 @pytest.mark.parametrize("policy_idx", range(len(POLICIES)))
-def test_accounting_equals_real_allocations(policy_idx, tmp_path):
+def test_accounting_equals_real_allocations(policy_idx, device, tmp_path):
+    """On "simulated" the compute tier is its own pool, as on a GPU: staging buffers for every
+    off-device share and CPU attention over off-device cache are allocated and counted."""
     policy = POLICIES[policy_idx]
     path = build_checkpoint("odd")
     prompt = sample_prompts(path, 1, 17, 17, seed=0)[0]
     prompts = [prompt] * policy.block_size  # one full block
-    with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, device="cpu") as engine:
+    with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, device=device) as engine:
         engine.generate(prompts, max_new_tokens=5)
         real = engine.runner.last_allocated
         predicted = engine.memory(prompt_len=17, gen_len=5)

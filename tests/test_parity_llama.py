@@ -19,7 +19,7 @@ from flexgen_core.models.base import LayerKind
 from flexgen_core.models.registry import family_for, supported
 from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts
 from reference import reference_logprobs
-from test_parity_opt import LOGPROB_TOL, PLACEMENTS, check_greedy_parity
+from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, check_greedy_parity
 
 LLAMA_PRESETS = ["llama", "llama3", "mistral", "qwen2"]
 
@@ -30,9 +30,10 @@ def model(request):
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(PLACEMENTS))
-def test_greedy_parity(model, name, tmp_path):
-    check_greedy_parity(model, PLACEMENTS[name], tmp_path)
+def test_greedy_parity(model, name, device, tmp_path):
+    check_greedy_parity(model, PLACEMENTS[name], tmp_path, device)
 
 
 def test_presets_exercise_what_they_claim():

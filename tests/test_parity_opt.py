@@ -5,9 +5,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
+from flexgen_core.memory import cache_segments
 from flexgen_core.testing import build_checkpoint, sample_prompts
 from reference import check_result, reference_logprobs
 
+# "simulated": the compute tier kept apart from host RAM, every copy between them asynchronous on a
+# simulated stream (flexgen_core/streams.py), so the code paths of a GPU host run on this CPU.
+DEVICES = ("cpu", "simulated")
 LOGPROB_TOL = 2e-4  # float32 on CPU: different matmul shapes (padding, batching) move logprobs ~1e-6
 TIE_TOL = 2e-4
 
@@ -19,6 +23,8 @@ PLACEMENTS = {
     "cache-on-disk": Policy(gpu_batch_size=3, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=0),
     "cache-cpu-attention": Policy(gpu_batch_size=2, num_gpu_batches=2, cache_gpu_percent=0,
                                   cache_cpu_percent=100, cpu_cache_compute=True),
+    "cache-split-cpu-attention": Policy(gpu_batch_size=2, num_gpu_batches=3, w_gpu_percent=50, w_cpu_percent=50,
+                                        cache_gpu_percent=25, cache_cpu_percent=50, cpu_cache_compute=True),
     "activations-on-cpu": Policy(gpu_batch_size=2, num_gpu_batches=2, act_gpu_percent=0, act_cpu_percent=100),
     "everything-on-disk-no-overlap": Policy(gpu_batch_size=1, num_gpu_batches=4, w_gpu_percent=0, w_cpu_percent=0,
                                             cache_gpu_percent=0, cache_cpu_percent=0, act_gpu_percent=0,
@@ -34,21 +40,22 @@ def model(request):
     return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def check_greedy_parity(model, policy: Policy, offload_dir) -> None:
+def check_greedy_parity(model, policy: Policy, offload_dir, device: str = "cpu") -> None:
     """7 ragged prompts through the engine under `policy`, 8 greedy tokens with echo and top-3, each
     checked against transformers' forward pass on the same weights."""
     path, hf = model
     prompts = sample_prompts(path, 7, 3, 40, seed=1)  # ragged; 7 fills no block exactly
-    with Engine.from_pretrained(path, policy=policy, offload_dir=offload_dir, device="cpu") as engine:
+    with Engine.from_pretrained(path, policy=policy, offload_dir=offload_dir, device=device) as engine:
         results = engine.generate(prompts, max_new_tokens=8, echo_prompt=True, top_k_logprobs=3)
     for prompt, result in zip(prompts, results):
         assert len(result.completions[0].token_ids) == 8 or result.completions[0].finish_reason == "eos"
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(PLACEMENTS))
-def test_greedy_parity(model, name, tmp_path):
-    check_greedy_parity(model, PLACEMENTS[name], tmp_path)
+def test_greedy_parity(model, name, device, tmp_path):
+    check_greedy_parity(model, PLACEMENTS[name], tmp_path, device)
 
 
 def test_sharded_checkpoint_matches_single(tmp_path):
@@ -101,3 +108,32 @@ def test_forced_tokens_score_a_continuation(tmp_path):
         ref = reference_logprobs(hf, prompt + cont)
         expected = [ref[len(prompt) - 1 + i, tok].item() for i, tok in enumerate(cont)]
         assert max(abs(a - b) for a, b in zip(result.completions[0].logprobs, expected)) <= LOGPROB_TOL
+
+
+def test_simulated_device_takes_the_gpu_host_paths(tmp_path):
+    """On "simulated", off-device weights and cache are staged on the compute tier by copies, and
+    off-device cache attends on the CPU; on a plain CPU neither happens. So the simulated runs of
+    the parity suite cover those paths."""
+    path = build_checkpoint("tiny")
+    policy = PLACEMENTS["cache-split-cpu-attention"]
+    staging, attention = {}, {}
+    for device in DEVICES:
+        with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, device=device) as engine:
+            engine.generate(sample_prompts(path, 6, 5, 9, seed=0), max_new_tokens=2)
+            staging[device] = engine.runner.last_allocated["weight_staging"]["gpu"]
+            attention[device] = {seg.compute_on for seg in cache_segments(engine.config.num_kv_heads, policy,
+                                                                          engine.devices.split)}
+    assert staging["cpu"] == 0 < staging["simulated"]
+    assert attention["cpu"] == {"gpu"} and attention["simulated"] == {"gpu", "cpu"}
+
+
+def test_parity_under_long_copy_stalls(tmp_path, monkeypatch):
+    """Every third simulated copy stalls for up to 50 ms, so copies land long after later work on the
+    other stream: a staging slot reused before the store reading it has finished is overwritten."""
+    from flexgen_core import streams
+
+    monkeypatch.setattr(streams, "STALL_EVERY", 3)
+    monkeypatch.setattr(streams, "STALL_S", 50e-3)
+    path = build_checkpoint("tiny")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    check_greedy_parity((path, hf), PLACEMENTS["mixed-three-tiers"], tmp_path, "simulated")
