@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, markdown_table, write_results  # noqa: E402
 from train_small_opt import Recipe, heldout_windows, trained_model  # noqa: E402
 
-import flexgen_core.kv_cache  # noqa: E402
-import flexgen_core.schedule  # noqa: E402
-import flexgen_core.weights  # noqa: E402
+import flexgen_core.runtime.kv_cache  # noqa: E402
+import flexgen_core.runtime.schedule  # noqa: E402
+import flexgen_core.runtime.weights  # noqa: E402
 from flexgen_core import Engine, Policy  # noqa: E402
 from flexgen_core.compression import compress, decompress  # noqa: E402
 from flexgen_core.memory import CACHE_COMPRESSION, WEIGHT_COMPRESSION  # noqa: E402
@@ -87,22 +87,22 @@ class DecodeClock:
 
     @contextmanager
     def installed(self):
-        original_select = flexgen_core.schedule.select_tokens
+        original_select = flexgen_core.runtime.schedule.select_tokens
 
         def select(*args, **kwargs):
             if self.first_choice_s is None:
                 self.first_choice_s = time.perf_counter()
             return original_select(*args, **kwargs)
 
-        flexgen_core.weights.decompress = self._timed("weights")
-        flexgen_core.kv_cache.decompress = self._timed("cache")
-        flexgen_core.schedule.select_tokens = select
+        flexgen_core.runtime.weights.decompress = self._timed("weights")
+        flexgen_core.runtime.kv_cache.decompress = self._timed("cache")
+        flexgen_core.runtime.schedule.select_tokens = select
         try:
             yield self
         finally:
-            flexgen_core.weights.decompress = decompress
-            flexgen_core.kv_cache.decompress = decompress
-            flexgen_core.schedule.select_tokens = original_select
+            flexgen_core.runtime.weights.decompress = decompress
+            flexgen_core.runtime.kv_cache.decompress = decompress
+            flexgen_core.runtime.schedule.select_tokens = original_select
 
     def timed_generate(self, engine, prompts, max_new_tokens, **kwargs) -> tuple[list, dict]:
         """Run one `generate` (a single block) and return its results and timing."""

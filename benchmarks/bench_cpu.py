@@ -32,10 +32,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import suites  # noqa: E402
 from common import cpu_pressure  # noqa: E402
 from roofline import ModelFacts, Rates, load_or_measure  # noqa: E402
-from systems import deepspeed_unavailable, run_accelerate, run_engine, run_transformers, skipped  # noqa: E402
+from systems import (  # noqa: E402
+    deepspeed_unavailable,
+    run_accelerate,
+    run_engine,
+    run_transformers,
+    skipped,
+)
 
 from flexgen_core import Policy, memory  # noqa: E402
-from flexgen_core.hardware import format_size, parse_size  # noqa: E402
+from flexgen_core.plan.hardware import format_size, parse_size  # noqa: E402
 from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts  # noqa: E402
 
 MiB = 2**20
@@ -241,14 +247,14 @@ def _notes(args, conf, preset, weight_bytes, budget, resident, rates, short, bef
         "(the model fits in RAM many times over), so 'disk' measures each system's read path at page-cache "
         "bandwidth, not the SSD.",
         "- Roofline (`benchmarks/roofline.py`): a lower bound on each run's time from this machine's profile, "
-        f"measured in the same run by `flexgen_core.profiler` (prompt-pass matmuls {rates.matmul_prefill / 1e9:.3g} "
+        f"measured in the same run by `flexgen_core.plan.profiler` (prompt-pass matmuls {rates.matmul_prefill / 1e9:.3g} "
         f"GFLOP/s, decode matmuls {rates.matmul_decode / 1e9:.3g} GFLOP/s, memory {memory_rate}, page-cache reads "
         f"{rates.stream['disk'] / 1e9:.3g} GB/s). Per phase: max(FLOPs / matmul rate, bytes the decode matmuls "
         "read / memory bandwidth, weight bytes streamed / read bandwidth); `bound` names the term that sets the "
         "longest phase's floor; `pct_of_roofline` = floor / measured time; `achieved_gflops` = the workload's "
         "FLOPs / time; `streamed_gbps` = weight bytes read from disk / time. The profile's rates are medians under "
         "the load of the moment: a run that meets a quieter machine can pass 100%.",
-        "- `predicted_tokens_per_s`: `flexgen_core.cost_model` for the engine's policy on the same profile; it does "
+        "- `predicted_tokens_per_s`: `flexgen_core.plan.cost_model` for the engine's policy on the same profile; it does "
         "not model transformers or Accelerate (n/a).",
         "- DeepSpeed ZeRO-Inference runs on CUDA GPUs only: skipped here (see the gpu-30b suite).",
         "- Shared host: CPU pressure (Linux PSI `some avg60`, the share of time a runnable task waited for a CPU) "

@@ -7,7 +7,7 @@ Accelerate 0.62, DeepSpeed ZeRO-Inference 0.60. This suite runs the same workloa
   once shard by shard (never the whole model in RAM) under `--checkpoint-dir`;
 - the cap: `torch.cuda.set_per_process_memory_fraction` holds this process to `--budget` (16 GiB) of the GPU,
   whatever its size, for every system;
-- our engine: the policy `flexgen_core.planner` chooses for this machine's profile (measured now) capped at the
+- our engine: the policy `flexgen_core.plan.search` chooses for this machine's profile (measured now) capped at the
   budget; the policy the paper's artifact used for its HELM runs of OPT-IML-30B on a 16 GB T4 (20% of the
   weights on the GPU, the rest and the KV cache on the CPU, attention over the cache on the CPU); the
   planner's choice with 4-bit weights and cache; and, on the best fp16 run, overlap off and one GPU batch
@@ -45,7 +45,7 @@ from roofline import ModelFacts, Rates, load_or_measure  # noqa: E402
 from systems import run_accelerate, run_deepspeed, run_engine, skipped  # noqa: E402
 
 from flexgen_core import Policy, memory  # noqa: E402
-from flexgen_core.hardware import format_size, parse_size  # noqa: E402
+from flexgen_core.plan.hardware import format_size, parse_size  # noqa: E402
 
 GiB = 2**30
 DTYPE, DTYPE_BYTES = "float16", 2
@@ -68,9 +68,9 @@ def sample_token_prompts(num: int, length: int, vocab: int, seed: int = 0) -> li
 
 
 def planned(model: ModelFacts, profile, args, compress: bool) -> Policy:
-    from flexgen_core.cost_model import Workload
-    from flexgen_core.planner import PlanOptions, plan
-    from flexgen_core.shapes import PlanModel
+    from flexgen_core.plan.cost_model import Workload
+    from flexgen_core.plan.search import PlanOptions, plan
+    from flexgen_core.plan.shapes import PlanModel
 
     options = PlanOptions(compress_weight=compress, compress_cache=compress, max_block_size=args.num_prompts)
     result = plan(PlanModel(model.name, model.shape, model.layers, "folder"), Workload(args.prompt_len, args.gen_len),

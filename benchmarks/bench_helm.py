@@ -79,9 +79,9 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
+    from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, write_prod_env
 
     from flexgen_core.testing import PRESETS, build_checkpoint
-    from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, write_prod_env
 
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     preset = PRESETS[args.preset]
@@ -175,9 +175,8 @@ def main() -> int:
 
 def _token_counts(checkpoint: Path, output_path: Path) -> dict[str, float]:
     """Mean prompt and completion lengths (tokens) of a FlexGen run, with the model's tokenizer."""
-    from transformers import AutoTokenizer
-
     from helm_support import request_states, run_dirs
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     (run_dir,) = run_dirs(output_path, "flexgen-0").values()

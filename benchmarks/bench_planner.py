@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, write_results  # noqa: E402
 
 from flexgen_core import Engine  # noqa: E402
-from flexgen_core.cost_model import Workload  # noqa: E402
-from flexgen_core.hardware import format_size  # noqa: E402
-from flexgen_core.planner import PlanOptions, plan  # noqa: E402
-from flexgen_core.profiler import measure  # noqa: E402
-from flexgen_core.shapes import load_model  # noqa: E402
+from flexgen_core.plan.cost_model import Workload  # noqa: E402
+from flexgen_core.plan.hardware import format_size  # noqa: E402
+from flexgen_core.plan.profiler import measure  # noqa: E402
+from flexgen_core.plan.search import PlanOptions, plan  # noqa: E402
+from flexgen_core.plan.shapes import load_model  # noqa: E402
 from flexgen_core.testing import build_checkpoint, sample_prompts  # noqa: E402
 
 # RAM budgets as shares of the model's weights (fp32, as stored by the engine).

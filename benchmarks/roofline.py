@@ -1,6 +1,6 @@
 """How close a measured run comes to what this machine can physically do, and what the cost model predicted.
 
-The limits are this machine's own measurements, taken by `flexgen_core.profiler` (the code behind
+The limits are this machine's own measurements, taken by `flexgen_core.plan.profiler` (the code behind
 `flexgen profile`): matmul rates at prompt-pass and decode shapes, the device's memory bandwidth as
 decode matmuls see it, and the read bandwidth of each tier weights can stream from (disk through the
 page cache or from the device itself, host RAM to GPU over PCIe).
@@ -26,9 +26,9 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from flexgen_core.hardware import HardwareProfile
 from flexgen_core.models.base import LayerKind
-from flexgen_core.shapes import matrix_params
+from flexgen_core.plan.hardware import HardwareProfile
+from flexgen_core.plan.shapes import matrix_params
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class ModelFacts:
 
     @classmethod
     def from_checkpoint(cls, folder) -> "ModelFacts":
-        from flexgen_core import checkpoint
         from flexgen_core.models.registry import family_for
+        from flexgen_core.runtime import checkpoint
 
         hf = checkpoint.read_config(checkpoint.resolve(folder))
         family = family_for(hf)
@@ -121,10 +121,10 @@ def load_or_measure(profile_file: str | None, device: str, offload_dir, quick: b
     """The profile in `profile_file`, or this machine's measured now, so the limits see the load the runs that
     follow will see (full mode: about 40 s on a 2-core host; quick: 15 s, noisier)."""
     if profile_file:
-        from flexgen_core.hardware import load_profile
+        from flexgen_core.plan.hardware import load_profile
 
         return load_profile(profile_file)
-    from flexgen_core.profiler import measure
+    from flexgen_core.plan.profiler import measure
 
     return measure(device=device, offload_dir=offload_dir, quick=quick, progress=True)
 
@@ -214,11 +214,11 @@ def roofline(model: ModelFacts, traffic: Traffic, rates: Rates, num_seqs: int, p
 
 def predicted_throughput(model: ModelFacts, policy, profile: HardwareProfile, num_seqs: int, prompt_len: int,
                          gen_len: int, dtype_bytes: int) -> float | None:
-    """Tokens/s that `flexgen_core.cost_model` predicts for the engine under `policy` on `profile`, for
+    """Tokens/s that `flexgen_core.plan.cost_model` predicts for the engine under `policy` on `profile`, for
     `num_seqs` prompts in blocks of `policy.block_size`; None where the cost model cannot price it."""
     try:
-        from flexgen_core.cost_model import CostModel, Workload
-        from flexgen_core.shapes import PlanModel
+        from flexgen_core.plan.cost_model import CostModel, Workload
+        from flexgen_core.plan.shapes import PlanModel
     except ImportError:  # the planner's modules are not in this checkout
         return None
     cost = CostModel(PlanModel(model.name, model.shape, model.layers, "folder"), Workload(prompt_len, gen_len),

@@ -21,10 +21,9 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
-
 from common import Timer
 from roofline import Traffic
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 MiB = 2**20
@@ -69,7 +68,7 @@ def _free_memory() -> None:
 def run_engine(path, prompts: list[list[int]], gen_len: int, policy, label: str, device: str = "cpu",
                dtype: str = "float32", offload_root: str | None = None) -> Measurement:
     from flexgen_core import Engine
-    from flexgen_core.capacity import PolicyDoesNotFit
+    from flexgen_core.runtime.capacity import PolicyDoesNotFit
 
     batch = f"{policy.gpu_batch_size}x{policy.num_gpu_batches}"
     weights = _percent_placement(policy)
@@ -183,7 +182,7 @@ def run_accelerate(path, prompts: list[list[int]], gen_len: int, batches: list[i
     does not fit goes to disk. One load, then one timed run per batch size."""
     from transformers import AutoModelForCausalLM
 
-    from flexgen_core.hardware import format_size
+    from flexgen_core.plan.hardware import format_size
 
     budget = ", ".join(f"{k}: {format_size(v)}" for k, v in max_memory.items())
     label = f"Accelerate device_map=auto, max_memory {budget}"

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from flexgen_core.bench_cli import add_bench_parser
+from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.policy import Policy
 
 
@@ -32,8 +33,8 @@ def _policy(args) -> Policy:
 def _generate(args) -> int:
     from transformers import AutoTokenizer
 
-    from flexgen_core import checkpoint
     from flexgen_core.engine import Engine
+    from flexgen_core.runtime import checkpoint
 
     policy = _policy(args)
     folder = checkpoint.resolve(args.model)
@@ -59,8 +60,9 @@ _SWITCH = {"on": True, "off": False, "auto": None}
 def _plan(args) -> int:
     import json
 
-    from flexgen_core import hardware, planner, shapes
-    from flexgen_core.cost_model import Workload
+    from flexgen_core.plan import hardware, shapes
+    from flexgen_core.plan import search as planner
+    from flexgen_core.plan.cost_model import Workload
 
     profile = hardware.load_profile(args.hardware)
     sizes = {tier: hardware.parse_size(value) if value else None
@@ -72,7 +74,7 @@ def _plan(args) -> int:
                                   compress_cache=_SWITCH[args.compress_cache],
                                   cpu_cache_compute=_SWITCH[args.cpu_attention],
                                   memory_fraction=args.memory_fraction, max_block_size=args.max_block_size)
-    result = planner.plan(model, Workload(args.prompt_len, args.gen_len), profile, _DTYPE_BYTES[dtype], options,
+    result = planner.plan(model, Workload(args.prompt_len, args.gen_len), profile, DTYPE_BYTES[dtype], options,
                           evaluate_all=bool(args.plot))
     if args.plot:
         _plot(result, args.plot)
@@ -85,11 +87,8 @@ def _plan(args) -> int:
     return 0
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def _plan_table(result, dtype: str) -> str:
-    from flexgen_core.hardware import format_size
+    from flexgen_core.plan.hardware import format_size
 
     best, p = result.best, result.policy
     onoff = {True: "on", False: "off"}
@@ -166,12 +165,11 @@ def _plot(result, path: str) -> None:
 # ---- flexgen profile ---------------------------------------------------------------------------------
 
 def _profile(args) -> int:
-    from flexgen_core import hardware
-    from flexgen_core.profiler import measure
-    from flexgen_core.storage import Devices
+    from flexgen_core.plan.profiler import measure, measured_profile_path
+    from flexgen_core.runtime.storage import Devices
 
     device = Devices(args.device).compute.type
-    out = args.out or hardware.measured_profile_path(device)
+    out = args.out or measured_profile_path(device)
     profile = measure(device=args.device, offload_dir=args.offload_dir, quick=args.quick, dtype=args.dtype)
     path = profile.save(out)
     d = profile.to_dict()
@@ -206,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--disk-mem", help="override the profile's disk space, e.g. 1.5TB")
     pl.add_argument("--prompt-len", type=int, default=512)
     pl.add_argument("--gen-len", type=int, default=32)
-    pl.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default=None,
+    pl.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
                     help="weights and cache dtype (default: the profile's, float16 for t4-gcp)")
     for flag, default, what in (("--compress-weight", "off", "4-bit weights"),
                                 ("--compress-cache", "off", "4-bit KV cache"),
@@ -223,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="profile JSON to write (default: where policy='auto' looks for it)")
     pr.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: a temp folder)")
     pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    pr.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default=None,
+    pr.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
                     help="dtype of the compute measurements (default float16 on CUDA, float32 on CPU)")
     pr.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (seconds, noisier)")
     pr.set_defaults(run=_profile)

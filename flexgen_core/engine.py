@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence as Seq
+from typing import Any, Mapping
+from typing import Sequence as Seq
 
 import torch
 
-from flexgen_core import checkpoint, memory
-from flexgen_core.capacity import check_fits, out_of_memory_error
-from flexgen_core.decoding import DecodeSettings, GenerationResult, Sequence, sequence_generator
+from flexgen_core import memory
 from flexgen_core.models.registry import family_for
 from flexgen_core.policy import Policy
-from flexgen_core.schedule import Batch, BlockRunner
-from flexgen_core.storage import TORCH_DTYPES, Devices, OffloadDir
-from flexgen_core.weights import WeightStore
+from flexgen_core.runtime import checkpoint
+from flexgen_core.runtime.capacity import check_fits, out_of_memory_error
+from flexgen_core.runtime.decoding import (
+    DecodeSettings,
+    GenerationResult,
+    Sequence,
+    sequence_generator,
+)
+from flexgen_core.runtime.schedule import Batch, BlockRunner, RunContext
+from flexgen_core.runtime.storage import TORCH_DTYPES, Devices, OffloadDir
+from flexgen_core.runtime.weights import WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -38,30 +45,37 @@ def _as_policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
 
 
 class Engine:
-    def __init__(self, folder, config, layers, policy: Policy, devices: Devices, dtype: torch.dtype,
-                 offload: OffloadDir, weights: WeightStore):
+    def __init__(self, folder, config, ctx: RunContext):
         self.folder = folder
         self.config = config
-        self.layers = layers
-        self.policy = policy
-        self.devices = devices
-        self.dtype = dtype
-        self.offload = offload
-        self.weights = weights
-        self.runner = BlockRunner(layers, weights, config, policy, devices, dtype, offload)
+        self.ctx = ctx
+        self.runner = BlockRunner(ctx)
         self._closed = False
+
+    # What the blocks share, read from the run context (defined once there).
+    layers = property(lambda self: self.ctx.layers)
+    weights = property(lambda self: self.ctx.weights)
+    policy = property(lambda self: self.ctx.policy)
+    devices = property(lambda self: self.ctx.devices)
+    dtype = property(lambda self: self.ctx.dtype)
+    offload = property(lambda self: self.ctx.offload)
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, policy: Policy | Mapping[str, Any] | str | None = None,
                         offload_dir: str | os.PathLike | None = None, device: str = "auto",
                         dtype: str = "float32", hardware=None, prompt_len_hint: int = 512, gen_len_hint: int = 32,
-                        num_prompts_hint: int | None = None) -> "Engine":
-        """`policy="auto"` plans the policy (planner.py) for prompts of `prompt_len_hint` tokens generating
-        `gen_len_hint`, at most `num_prompts_hint` sequences per block, on `hardware`: a HardwareProfile, a
-        built-in profile name or a profile file; by default `$FLEXGEN_HARDWARE` or this machine's measured
-        profile (measured once and kept, see hardware.resolve)."""
+                        num_prompts_hint: int | None = None, compress_weight: bool | None = None,
+                        compress_cache: bool | None = None) -> "Engine":
+        """`policy="auto"` plans the policy (plan/search.py) for prompts of `prompt_len_hint` tokens
+        generating `gen_len_hint`, at most `num_prompts_hint` sequences per block, on `hardware`: a
+        HardwareProfile, a built-in profile name or a profile file; by default `$FLEXGEN_HARDWARE` or this
+        machine's measured profile (measured once and kept, see plan.profiler.resolve). The planner
+        decides 4-bit compression of weights and cache unless `compress_weight` / `compress_cache` fix it
+        (those two go with `policy="auto"` only; a given policy carries its own switches)."""
         auto = isinstance(policy, str) and policy == "auto"
+        if not auto and (compress_weight is not None or compress_cache is not None):
+            raise ValueError("compress_weight / compress_cache go with policy='auto'; set them in the Policy instead")
         policy = None if auto else _as_policy(policy)
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
@@ -71,23 +85,25 @@ class Engine:
         config = family.config_from_hf(checkpoint.read_config(folder))
         layers = family.build_layers(config)
         if auto:
-            from flexgen_core.planner import plan_for_engine
+            from flexgen_core.plan.search import plan_for_engine
 
             policy = plan_for_engine(str(folder), config, layers, devices.compute.type, TORCH_DTYPES[dtype].itemsize,
-                                     hardware, offload_dir, prompt_len_hint, gen_len_hint, num_prompts_hint)
+                                     hardware, offload_dir, prompt_len_hint, gen_len_hint, num_prompts_hint,
+                                     compress_weight, compress_cache)
         files = checkpoint.weight_files(folder)
         sources = _match_checkpoint(layers, checkpoint.checkpoint_keys(files), folder)
 
         offload = OffloadDir(offload_dir)
         try:
-            needs = memory.account(layers, config, policy, 1, 0, TORCH_DTYPES[dtype].itemsize, devices.split)
+            needs = memory.MemoryReport()
+            memory.add_weight_terms(needs, layers, policy, TORCH_DTYPES[dtype].itemsize, devices.split)
             check_fits(_sum_terms(needs, ("weights", "weight_staging")), devices, offload.path, policy, "the weights")
             weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
             for key, tensor in checkpoint.iter_tensors(files, set(sources)):
                 for layer_idx, name in sources[key]:
                     weights.put(layer_idx, name, tensor)
                 del tensor
-            engine = cls(folder, config, layers, policy, devices, TORCH_DTYPES[dtype], offload, weights)
+            engine = cls(folder, config, RunContext(layers, weights, config, policy, devices, TORCH_DTYPES[dtype], offload))
         except BaseException:
             offload.close()
             raise
@@ -149,7 +165,8 @@ class Engine:
             ids = torch.tensor([[pad_id] * pad + s.prompt for pad, s in zip(pads, members)],
                                dtype=torch.long, device=self.devices.compute)
             batches.append(Batch(ids, pads, members))
-        needs = memory.account(self.layers, self.config, self.policy, prompt_len, settings.max_new_tokens,
+        needs = memory.MemoryReport()
+        memory.add_block_terms(needs, self.layers, self.config, self.policy, prompt_len, settings.max_new_tokens,
                                self.dtype.itemsize, self.devices.split, echo_prompt)
         check_fits(_sum_terms(needs, ("cache", "cache_staging", "activations")), self.devices, self.offload.path,
                    self.policy, f"a block of {len(seqs)} sequences of {prompt_len}+{settings.max_new_tokens} tokens")

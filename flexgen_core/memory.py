@@ -9,7 +9,8 @@ Terms (per tier "gpu" = the compute device, "cpu" = host RAM, "disk" = files und
   (2 slots when overlapping, so layer l+1 streams in while layer l computes);
 - cache: K and V of every attention layer for every GPU batch of a block, split by KV heads;
 - cache_staging: buffers that receive a batch's off-device cache for attention, one per slot;
-- activations: the hidden state of every GPU batch between layers, split by batch rows;
+- activations: the hidden state of every GPU batch between layers, split by batch rows (and a host
+  staging buffer for the rows on disk);
 - workspace: an upper bound on the transient tensors of one layer's compute on one GPU batch.
 """
 
@@ -24,6 +25,7 @@ from flexgen_core.compression import CompressionConfig, compressed_nbytes, store
 TIERS = ("gpu", "cpu", "disk")
 ALIGN_BYTES = 64  # offsets of tensors packed into one buffer or file
 
+# The dtypes the engine computes in, with their sizes: the one table every part reads.
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -184,6 +186,8 @@ def cache_staging_tiers(segment: CacheSegment, split: bool) -> list[str]:
 
 
 def num_slots(policy) -> int:
+    """Staging slots per buffer kind: two when overlapping (one loads while the other computes).
+    Reads `.overlap` of a Policy or of the planner's switches."""
     return 2 if policy.overlap else 1
 
 
@@ -194,6 +198,13 @@ def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: i
     staged there by copies; on a plain CPU it is used where it lies. Compression follows the policy's
     switches (`compression` overrides the weights' config)."""
     report = MemoryReport()
+    add_weight_terms(report, layers, policy, dtype_bytes, split, compression)
+    add_block_terms(report, layers, shape, policy, prompt_len, gen_len, dtype_bytes, split, echo_prompt)
+    return report
+
+
+def add_weight_terms(report: MemoryReport, layers, policy, dtype_bytes: int, split: bool, compression=None) -> None:
+    """The weights and their staging slots: what the engine holds from loading on."""
     slots = num_slots(policy)
     compression = compression or weight_compression(policy)
 
@@ -214,6 +225,11 @@ def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: i
     report.weight_staging["cpu"] += slots * max_host_stage
     report.weight_staging["gpu"] += slots * (max_device_stage + max_dense)
 
+
+def add_block_terms(report: MemoryReport, layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int,
+                    split: bool, echo_prompt: bool = False) -> None:
+    """The KV cache, activations and workspace of one block: allocated per block, freed after it."""
+    slots = num_slots(policy)
     # KV cache: per attention layer, per GPU batch, K and V of (total_len, B, heads, head_dim).
     total_len = prompt_len + gen_len
     batch = policy.gpu_batch_size
@@ -227,13 +243,15 @@ def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: i
             dense = cache_nbytes(shape, batch, total_len, seg.num_heads, dtype_bytes, False)
             report.cache_staging[seg.compute_on] += slots * dense
 
-    # Activations: hidden (B, s, H) of every GPU batch, split by rows; the prompt pass is the peak.
+    # Activations: hidden (B, s, H) of every GPU batch, split by rows; the prompt pass is the peak. Rows
+    # on disk are read through one host staging buffer of a batch's disk rows.
     row_hidden = prompt_len * shape.hidden_size * dtype_bytes
-    for tier, count in zip(TIERS, split_counts(batch, policy.act_gpu_percent, policy.act_cpu_percent)):
+    counts = split_counts(batch, policy.act_gpu_percent, policy.act_cpu_percent)
+    for tier, count in zip(TIERS, counts):
         report.activations[tier] += policy.num_gpu_batches * count * row_hidden
+    report.activations["cpu"] += counts[2] * row_hidden
 
     report.workspace["gpu"] = workspace_bound(shape, batch, prompt_len, total_len, dtype_bytes, echo_prompt)
-    return report
 
 
 def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_bytes: int, echo_prompt: bool) -> int:

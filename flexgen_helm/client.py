@@ -41,15 +41,22 @@ import torch
 from helm.clients.client import CachingClient
 from helm.common.cache import CacheConfig
 from helm.common.hierarchical_logger import hexception, hlog, htrack_block
-from helm.common.request import ErrorFlags, GeneratedOutput, Request, RequestResult, Token
+from helm.common.request import (
+    ErrorFlags,
+    GeneratedOutput,
+    Request,
+    RequestResult,
+    Token,
+)
 from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from helm.tokenizers.tokenizer import Tokenizer
 
 from flexgen_core import Policy
-from flexgen_helm.batcher import BatchSettings, Batcher, BatcherClosed, BatchOutcome
+from flexgen_core.memory import DTYPE_BYTES
+from flexgen_helm.batcher import Batcher, BatcherClosed, BatchOutcome, BatchSettings
 
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(DTYPE_BYTES)
 
 # HELM's finish reasons (helm/benchmark/metrics/basic_metrics.py) for the engine's; a scoring-only
 # call (max_new_tokens=0) has none: it stopped at its length of 0.
@@ -457,9 +464,15 @@ def _tokens_starting_before(tokenizer: Any, token_ids: Sequence[int], cut: int) 
     """How many leading tokens start before character `cut` of `decode(token_ids)`.
 
     A token that straddles the cut is kept (HELM can only cut at token boundaries and keeps it too);
-    the ones after it go. A token's start is the length of the text decoded from the ones before it.
+    the ones after it go. A token's start is the length of the text decoded from the ones before it,
+    which grows with the number of tokens (an incomplete UTF-8 character decodes to one replacement
+    character until completed), so a binary search needs O(log n) decodes.
     """
-    kept = 0
-    while kept < len(token_ids) and len(tokenizer.decode(list(token_ids[:kept]))) < cut:
-        kept += 1
-    return kept
+    low, high = 0, len(token_ids)  # the answer: the fewest tokens whose decoded text reaches `cut`
+    while low < high:
+        mid = (low + high) // 2
+        if len(tokenizer.decode(list(token_ids[:mid]))) < cut:
+            low = mid + 1
+        else:
+            high = mid
+    return low

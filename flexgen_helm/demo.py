@@ -79,7 +79,9 @@ def ensure_demo_model(say: Callable[[str], None]) -> Path:
 
 def read_run_entries(conf_path: Path) -> list[str]:
     """The run-entry descriptions of a HELM conf file."""
-    from helm.benchmark.presentation.run_entry import read_run_entries as helm_read_run_entries
+    from helm.benchmark.presentation.run_entry import (
+        read_run_entries as helm_read_run_entries,
+    )
 
     return [entry.description for entry in helm_read_run_entries([str(conf_path)]).entries]
 

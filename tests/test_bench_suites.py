@@ -103,3 +103,10 @@ def test_bench_command_for_each_suite(tmp_path):
 def test_bench_rejects_options_a_suite_does_not_take(argv):
     with pytest.raises(ValueError):
         bench_cli.suite_command(_bench_args(*argv))
+
+
+def test_bench_outside_a_checkout_says_so(tmp_path, monkeypatch):
+    """Installed from a wheel there is no benchmarks/ folder beside the package: one plain error."""
+    monkeypatch.setattr(bench_cli, "BENCHMARKS_DIR", tmp_path / "site-packages" / "benchmarks")
+    with pytest.raises(ValueError, match="repository checkout"):
+        bench_cli.suite_command(_bench_args("cpu-small", "--smoke"))

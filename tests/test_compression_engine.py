@@ -24,16 +24,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
-
-from flexgen_core import Engine
-from flexgen_core.kv_cache import KVCache
-from flexgen_core.schedule import BlockRunner
-from flexgen_core.storage import view_as
-from flexgen_core.testing import build_checkpoint, sample_prompts
 from quant_reference import quantise, quantised_weights_model, unpack
 from reference import check_result
 from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, TIE_TOL
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from flexgen_core import Engine
+from flexgen_core.runtime.kv_cache import KVCache
+from flexgen_core.runtime.schedule import BlockRunner
+from flexgen_core.runtime.storage import view_as
+from flexgen_core.testing import build_checkpoint, sample_prompts
 
 KV_TOL = 1e-4  # engine vs transformers K/V over the same (quantised) cache: kernel noise, ~1e-6 seen
 MAX_FLIP_RATE = 1e-3  # boundary flips per code: ~1e-5 expected from ~1e-7 noise on ~1e-2 steps

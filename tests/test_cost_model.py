@@ -8,11 +8,19 @@ expected value below is written out as the arithmetic it comes from.
 import pytest
 
 from flexgen_core import memory
-from flexgen_core.cost_model import CostModel, Linear, Split, Switches, Workload, cache_compression_ratio, combine
-from flexgen_core.hardware import HardwareProfile, load_profile
 from flexgen_core.models.base import LayerKind, ModelShape, WeightSpec
+from flexgen_core.plan.cost_model import (
+    CostModel,
+    Linear,
+    Split,
+    Switches,
+    Workload,
+    cache_compression_ratio,
+    combine,
+)
+from flexgen_core.plan.hardware import HardwareProfile, load_profile
+from flexgen_core.plan.shapes import PlanModel, SpecOnlyLayer, load_model
 from flexgen_core.policy import Policy
-from flexgen_core.shapes import PlanModel, SpecOnlyLayer, load_model
 
 B, S, N = 2, 8, 4  # GPU batch, prompt, generated tokens
 

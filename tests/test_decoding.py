@@ -15,12 +15,12 @@ from collections import Counter
 
 import pytest
 import torch
+from reference import check_result, reference_logprobs
+from test_parity_opt import LOGPROB_TOL, TIE_TOL
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
 from flexgen_core.testing import build_checkpoint, sample_prompts
-from reference import check_result, reference_logprobs
-from test_parity_opt import LOGPROB_TOL, TIE_TOL
 
 NUM_SAMPLES = 400
 POLICY = Policy(gpu_batch_size=100, num_gpu_batches=2, w_gpu_percent=50, w_cpu_percent=50)

@@ -140,7 +140,7 @@ def test_cli_generate_prints_completion():
 
 def test_policy_exceeding_a_tier_is_rejected_before_loading(tmp_path, monkeypatch):
     """The exact accounting is checked against what each tier has free (here: a nearly full disk)."""
-    from flexgen_core import capacity
+    from flexgen_core.runtime import capacity
 
     real = capacity.available_bytes
     monkeypatch.setattr(capacity, "available_bytes", lambda *a: real(*a) | {"disk": 1000})
@@ -151,7 +151,7 @@ def test_policy_exceeding_a_tier_is_rejected_before_loading(tmp_path, monkeypatc
 
 
 def test_block_exceeding_memory_is_rejected_and_engine_stays_usable(tmp_path, monkeypatch):
-    from flexgen_core import capacity
+    from flexgen_core.runtime import capacity
 
     with Engine.from_pretrained(build_checkpoint("odd"), offload_dir=tmp_path) as engine:
         real = capacity.available_bytes

@@ -8,8 +8,6 @@ two run entries: language-model scoring (echo, max_tokens=0) and generation with
 from __future__ import annotations
 
 import pytest
-
-from flexgen_core.testing import PRESETS, build_checkpoint
 from helm_support import (
     FLEXGEN_DEPLOYMENT,
     request_states,
@@ -19,6 +17,8 @@ from helm_support import (
     write_prod_env,
     write_twitter_aae,
 )
+
+from flexgen_core.testing import PRESETS, build_checkpoint
 
 NUM_INSTANCES = 96
 ENTRIES = ["twitter_aae:demographic=white", "synthetic_reasoning:mode=variable_substitution"]

@@ -19,17 +19,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from helm.benchmark.config_registry import (
+    register_builtin_configs_from_helm_package,
+    register_configs_from_directory,
+)
+from helm.clients.auto_client import AutoClient
+from helm.common.cache_backend_config import (
+    BlackHoleCacheBackendConfig,
+    SqliteCacheBackendConfig,
+)
+from helm.common.request import Request
+from helm_support import (
+    FLEXGEN_DEPLOYMENT,
+    HF_DEPLOYMENT,
+    OFFLOAD_POLICY,
+    TEST_MODEL,
+    write_prod_env,
+)
+from reference import reference_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexgen_core.testing import PRESETS, build_checkpoint
-from reference import reference_logprobs
-from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, OFFLOAD_POLICY, TEST_MODEL, write_prod_env
-
-from helm.benchmark.config_registry import register_builtin_configs_from_helm_package, register_configs_from_directory
-from helm.clients.auto_client import AutoClient
-from helm.common.cache_backend_config import BlackHoleCacheBackendConfig, SqliteCacheBackendConfig
-from helm.common.request import Request
-
 from flexgen_helm import client as client_module
 from flexgen_helm.client import FlexGenClient
 

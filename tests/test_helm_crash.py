@@ -29,9 +29,6 @@ from pathlib import Path
 
 import pytest
 from helm.common.cache import get_all_from_sqlite
-
-from flexgen_core.testing import PRESETS, build_checkpoint
-from flexgen_helm.client import request_digest
 from helm_support import (
     FLEXGEN_DEPLOYMENT,
     TEST_MODEL,
@@ -44,6 +41,9 @@ from helm_support import (
     write_prod_env,
     write_twitter_aae,
 )
+
+from flexgen_core.testing import PRESETS, build_checkpoint
+from flexgen_helm.client import request_digest
 
 NUM_INSTANCES = 24
 ENTRIES = ["twitter_aae:demographic=aa", "synthetic_reasoning:mode=pattern_match"]

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from flexgen_core.testing import PRESETS
 from helm_support import helm_bin, offline_env
 
+from flexgen_core.testing import PRESETS
 from flexgen_helm import configs, demo
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,19 +12,20 @@ import os
 
 import pytest
 import torch
+from helm.benchmark.config_registry import (
+    register_builtin_configs_from_helm_package,
+    register_configs_from_directory,
+)
+from helm.clients.auto_client import AutoClient
+from helm.clients.huggingface_client import HuggingFaceServerFactory
+from helm.common.cache_backend_config import BlackHoleCacheBackendConfig
+from helm.common.request import Request
+from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
+from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, TEST_MODEL, write_prod_env
+from reference import reference_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flexgen_core.testing import PRESETS, build_checkpoint
-from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, TEST_MODEL, write_prod_env
-from reference import reference_logprobs
-
-from helm.benchmark.config_registry import register_builtin_configs_from_helm_package, register_configs_from_directory
-from helm.clients.auto_client import AutoClient
-from helm.common.cache_backend_config import BlackHoleCacheBackendConfig
-from helm.clients.huggingface_client import HuggingFaceServerFactory
-from helm.common.request import Request
-from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
-
 from flexgen_helm import client as client_module
 
 LOGPROB_TOLERANCE = 2e-4

@@ -15,8 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from flexgen_core.testing import PRESETS, build_checkpoint
 from helm_support import (
     FLEXGEN_DEPLOYMENT,
     HF_DEPLOYMENT,
@@ -28,6 +26,8 @@ from helm_support import (
     write_prod_env,
     write_twitter_aae,
 )
+
+from flexgen_core.testing import PRESETS, build_checkpoint
 
 LOGPROB_TOLERANCE = 2e-4
 MAX_EVAL_INSTANCES = 6

@@ -9,12 +9,12 @@ from the reference's argmax only when the two are within 5e-2 (a tie at float16 
 
 import pytest
 import torch
+from reference import check_result
+from test_parity_opt import PLACEMENTS
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine
 from flexgen_core.testing import build_checkpoint, sample_prompts
-from reference import check_result
-from test_parity_opt import PLACEMENTS
 
 pytestmark = pytest.mark.gpu
 

@@ -1,7 +1,7 @@
 """The engine against transformers' Llama, Mistral and Qwen2 on the same weights, for every kind of
 placement; KV accounting under grouped-query attention; config parsing and its errors.
 
-Presets (flexgen_core.testing_llama): `llama` GQA 6/2 heads, vocabulary 1001, untied head; `llama3`
+Presets (flexgen_core.testing.llama): `llama` GQA 6/2 heads, vocabulary 1001, untied head; `llama3`
 RoPE scaling of type llama3, tied head; `mistral` sliding window 16 (shorter than the prompts), 3 KV
 heads, head_dim != hidden / heads; `qwen2` q/k/v biases.
 """
@@ -10,6 +10,8 @@ import json
 
 import pytest
 import torch
+from reference import reference_logprobs
+from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, check_greedy_parity
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
@@ -18,8 +20,6 @@ from flexgen_core.models import llama
 from flexgen_core.models.base import LayerKind
 from flexgen_core.models.registry import family_for, supported
 from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts
-from reference import reference_logprobs
-from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, check_greedy_parity
 
 LLAMA_PRESETS = ["llama", "llama3", "mistral", "qwen2"]
 

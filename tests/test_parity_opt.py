@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from reference import check_result, reference_logprobs
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
 from flexgen_core.memory import cache_segments
 from flexgen_core.testing import build_checkpoint, sample_prompts
-from reference import check_result, reference_logprobs
 
 # "simulated": the compute tier kept apart from host RAM, every copy between them asynchronous on a
 # simulated stream (flexgen_core/streams.py), so the code paths of a GPU host run on this CPU.
@@ -79,8 +79,10 @@ def test_results_do_not_depend_on_neighbours(tmp_path):
         alone = [engine.generate([p], max_new_tokens=6, echo_prompt=True)[0] for p in prompts]
     for a, b in zip(together, alone):
         assert a.completions[0].token_ids == b.completions[0].token_ids
-        assert max(abs(x - y) for x, y in zip(a.completions[0].logprobs, b.completions[0].logprobs)) < 1e-5
-        assert max(abs(x - y) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])) < 1e-5
+        # Other neighbours mean other matmul shapes, so other kernels and summation orders: the float32
+        # noise of the parity tests, whose size depends on the CPU's kernels (1.1e-5 seen with AVX2).
+        assert max(abs(x - y) for x, y in zip(a.completions[0].logprobs, b.completions[0].logprobs)) <= LOGPROB_TOL
+        assert max(abs(x - y) for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:])) <= LOGPROB_TOL
 
 
 def test_scoring_only(tmp_path):
@@ -130,7 +132,7 @@ def test_simulated_device_takes_the_gpu_host_paths(tmp_path):
 def test_parity_under_long_copy_stalls(tmp_path, monkeypatch):
     """Every third simulated copy stalls for up to 50 ms, so copies land long after later work on the
     other stream: a staging slot reused before the store reading it has finished is overwritten."""
-    from flexgen_core import streams
+    from flexgen_core.runtime import streams
 
     monkeypatch.setattr(streams, "STALL_EVERY", 3)
     monkeypatch.setattr(streams, "STALL_S", 50e-3)

@@ -14,11 +14,18 @@ import pytest
 
 from flexgen_core import memory
 from flexgen_core.cli import main
-from flexgen_core.cost_model import CostModel, Workload
-from flexgen_core.hardware import GiB, HardwareProfile, load_profile, parse_size
-from flexgen_core.planner import PlanInfeasible, PlanOptions, _Evaluator, plan, round_percents, usable_memory
+from flexgen_core.plan.cost_model import CostModel, Workload
+from flexgen_core.plan.hardware import GiB, HardwareProfile, load_profile, parse_size
+from flexgen_core.plan.search import (
+    PlanInfeasible,
+    PlanOptions,
+    _Evaluator,
+    plan,
+    round_percents,
+    usable_memory,
+)
+from flexgen_core.plan.shapes import load_model
 from flexgen_core.policy import Policy
-from flexgen_core.shapes import load_model
 
 PAPER = Workload(512, 32)
 T4 = load_profile("t4-gcp")
@@ -319,9 +326,10 @@ def test_engine_plans_policy_auto(tmp_path, caplog, monkeypatch):
     profile_file = hw.save(tmp_path / "host.json")
     monkeypatch.setenv("FLEXGEN_HARDWARE", str(profile_file))
     prompts = sample_prompts(path, 4, 8, 16, seed=0)
-    with caplog.at_level(logging.INFO, logger="flexgen_core.planner"):
+    with caplog.at_level(logging.INFO, logger="flexgen_core.plan.search"):
         with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, prompt_len_hint=16,
-                                    gen_len_hint=4, num_prompts_hint=4) as engine:
+                                    gen_len_hint=4, num_prompts_hint=4, compress_weight=False,
+                                    compress_cache=False) as engine:
             results = engine.generate(prompts, max_new_tokens=4)
             policy = engine.policy
             allocated = engine.runner.last_allocated
@@ -330,3 +338,31 @@ def test_engine_plans_policy_auto(tmp_path, caplog, monkeypatch):
     assert all(len(r.completions[0].token_ids) == 4 for r in results)
     host = sum(allocated[term][tier] for term in allocated for tier in ("gpu", "cpu"))
     assert host <= 0.95 * budget
+
+
+def test_policy_auto_compresses_where_the_cost_model_says_it_pays(tmp_path, monkeypatch):
+    """Left to choose, `policy="auto"` takes whichever compression setting the cost model predicts
+    faster; on a host whose RAM holds the 4-bit weights but not the dense ones, behind a slow disk,
+    that is compressed weights."""
+    from flexgen_core import Engine
+    from flexgen_core.testing import build_checkpoint
+
+    path = build_checkpoint("tiny")
+    model = load_model(path)
+    weights = sum(s.numel for layer in model.layers for s in layer.specs) * 4
+    hw = dataclasses.replace(cpu_host().with_memory(gpu=int(0.9 * weights), cpu=int(0.9 * weights)),
+                             disk_to_cpu=50e6, disk_to_cpu_cached=None)
+    monkeypatch.setenv("FLEXGEN_HARDWARE", str(hw.save(tmp_path / "host.json")))
+    workload = Workload(16, 4)
+    predicted = {cw: plan(model, workload, hw, 4, PlanOptions(compress_weight=cw, max_block_size=4)).best.throughput
+                 for cw in (False, True)}
+    assert predicted[True] > predicted[False]
+    with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, prompt_len_hint=16,
+                                gen_len_hint=4, num_prompts_hint=4) as engine:
+        assert engine.policy.compress_weight
+        engine.generate([[2, 5, 7]], max_new_tokens=2)
+    with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, prompt_len_hint=16,
+                                gen_len_hint=4, num_prompts_hint=4, compress_weight=False) as engine:
+        assert not engine.policy.compress_weight  # an explicit switch is respected
+    with pytest.raises(ValueError, match="policy='auto'"):
+        Engine.from_pretrained(path, policy=Policy(), compress_weight=True)

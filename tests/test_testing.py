@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402  (after the importorskip guards)
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM  # noqa: E402
 
-from flexgen_core import testing, testing_common  # noqa: E402
+from flexgen_core import testing  # noqa: E402
 from flexgen_core.testing import (  # noqa: E402
     PRESETS,
     build_checkpoint,
@@ -24,6 +24,7 @@ from flexgen_core.testing import (  # noqa: E402
     default_cache_root,
     sample_prompts,
 )
+from flexgen_core.testing import common as testing_common  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,23 @@ class WeightSpec:
 
 
 @dataclass(frozen=True)
+class CheckpointNames:
+    """How a family spells its checkpoint keys: a key is looked up under each prefix, in order."""
+
+    prefixes: tuple[str, ...]
+
+    def keys(self, key: str) -> tuple[str, ...]:
+        return tuple(prefix + key for prefix in self.prefixes)
+
+    def matrix(self, name: str, key: str, out_dim: int, in_dim: int) -> WeightSpec:
+        """A 2-D weight (out, in); 4-bit compression groups it along the output channel."""
+        return WeightSpec(name, self.keys(key), (out_dim, in_dim), compress_group_dim=0)
+
+    def vector(self, name: str, key: str, dim: int) -> WeightSpec:
+        return WeightSpec(name, self.keys(key), (dim,))
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """Family-independent shape: what memory accounting and the cost model need."""
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from flexgen_core.models import layers as L
-from flexgen_core.models.base import LayerKind, ModelShape, WeightSpec
+from flexgen_core.models.base import CheckpointNames, LayerKind, ModelShape, WeightSpec
 
 log = logging.getLogger(__name__)
 
@@ -202,26 +202,16 @@ class Rotary:
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _names(key: str) -> tuple[str, ...]:
-    # Causal-LM checkpoints prefix "model."; bare LlamaModel ones do not.
-    return ("model." + key, key)
-
-
-def _matrix(name: str, key: str, out_dim: int, in_dim: int) -> WeightSpec:
-    return WeightSpec(name, _names(key), (out_dim, in_dim), compress_group_dim=0)
-
-
-def _vector(name: str, key: str, dim: int) -> WeightSpec:
-    return WeightSpec(name, _names(key), (dim,))
+# Causal-LM checkpoints prefix "model."; bare LlamaModel ones do not.
+_NAMES = CheckpointNames(("model.", ""))
 
 
 class LlamaInput:
     kind = LayerKind.INPUT
 
     def __init__(self, cfg: LlamaConfig):
-        self.cfg = cfg
-        self.name = "input_embed"
-        self.specs = [_matrix("tokens", "embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)]
+        self.specs = [_NAMES.matrix("tokens", "embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)]
+        self.cfg, self.name = cfg, "input_embed"
 
     def forward(self, w, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Positions enter through RoPE in every attention layer, not here."""
@@ -239,20 +229,20 @@ class LlamaAttention:
         self.sliding_window = cfg.sliding_windows[index]
         h, p = cfg.hidden_size, f"layers.{index}."
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_width
-        # Order matters for placement (memory.weight_tiers); it is that of shapes.llama_spec_layers.
+        # Order matters for placement (memory.weight_tiers: byte midpoints in spec order).
         self.specs = [
-            _matrix("q", p + "self_attn.q_proj.weight", q_width, h),
-            _matrix("k", p + "self_attn.k_proj.weight", kv_width, h),
-            _matrix("v", p + "self_attn.v_proj.weight", kv_width, h),
-            _matrix("o", p + "self_attn.o_proj.weight", h, q_width),
-            _vector("norm_w", p + "input_layernorm.weight", h),
+            _NAMES.matrix("q", p + "self_attn.q_proj.weight", q_width, h),
+            _NAMES.matrix("k", p + "self_attn.k_proj.weight", kv_width, h),
+            _NAMES.matrix("v", p + "self_attn.v_proj.weight", kv_width, h),
+            _NAMES.matrix("o", p + "self_attn.o_proj.weight", h, q_width),
+            _NAMES.vector("norm_w", p + "input_layernorm.weight", h),
         ]
         if cfg.qkv_bias:
-            self.specs += [_vector("q_b", p + "self_attn.q_proj.bias", q_width),
-                           _vector("k_b", p + "self_attn.k_proj.bias", kv_width),
-                           _vector("v_b", p + "self_attn.v_proj.bias", kv_width)]
+            self.specs += [_NAMES.vector("q_b", p + "self_attn.q_proj.bias", q_width),
+                           _NAMES.vector("k_b", p + "self_attn.k_proj.bias", kv_width),
+                           _NAMES.vector("v_b", p + "self_attn.v_proj.bias", kv_width)]
         if cfg.o_bias:
-            self.specs.append(_vector("o_b", p + "self_attn.o_proj.bias", h))
+            self.specs.append(_NAMES.vector("o_b", p + "self_attn.o_proj.bias", h))
 
     def qkv(self, w, x: torch.Tensor, positions: torch.Tensor):
         """(B, s, H) -> q (B, s, nh, hd), k and v (B, s, nkv, hd); q and k rotated by position."""
@@ -277,14 +267,14 @@ class LlamaMLP:
         self.act = L.activation(cfg.activation)
         h, f, p = cfg.hidden_size, cfg.ffn_size, f"layers.{index}."
         self.specs = [
-            _matrix("gate", p + "mlp.gate_proj.weight", f, h),
-            _matrix("up", p + "mlp.up_proj.weight", f, h),
-            _matrix("down", p + "mlp.down_proj.weight", h, f),
-            _vector("norm_w", p + "post_attention_layernorm.weight", h),
+            _NAMES.matrix("gate", p + "mlp.gate_proj.weight", f, h),
+            _NAMES.matrix("up", p + "mlp.up_proj.weight", f, h),
+            _NAMES.matrix("down", p + "mlp.down_proj.weight", h, f),
+            _NAMES.vector("norm_w", p + "post_attention_layernorm.weight", h),
         ]
         if cfg.mlp_bias:
-            self.specs += [_vector("gate_b", p + "mlp.gate_proj.bias", f), _vector("up_b", p + "mlp.up_proj.bias", f),
-                           _vector("down_b", p + "mlp.down_proj.bias", h)]
+            self.specs += [_NAMES.vector("gate_b", p + "mlp.gate_proj.bias", f), _NAMES.vector("up_b", p + "mlp.up_proj.bias", f),
+                           _NAMES.vector("down_b", p + "mlp.down_proj.bias", h)]
 
     def forward(self, w, x: torch.Tensor) -> torch.Tensor:
         y = L.rms_norm(x, w["norm_w"], self.cfg.rms_norm_eps)
@@ -302,9 +292,9 @@ class LlamaOutput:
         # A tied head reads the input embedding (HF checkpoints then usually omit lm_head.weight); an
         # untied one must have its own tensor, never silently the embedding's. Either way the engine
         # stores a separate copy, so each layer's weights move as a unit.
-        names = ("lm_head.weight",) + (_names("embed_tokens.weight") if cfg.tie_word_embeddings else ())
+        names = ("lm_head.weight",) + (_NAMES.keys("embed_tokens.weight") if cfg.tie_word_embeddings else ())
         self.specs = [
-            _vector("norm_w", "norm.weight", cfg.hidden_size),
+            _NAMES.vector("norm_w", "norm.weight", cfg.hidden_size),
             WeightSpec("lm_head", names, (cfg.vocab_size, cfg.hidden_size), compress_group_dim=0),
         ]
 

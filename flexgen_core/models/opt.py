@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from flexgen_core.models import layers as L
-from flexgen_core.models.base import LayerKind, ModelShape, WeightSpec
+from flexgen_core.models.base import CheckpointNames, LayerKind, ModelShape, WeightSpec
 
 # OPT's learned positional embedding reserves the first two rows (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -61,17 +61,8 @@ class OPTConfig(ModelShape):
         return self.word_embed_proj_dim != self.hidden_size
 
 
-def _names(*suffixes: str) -> tuple[str, ...]:
-    # Full causal-LM checkpoints prefix "model.decoder."; bare OPTModel ones "decoder.".
-    return tuple(prefix + s for s in suffixes for prefix in ("model.decoder.", "decoder."))
-
-
-def _matrix(name: str, key: str, out_dim: int, in_dim: int) -> WeightSpec:
-    return WeightSpec(name, _names(key), (out_dim, in_dim), compress_group_dim=0)
-
-
-def _vector(name: str, key: str, dim: int) -> WeightSpec:
-    return WeightSpec(name, _names(key), (dim,))
+# Full causal-LM checkpoints prefix "model.decoder."; bare OPTModel ones "decoder.".
+_NAMES = CheckpointNames(("model.decoder.", "decoder."))
 
 
 class OPTInput:
@@ -81,11 +72,11 @@ class OPTInput:
         self.cfg = cfg
         self.name = "input_embed"
         self.specs = [
-            _matrix("tokens", "embed_tokens.weight", cfg.vocab_size, cfg.word_embed_proj_dim),
-            _matrix("positions", "embed_positions.weight", cfg.max_positions + POSITION_OFFSET, cfg.hidden_size),
+            _NAMES.matrix("tokens", "embed_tokens.weight", cfg.vocab_size, cfg.word_embed_proj_dim),
+            _NAMES.matrix("positions", "embed_positions.weight", cfg.max_positions + POSITION_OFFSET, cfg.hidden_size),
         ]
         if cfg.projects_embeddings:
-            self.specs.append(_matrix("project_in", "project_in.weight", cfg.hidden_size, cfg.word_embed_proj_dim))
+            self.specs.append(_NAMES.matrix("project_in", "project_in.weight", cfg.hidden_size, cfg.word_embed_proj_dim))
 
     def forward(self, w: dict[str, torch.Tensor], token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # positions: (B, s), -1 at left padding; transformers maps padding to row 1 the same way.
@@ -102,16 +93,11 @@ class OPTAttention:
         self.cfg = cfg
         self.name = f"layer{index}.attention"
         h, p = cfg.hidden_size, f"layers.{index}."
-        self.specs = [
-            _matrix("q", p + "self_attn.q_proj.weight", h, h),
-            _matrix("k", p + "self_attn.k_proj.weight", h, h),
-            _matrix("v", p + "self_attn.v_proj.weight", h, h),
-            _matrix("out", p + "self_attn.out_proj.weight", h, h),
-            _vector("norm_w", p + "self_attn_layer_norm.weight", h),
-            _vector("norm_b", p + "self_attn_layer_norm.bias", h),
-        ]
+        self.specs = [_NAMES.matrix(n, p + f"self_attn.{n}_proj.weight", h, h) for n in ("q", "k", "v", "out")]
+        self.specs += [_NAMES.vector("norm_w", p + "self_attn_layer_norm.weight", h),
+                       _NAMES.vector("norm_b", p + "self_attn_layer_norm.bias", h)]
         if cfg.bias:
-            self.specs += [_vector(n + "_b", p + f"self_attn.{n}_proj.bias", h) for n in ("q", "k", "v", "out")]
+            self.specs += [_NAMES.vector(n + "_b", p + f"self_attn.{n}_proj.bias", h) for n in ("q", "k", "v", "out")]
 
     def qkv(self, w, x: torch.Tensor, positions: torch.Tensor):
         """(B, s, H) -> q, k, v each (B, s, nh, hd). Positions are unused: OPT adds them at input."""
@@ -132,18 +118,14 @@ class OPTMLP:
     kind = LayerKind.MLP
 
     def __init__(self, cfg: OPTConfig, index: int):
-        self.cfg = cfg
-        self.name = f"layer{index}.mlp"
-        self.act = L.activation(cfg.activation)
         h, f, p = cfg.hidden_size, cfg.ffn_size, f"layers.{index}."
-        self.specs = [
-            _matrix("fc1", p + "fc1.weight", f, h),
-            _matrix("fc2", p + "fc2.weight", h, f),
-            _vector("norm_w", p + "final_layer_norm.weight", h),
-            _vector("norm_b", p + "final_layer_norm.bias", h),
-        ]
+        specs = [_NAMES.matrix("fc1", p + "fc1.weight", f, h), _NAMES.matrix("fc2", p + "fc2.weight", h, f),
+                 _NAMES.vector("norm_w", p + "final_layer_norm.weight", h),
+                 _NAMES.vector("norm_b", p + "final_layer_norm.bias", h)]
         if cfg.bias:
-            self.specs += [_vector("fc1_b", p + "fc1.bias", f), _vector("fc2_b", p + "fc2.bias", h)]
+            specs += [_NAMES.vector("fc1_b", p + "fc1.bias", f), _NAMES.vector("fc2_b", p + "fc2.bias", h)]
+        self.cfg, self.name, self.specs = cfg, f"layer{index}.mlp", specs
+        self.act = L.activation(cfg.activation)
 
     def forward(self, w, x: torch.Tensor) -> torch.Tensor:
         y = L.layer_norm(x, w["norm_w"], w["norm_b"], LAYER_NORM_EPS) if self.cfg.do_layer_norm_before else x
@@ -163,13 +145,13 @@ class OPTOutput:
         self.specs = []
         if cfg.final_layer_norm:
             self.specs += [
-                _vector("norm_w", "final_layer_norm.weight", cfg.hidden_size),
-                _vector("norm_b", "final_layer_norm.bias", cfg.hidden_size),
+                _NAMES.vector("norm_w", "final_layer_norm.weight", cfg.hidden_size),
+                _NAMES.vector("norm_b", "final_layer_norm.bias", cfg.hidden_size),
             ]
         if cfg.projects_embeddings:
-            self.specs.append(_matrix("project_out", "project_out.weight", cfg.word_embed_proj_dim, cfg.hidden_size))
+            self.specs.append(_NAMES.matrix("project_out", "project_out.weight", cfg.word_embed_proj_dim, cfg.hidden_size))
         # Tied to the input embedding; a separate copy is stored so each layer's weights move as a unit.
-        tied = WeightSpec("lm_head", ("lm_head.weight",) + _names("embed_tokens.weight"),
+        tied = WeightSpec("lm_head", ("lm_head.weight",) + _NAMES.keys("embed_tokens.weight"),
                           (cfg.vocab_size, cfg.word_embed_proj_dim), compress_group_dim=0)
         self.specs.append(tied)
 

@@ -30,33 +30,33 @@ def _llama_style(variant: str) -> Callable[[], Family]:
     return load
 
 
-# HF architecture name / model_type -> family loader (imported lazily).
-_ARCHITECTURES: dict[str, Callable[[], Family]] = {
-    "OPTForCausalLM": _opt,
-    "LlamaForCausalLM": _llama_style("llama"),
-    "MistralForCausalLM": _llama_style("mistral"),
-    "Qwen2ForCausalLM": _llama_style("qwen2"),
-}
-_MODEL_TYPES: dict[str, Callable[[], Family]] = {
-    "opt": _opt,
-    "llama": _llama_style("llama"),
-    "mistral": _llama_style("mistral"),
-    "qwen2": _llama_style("qwen2"),
+# The one registry: HF architecture name -> (model_type, family loader, imported lazily).
+_FAMILIES: dict[str, tuple[str, Callable[[], Family]]] = {
+    "OPTForCausalLM": ("opt", _opt),
+    "LlamaForCausalLM": ("llama", _llama_style("llama")),
+    "MistralForCausalLM": ("mistral", _llama_style("mistral")),
+    "Qwen2ForCausalLM": ("qwen2", _llama_style("qwen2")),
 }
 
 
 def supported() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted(_FAMILIES)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(model_type for model_type, _ in _FAMILIES.values())
 
 
 def family_for(hf_config: Mapping[str, Any]) -> Family:
-    """The family for a checkpoint config; a clear error listing what is supported otherwise."""
+    """The family for a checkpoint config (by architecture, else by model_type); a clear error
+    listing what is supported otherwise."""
     for arch in hf_config.get("architectures") or []:
-        if arch in _ARCHITECTURES:
-            return _ARCHITECTURES[arch]()
+        if arch in _FAMILIES:
+            return _FAMILIES[arch][1]()
     model_type = hf_config.get("model_type")
-    if model_type in _MODEL_TYPES:
-        return _MODEL_TYPES[model_type]()
+    for known_type, load in _FAMILIES.values():
+        if model_type == known_type:
+            return load()
     raise ValueError(
         f"unsupported architecture {hf_config.get('architectures')} (model_type {model_type!r}); "
         f"supported architectures: {', '.join(supported())}"

@@ -7,10 +7,8 @@ specs (what `memory.account` and the cost model read). It comes from, in order:
 2. the packaged table of known models (`model_shapes.json`: OPT, Llama 2/3, Mistral, Qwen2.5), offline;
 3. the `config.json` of a Hugging Face hub repository (downloaded alone, no weights).
 
-Families the engine runs (see `models/registry.py`) use their own config class and layer builder, so the
-planner accounts exactly what the engine will allocate. Llama-family models (Llama, Mistral, Qwen2) have
-no engine family yet: `llama_spec_layers` describes their weights (names and shapes as in transformers'
-`modeling_llama.py` / `modeling_qwen2.py`) for planning only.
+Every model is built by its engine family (`models/registry.py`): the family's config class and layer
+builder, so the planner accounts exactly the weights the engine will allocate.
 """
 
 from __future__ import annotations
@@ -24,9 +22,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from flexgen_core.models.base import LayerKind, ModelShape, WeightSpec
+from flexgen_core.models.registry import family_for, supported_model_types
 
 _TABLE_FILE = Path(__file__).with_name("model_shapes.json")
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ def hf_config_from_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
             "word_embed_proj_dim": entry.get("word_embed_proj_dim", entry["hidden"]),
             "do_layer_norm_before": entry.get("do_layer_norm_before", True),
         }
-    if family in LLAMA_LIKE:
+    if family in supported_model_types():
         return {
             "model_type": family,
             "num_hidden_layers": entry["layers"],
@@ -92,75 +90,28 @@ def hf_config_from_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
             "max_position_embeddings": entry["max_positions"],
             "tie_word_embeddings": entry.get("tie_word_embeddings", False),
         }
-    raise ValueError(f"model table entry has unknown family {family!r}; known: opt, {', '.join(LLAMA_LIKE)}")
+    raise ValueError(f"model table entry has unknown family {family!r}; known: {', '.join(supported_model_types())}")
 
-
-# ---- Llama-family weights, for planning only ---------------------------------------------------------
 
 @dataclass(frozen=True)
 class SpecOnlyLayer:
-    """A layer described by its weights alone (no forward): enough for accounting and the cost model."""
+    """A layer described by its weights alone (no forward): enough for accounting and the cost model
+    (hand-built layers in tests)."""
 
     name: str
     kind: LayerKind
     specs: tuple[WeightSpec, ...]
 
 
-def llama_shape(hf: Mapping[str, Any]) -> ModelShape:
-    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hidden // heads
-    return ModelShape(
-        family=hf.get("model_type", "llama"),
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hidden,
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        ffn_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        max_positions=hf.get("max_position_embeddings", 4096),
-    )
-
-
-def llama_spec_layers(shape: ModelShape, qkv_bias: bool = False) -> list[SpecOnlyLayer]:
-    """Input embedding, (attention, MLP) per block, output (final RMSNorm, lm_head). RoPE has no weights;
-    Qwen2 adds q/k/v biases. The output embedding is stored separately, as the engine does for tied ones."""
-    h, q_width, kv_width, f = shape.hidden_size, shape.num_heads * shape.head_dim, shape.kv_width, shape.ffn_size
-
-    def matrix(name: str, out_dim: int, in_dim: int) -> WeightSpec:
-        return WeightSpec(name, (name,), (out_dim, in_dim), compress_group_dim=0)
-
-    def vector(name: str, dim: int) -> WeightSpec:
-        return WeightSpec(name, (name,), (dim,))
-
-    layers = [SpecOnlyLayer("input_embed", LayerKind.INPUT, (matrix("tokens", shape.vocab_size, h),))]
-    for i in range(shape.num_layers):
-        attention = [matrix("q", q_width, h), matrix("k", kv_width, h), matrix("v", kv_width, h),
-                     matrix("o", h, q_width), vector("norm_w", h)]
-        if qkv_bias:
-            attention += [vector("q_b", q_width), vector("k_b", kv_width), vector("v_b", kv_width)]
-        layers.append(SpecOnlyLayer(f"layer{i}.attention", LayerKind.ATTENTION, tuple(attention)))
-        mlp = (matrix("gate", f, h), matrix("up", f, h), matrix("down", h, f), vector("norm_w", h))
-        layers.append(SpecOnlyLayer(f"layer{i}.mlp", LayerKind.MLP, mlp))
-    layers.append(SpecOnlyLayer("output_embed", LayerKind.OUTPUT,
-                                (vector("norm_w", h), matrix("lm_head", shape.vocab_size, h))))
-    return layers
-
-
 # ---- resolution -----------------------------------------------------------------------------------
 
 def from_hf_config(name: str, hf: Mapping[str, Any], source: str) -> PlanModel:
-    """Shape and layers from a `config.json` dict: the engine's family when it has one, else Llama-like."""
-    from flexgen_core.models.registry import family_for
-
-    model_type = hf.get("model_type")
-    if model_type in LLAMA_LIKE:
-        shape = llama_shape(hf)
-        return PlanModel(name, shape, llama_spec_layers(shape, qkv_bias=model_type == "qwen2"), source)
+    """Shape and layers from a `config.json` dict, built by the engine's own family (the weights the
+    engine will allocate, biases included)."""
     try:
         family = family_for(hf)
     except ValueError as e:
-        raise ValueError(f"cannot plan for {name!r}: {e}; for planning also: {', '.join(LLAMA_LIKE)}") from None
+        raise ValueError(f"cannot plan for {name!r}: {e}") from None
     config = family.config_from_hf(hf)
     return PlanModel(name, config, family.build_layers(config), source)
 

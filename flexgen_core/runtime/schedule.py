@@ -14,13 +14,20 @@ from typing import Callable
 
 import torch
 
-from flexgen_core.activations import Activations
-from flexgen_core.decoding import DecodeSettings, Sequence, record_prompt_logprobs, select_tokens
-from flexgen_core.kv_cache import KVCache
 from flexgen_core.memory import num_slots
 from flexgen_core.models import layers as math
-from flexgen_core.models.base import LayerKind
-from flexgen_core.storage import Devices
+from flexgen_core.models.base import LayerKind, ModelShape
+from flexgen_core.policy import Policy
+from flexgen_core.runtime.activations import Activations
+from flexgen_core.runtime.decoding import (
+    DecodeSettings,
+    Sequence,
+    record_prompt_logprobs,
+    select_tokens,
+)
+from flexgen_core.runtime.kv_cache import KVCache
+from flexgen_core.runtime.storage import Devices, OffloadDir
+from flexgen_core.runtime.weights import WeightStore
 
 
 class IOQueue:
@@ -92,21 +99,29 @@ class Batch:
         return allowed[:, None]
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every block of one engine shares: the model's layers and weights, its policy, devices,
+    compute dtype and offload folder."""
+
+    layers: list
+    weights: WeightStore
+    shape: ModelShape
+    policy: Policy
+    devices: Devices
+    dtype: torch.dtype
+    offload: OffloadDir
+
+
 class BlockRunner:
     """Runs one block of GPU batches through every layer for every generation step."""
 
-    def __init__(self, layers, weights, shape, policy, devices: Devices, dtype, offload):
-        self.layers = layers
-        self.weights = weights
-        self.shape = shape
-        self.policy = policy
-        self.devices = devices
-        self.dtype = dtype
-        self.offload = offload
-        self.loads = IOQueue(policy.overlap, devices, "load")
-        self.stores = IOQueue(policy.overlap, devices, "store")
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.loads = IOQueue(ctx.policy.overlap, ctx.devices, "load")
+        self.stores = IOQueue(ctx.policy.overlap, ctx.devices, "store")
         self.attention_index = {}
-        for layer_idx, layer in enumerate(layers):
+        for layer_idx, layer in enumerate(ctx.layers):
             if layer.kind is LayerKind.ATTENTION:
                 self.attention_index[layer_idx] = len(self.attention_index)
         self.load_counts = {"weights": 0, "cache": 0}  # per-kind counters pick staging slots
@@ -120,10 +135,11 @@ class BlockRunner:
         prompt_len = batches[0].token_ids.shape[1]
         total_len = prompt_len + settings.max_new_tokens
         batch_sizes = [len(b.pads) for b in batches]
-        cache = KVCache(self.shape, self.policy, self.devices, self.dtype, self.offload,
+        ctx = self.ctx
+        cache = KVCache(ctx.shape, ctx.policy, ctx.devices, ctx.dtype, ctx.offload,
                         len(self.attention_index), batch_sizes, total_len)
-        acts = Activations(self.policy, self.devices, self.dtype, self.offload, batch_sizes,
-                           prompt_len, self.shape.hidden_size)
+        acts = Activations(ctx.policy, ctx.devices, ctx.dtype, ctx.offload, batch_sizes,
+                           prompt_len, ctx.shape.hidden_size)
         try:
             _BlockPass(self, batches, cache, acts, settings, echo_prompt, prompt_len).run()
         finally:
@@ -141,7 +157,8 @@ class _BlockPass:
 
     def __init__(self, runner: BlockRunner, batches, cache: KVCache, acts: Activations,
                  settings: DecodeSettings, echo_prompt: bool, prompt_len: int):
-        self.r = runner
+        self.runner = runner
+        self.ctx = runner.ctx
         self.batches = batches
         self.cache = cache
         self.acts = acts
@@ -184,10 +201,10 @@ class _BlockPass:
             raise errors[0]
 
     def _schedule(self) -> None:
-        layers, num_batches = self.r.layers, len(self.batches)
+        layers, num_batches = self.ctx.layers, len(self.batches)
         weight_order = [(step, layer_idx) for step in range(self.num_steps) for layer_idx in range(len(layers))]
         # Without overlap there is one staging slot per kind: load each thing only when it is needed.
-        prefetch = self.r.policy.overlap
+        prefetch = self.ctx.policy.overlap
         self.pending_weights = self._load_weights(weight_order[0][1])
         for order_idx, (step, layer_idx) in enumerate(weight_order):
             weights = self.pending_weights.result()
@@ -202,21 +219,21 @@ class _BlockPass:
                 self.pending_weights = self._load_weights(next_layer)
             if layers[layer_idx].kind is LayerKind.OUTPUT:
                 if step == 0:
-                    self.r.last_allocated = self._allocated()
+                    self.runner.last_allocated = self._allocated()
                 if all(seq.done for batch in self.batches for seq in batch.seqs):
                     break
 
     def _allocated(self) -> dict[str, dict[str, int]]:
-        return self.r.weights.allocated() | self.cache.allocated() | {"activations": self.acts.allocated()}
+        return self.ctx.weights.allocated() | self.cache.allocated() | {"activations": self.acts.allocated()}
 
     def _load_weights(self, layer_idx: int) -> Future:
-        slot = self.r.next_slot("weights")
-        return self.r.loads.submit(self.r.weights.load, layer_idx, slot)
+        slot = self.runner.next_slot("weights")
+        return self.runner.loads.submit(self.ctx.weights.load, layer_idx, slot)
 
     def _next_unit(self, step: int, layer_idx: int, batch_idx: int) -> tuple[int, int, int] | None:
         if batch_idx + 1 < len(self.batches):
             return step, layer_idx, batch_idx + 1
-        if layer_idx + 1 < len(self.r.layers):
+        if layer_idx + 1 < len(self.ctx.layers):
             return step, layer_idx + 1, 0
         return (step + 1, 0, 0) if step + 1 < self.num_steps else None
 
@@ -226,26 +243,26 @@ class _BlockPass:
         if nxt is None:
             return
         n_step, n_layer, n_batch = nxt
-        if n_step > 0 and n_layer in self.r.attention_index:
+        if n_step > 0 and n_layer in self.runner.attention_index:
             self._request_cache(n_step, n_layer, n_batch)
-        if n_batch != batch_idx and self.r.layers[n_layer].kind is not LayerKind.INPUT:
+        if n_batch != batch_idx and self.ctx.layers[n_layer].kind is not LayerKind.INPUT:
             self._request_act(n_batch)
 
     def _request_cache(self, step: int, layer_idx: int, batch_idx: int) -> None:
         key = (layer_idx, batch_idx)
         if key in self.cache_loads:
             return
-        slot = self.r.next_slot("cache")
+        slot = self.runner.next_slot("cache")
         upto = self.prompt_len + step - 1  # rows already written
-        attn_idx = self.r.attention_index[layer_idx]
-        waits = (self.cache_stores.get(key), self.slot_stores.get(slot % num_slots(self.r.policy)))
-        future = self.r.loads.submit(self.cache.load, attn_idx, batch_idx, upto, slot, waits=waits)
+        attn_idx = self.runner.attention_index[layer_idx]
+        waits = (self.cache_stores.get(key), self.slot_stores.get(slot % num_slots(self.ctx.policy)))
+        future = self.runner.loads.submit(self.cache.load, attn_idx, batch_idx, upto, slot, waits=waits)
         self.cache_loads[key] = (future, slot)
 
     def _request_act(self, batch_idx: int) -> None:
         if batch_idx in self.act_loads or self.acts.on_device[batch_idx]:
             return
-        self.act_loads[batch_idx] = self.r.loads.submit(
+        self.act_loads[batch_idx] = self.runner.loads.submit(
             self.acts.load, batch_idx, waits=(self.act_stores.get(batch_idx),))
 
     def _hidden(self, batch_idx: int) -> torch.Tensor:
@@ -258,7 +275,7 @@ class _BlockPass:
         if self.acts.on_device[batch_idx]:
             self.acts.store(batch_idx, hidden)
         else:
-            self.act_stores[batch_idx] = self.r.stores.submit(
+            self.act_stores[batch_idx] = self.runner.stores.submit(
                 self.acts.store, batch_idx, hidden, waits=(self.act_stores.get(batch_idx),))
 
     # ---- per-step index tensors, built once per (step, batch) rather than per layer ----------------
@@ -272,7 +289,7 @@ class _BlockPass:
 
     def _mask(self, step, batch_idx, start, length, key_len, tier, window) -> torch.Tensor:
         """The attention mask for attention running on `tier` ("gpu": the compute device, or "cpu")."""
-        device = self.r.devices.tier_device(tier)
+        device = self.ctx.devices.tier_device(tier)
         if step == 0:  # prompt-pass masks are (B, 1, s, s): too big to keep for every batch
             return self.batches[batch_idx].allowed(start, length, key_len, device, window)
         if self._memo_step != step:
@@ -284,7 +301,7 @@ class _BlockPass:
 
     # ---- one unit: (step, layer, batch) ----------------------------------------------------------
     def _compute(self, step: int, layer_idx: int, batch_idx: int, weights) -> None:
-        layer = self.r.layers[layer_idx]
+        layer = self.ctx.layers[layer_idx]
         batch = self.batches[batch_idx]
         start = 0 if step == 0 else self.prompt_len + step - 1
         length = self.prompt_len if step == 0 else 1
@@ -303,9 +320,9 @@ class _BlockPass:
     def _attention(self, layer, layer_idx, batch_idx, weights, step, start, length) -> torch.Tensor:
         x = self._hidden(batch_idx)
         q, k, v = layer.qkv(weights, x, self._positions(step, batch_idx, start, length))  # each (B, s, heads, hd)
-        group = self.r.shape.num_heads // self.r.shape.num_kv_heads
+        group = self.ctx.shape.num_heads // self.ctx.shape.num_kv_heads
         key_len = start + length
-        compute = self.r.devices.compute
+        compute = self.ctx.devices.compute
         if step == 0:
             buffers, slot = None, None
         else:
@@ -326,19 +343,19 @@ class _BlockPass:
                 kv[start].copy_(new_kv[0])
                 kv = kv[:key_len]
                 rows.append(buffers[seg_idx][start:start + 1])
-            device = self.r.devices.tier_device(seg.compute_on)
+            device = self.ctx.devices.tier_device(seg.compute_on)
             window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
             mask = self._mask(step, batch_idx, start, length, key_len, seg.compute_on, window)
             q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
             out = math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
             outputs.append(out.to(compute))
-        attn_idx = self.r.attention_index[layer_idx]
+        attn_idx = self.runner.attention_index[layer_idx]
         key = (layer_idx, batch_idx)
         waits = (self.cache_stores.get(key),)
-        store = self.r.stores.submit(self.cache.store, attn_idx, batch_idx, start, rows, waits=waits)
+        store = self.runner.stores.submit(self.cache.store, attn_idx, batch_idx, start, rows, waits=waits)
         self.cache_stores[key] = store
         if slot is not None:
-            self.slot_stores[slot % num_slots(self.r.policy)] = store
+            self.slot_stores[slot % num_slots(self.ctx.policy)] = store
         attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return layer.finish(weights, x, attn)
 

@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-
-log = logging.getLogger(__name__)
 
 GiB = 2**30
 TERA = 1e12
@@ -250,34 +246,3 @@ def format_size(nbytes: float) -> str:
         if abs(nbytes) >= size:
             return f"{nbytes / size:.2f} {unit}"
     return f"{int(nbytes)} B"
-
-
-# ---- the profile of this machine --------------------------------------------------------------------
-
-def measured_profile_path(device: str) -> Path:
-    """Where a measured profile of this host and device kind is kept: `$FLEXGEN_PROFILE_DIR` or
-    `~/.cache/flexgen-helm/profiles`."""
-    root = Path(os.environ.get("FLEXGEN_PROFILE_DIR", "~/.cache/flexgen-helm/profiles")).expanduser()
-    return root / f"{socket.gethostname()}-{device}.json"
-
-
-def resolve(hardware: "HardwareProfile | str | os.PathLike | None", device: str,
-            offload_dir: str | os.PathLike | None = None) -> HardwareProfile:
-    """The profile to plan with: the one given (object, built-in name or file); else `$FLEXGEN_HARDWARE`;
-    else this host's measured profile, measured once (quick mode) and kept for next time."""
-    if isinstance(hardware, HardwareProfile):
-        return hardware
-    if hardware is None:
-        hardware = os.environ.get("FLEXGEN_HARDWARE") or None
-    if hardware is not None:
-        return load_profile(hardware)
-    path = measured_profile_path(device)
-    if path.is_file():
-        log.info("using the measured hardware profile %s", path)
-        return load_profile(path)
-    from flexgen_core.profiler import measure
-
-    log.info("no hardware profile given: measuring this machine (quick mode); kept in %s", path)
-    profile = measure(device=device, offload_dir=offload_dir, quick=True)
-    profile.save(path)
-    return profile

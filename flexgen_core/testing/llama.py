@@ -1,7 +1,7 @@
 """Small, deterministic, offline Llama-style checkpoints (Llama 2/3, Mistral, Qwen2) for tests.
 
 The Llama-family half of `flexgen_core.testing`, which holds the public API (`build_checkpoint`,
-`sample_prompts`, `PRESETS`); the on-disk cache and the corpus are in `testing_common`. This
+`sample_prompts`, `PRESETS`); the on-disk cache and the corpus are in `testing.common`. This
 file adds `LlamaPreset`, the Llama-style tokenizer and the seeded weights.
 
 Tokenizer: shaped like Llama 2's, i.e. a sentencepiece-style BPE that `transformers` loads as
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flexgen_core import testing_common
+from flexgen_core.testing import common
 
 if TYPE_CHECKING:
     import torch
@@ -166,7 +166,15 @@ LLAMA_PRESETS: tuple[LlamaPreset, ...] = (
 
 
 def _train_llama_tokenizer(vocab_size: int, folder: Path, model_max_length: int) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     # Learn merges on "▁"-prefixed words (sentencepiece never merges across a word start), then lay out
     # the vocabulary as Llama's: specials, the 256 byte-fallback tokens, then the learned pieces.
@@ -179,7 +187,7 @@ def _train_llama_tokenizer(vocab_size: int, folder: Path, model_max_length: int)
         limit_alphabet=ALPHABET_LIMIT,
         show_progress=False,
     )
-    texts = testing_common.corpus_texts()
+    texts = common.corpus_texts()
     learner.train_from_iterator(list(texts), trainer, length=len(texts))
     learned = json.loads(learner.to_str())["model"]
     vocab = {token: token_id for token_id, token in enumerate(LLAMA_SPECIAL_TOKENS)}
@@ -206,7 +214,7 @@ def _train_llama_tokenizer(vocab_size: int, folder: Path, model_max_length: int)
     )
     tokenizer.save(str(folder / "tokenizer.json"))
     special_tokens_map = {"bos_token": LLAMA_BOS_TOKEN, "eos_token": LLAMA_EOS_TOKEN, "unk_token": LLAMA_UNK_TOKEN}
-    testing_common.write_json(folder / "special_tokens_map.json", special_tokens_map)
+    common.write_json(folder / "special_tokens_map.json", special_tokens_map)
     write_tokenizer_config(folder, model_max_length)
 
 
@@ -223,15 +231,15 @@ def write_tokenizer_config(folder: Path, model_max_length: int) -> None:
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
     }
-    testing_common.write_json(folder / "tokenizer_config.json", config)
+    common.write_json(folder / "tokenizer_config.json", config)
 
 
 def build_llama_tokenizer(vocab_size: int, cache_root: Path) -> Path:
     """Train (or reuse) the Llama-style tokenizer of `vocab_size` tokens under `cache_root`."""
-    key = f"tokenizer-llama-bpe{vocab_size}-v{testing_common.FACTORY_VERSION}-{testing_common.corpus_digest()}"
-    return testing_common.build_cached(
+    key = f"tokenizer-llama-bpe{vocab_size}-v{common.FACTORY_VERSION}-{common.corpus_digest()}"
+    return common.build_cached(
         cache_root / key,
-        lambda folder: _train_llama_tokenizer(vocab_size, folder, testing_common.DEFAULT_MODEL_MAX_LENGTH),
+        lambda folder: _train_llama_tokenizer(vocab_size, folder, common.DEFAULT_MODEL_MAX_LENGTH),
     )
 
 
@@ -279,13 +287,13 @@ def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales
 
 def fill_weights(model: "torch.nn.Module", preset: LlamaPreset, seed: int) -> None:
     """Overwrite every parameter of a float32 Llama-style model with seeded values (`_scaled_weight`)."""
-    scales = testing_common.InitScales()
-    testing_common.fill_seeded(model, seed, lambda name, noise: _scaled_weight(name, noise, preset, scales))
+    scales = common.InitScales()
+    common.fill_seeded(model, seed, lambda name, noise: _scaled_weight(name, noise, preset, scales))
 
 
 def save_checkpoint(preset: LlamaPreset, seed: int, sharded: bool, dtype: str, tokenizer_dir: Path,
                     folder: Path) -> None:
     model = preset.hf_model_class()(preset.hf_config()).eval()
     fill_weights(model, preset, seed)
-    testing_common.save_model(model, folder, dtype, sharded, tokenizer_dir, LLAMA_TOKENIZER_FILES)
+    common.save_model(model, folder, dtype, sharded, tokenizer_dir, LLAMA_TOKENIZER_FILES)
     write_tokenizer_config(folder, preset.max_positions)

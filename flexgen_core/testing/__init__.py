@@ -3,9 +3,9 @@
 The public API: `PRESETS` (shapes by name), `build_checkpoint` (a random-weight checkpoint with its
 tokenizer, saved with `save_pretrained` so `from_pretrained(path)` works offline for model and
 tokenizer), `build_tokenizer`, `sample_prompts` and `greedy_stats`. The families live in their own
-modules: `testing_opt` (OPT presets, an OPT-layout byte-level BPE tokenizer, weights) and
-`testing_llama` (Llama 2/3, Mistral, Qwen2 presets, a Llama-2-like tokenizer, weights); what they
-share (cache, corpus, weight scales) is in `testing_common`. No network is touched: tokenizers are
+modules: `testing.opt` (OPT presets, an OPT-layout byte-level BPE tokenizer, weights) and
+`testing.llama` (Llama 2/3, Mistral, Qwen2 presets, a Llama-2-like tokenizer, weights); what they
+share (cache, corpus, weight scales) is in `testing.common`. No network is touched: tokenizers are
 trained on a fixed, sorted list of Python standard-library source files.
 
 Why the weights are not HF's default init: with std 0.02 everywhere, logits come out nearly uniform
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from flexgen_core import testing_llama, testing_opt
-from flexgen_core.testing_common import (
+from flexgen_core.testing import llama, opt
+from flexgen_core.testing.common import (
     DEFAULT_MODEL_MAX_LENGTH,
     DTYPES,
     FACTORY_VERSION,
@@ -41,8 +41,8 @@ from flexgen_core.testing_common import (
     corpus_texts,
     default_cache_root,
 )
-from flexgen_core.testing_llama import LLAMA_PRESETS, LlamaPreset
-from flexgen_core.testing_opt import (
+from flexgen_core.testing.llama import LLAMA_PRESETS, LlamaPreset
+from flexgen_core.testing.opt import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
     OPT_PRESETS,
@@ -93,11 +93,11 @@ def build_checkpoint(
     spec = PRESETS[preset]
     cache_root = Path(root) if root is not None else default_cache_root()
     if isinstance(spec, LlamaPreset):
-        tokenizer_dir = testing_llama.build_llama_tokenizer(spec.tokenizer_vocab, cache_root)
-        save = testing_llama.save_checkpoint
+        tokenizer_dir = llama.build_llama_tokenizer(spec.tokenizer_vocab, cache_root)
+        save = llama.save_checkpoint
     else:
         tokenizer_dir = build_tokenizer(spec.tokenizer_vocab, root=cache_root)
-        save = testing_opt.save_checkpoint
+        save = opt.save_checkpoint
     target = cache_root / _checkpoint_key(spec, seed, bool(sharded), dtype)
     return build_cached(target, lambda folder: save(spec, seed, bool(sharded), dtype, tokenizer_dir, folder))
 
@@ -286,7 +286,3 @@ def _main(argv: Sequence[str] | None = None) -> None:
                 f" distinct={stats.distinct_fraction:.2f} longest_run={stats.longest_run} finite={stats.all_finite}"
             )
         print(line, "\n   ", path)
-
-
-if __name__ == "__main__":
-    _main()

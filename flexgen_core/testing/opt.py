@@ -1,7 +1,7 @@
 """Small, deterministic, offline OPT checkpoints: the OPT half of `flexgen_core.testing`.
 
 `build_tokenizer` trains a byte-level BPE tokenizer (the `tokenizers` library) on the shared corpus
-(`testing_common.corpus_texts`) and saves it in the layout of OPT's Hugging Face tokenizer: `<s>`=0,
+(`common.corpus_texts`) and saves it in the layout of OPT's Hugging Face tokenizer: `<s>`=0,
 `<pad>`=1, `</s>`=2, `<unk>`=3, bos = eos = `</s>`, and encoding a text prepends `</s>`.
 `save_checkpoint` builds a `transformers.OPTForCausalLM` for a `Preset`, fills its weights from a seeded
 generator (`_scaled_weight`: see `flexgen_core.testing` for why not HF's init) and saves it with
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flexgen_core.testing_common import (
+from flexgen_core.testing.common import (
     CORPUS_MAX_BYTES,
     DEFAULT_MODEL_MAX_LENGTH,
     FACTORY_VERSION,
@@ -95,26 +95,13 @@ class Preset:
 
     def opt_config_kwargs(self) -> dict:
         """Keyword arguments for `transformers.OPTConfig`."""
-        return dict(
-            vocab_size=self.vocab,
-            hidden_size=self.hidden,
-            num_hidden_layers=self.layers,
-            ffn_dim=self.ffn,
-            num_attention_heads=self.heads,
-            max_position_embeddings=self.max_positions,
-            word_embed_proj_dim=self.embed_dim,
-            do_layer_norm_before=self.do_layer_norm_before,
-            activation_function="relu",
-            dropout=0.0,
-            attention_dropout=0.0,
-            layerdrop=0.0,
-            enable_bias=True,
-            layer_norm_elementwise_affine=True,
-            tie_word_embeddings=True,
-            pad_token_id=PAD_TOKEN_ID,
-            bos_token_id=BOS_TOKEN_ID,
-            eos_token_id=EOS_TOKEN_ID,
-        )
+        shape = {"vocab_size": self.vocab, "hidden_size": self.hidden, "num_hidden_layers": self.layers,
+                 "ffn_dim": self.ffn, "num_attention_heads": self.heads, "max_position_embeddings": self.max_positions,
+                 "word_embed_proj_dim": self.embed_dim, "do_layer_norm_before": self.do_layer_norm_before}
+        special = {"pad_token_id": PAD_TOKEN_ID, "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID}
+        return shape | special | {"activation_function": "relu", "dropout": 0.0, "attention_dropout": 0.0,
+                                  "layerdrop": 0.0, "enable_bias": True, "layer_norm_elementwise_affine": True,
+                                  "tie_word_embeddings": True}
 
 
 OPT_PRESETS = (
@@ -169,7 +156,14 @@ def write_tokenizer_config(folder: Path, model_max_length: int) -> None:
 
 
 def _train_tokenizer(vocab_size: int, folder: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from flexgen_core import memory
-from flexgen_core.hardware import HardwareProfile
 from flexgen_core.models.base import LayerKind
+from flexgen_core.plan.hardware import HardwareProfile
+from flexgen_core.plan.shapes import PlanModel, matrix_params
 from flexgen_core.policy import Policy
-from flexgen_core.shapes import PlanModel, matrix_params
 
 VARS = ("w_gpu", "w_cpu", "w_disk", "cache_gpu", "cache_cpu", "cache_disk", "act_gpu", "act_cpu", "act_disk")
 TIERS = memory.TIERS
@@ -476,7 +476,7 @@ class CostModel:
         fractions every layer shares one Split (fractions of bytes, not whole tensors); with a concrete
         placement each layer has its own constant Split."""
         B, k, wl, cuda = gpu_batch_size, num_gpu_batches, self.workload, self.hw.cuda
-        slots = 2 if switches.overlap else 1
+        slots = memory.num_slots(switches)
         forms = {tier: Linear() for tier in TIERS}
         host_stage, device_stage = Linear(), Linear()
         for facts, count in self.layer_groups:
@@ -502,6 +502,7 @@ class CostModel:
         hidden = k * B * wl.prompt_len * self.shape.hidden_size * self.dtype_bytes
         for tier in TIERS:
             forms[tier] += hidden * getattr(act, tier)
+        forms["cpu"] += (hidden / k) * act.disk  # the host staging buffer of one batch's disk rows
         forms["gpu"] += memory.workspace_bound(self.shape, B, wl.prompt_len, wl.total_len, self.dtype_bytes, False)
         return forms
 

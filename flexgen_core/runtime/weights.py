@@ -14,12 +14,28 @@ from __future__ import annotations
 
 import torch
 
-from flexgen_core.compression import CompressedMeta, CompressedTensor, compress, decompress, stored_parts
-from flexgen_core.memory import align, num_slots, packed_offsets, place_layer_weights, weight_compression
-from flexgen_core.storage import Devices, OffloadDir, Slots, view_as
-from flexgen_core.streams import copy_, stream_ordered
-
-_TORCH = {"uint8": torch.uint8, "float16": torch.float16}
+from flexgen_core.compression import (
+    CompressedMeta,
+    CompressedTensor,
+    compress,
+    decompress,
+    stored_parts,
+)
+from flexgen_core.memory import (
+    align,
+    num_slots,
+    packed_offsets,
+    place_layer_weights,
+    weight_compression,
+)
+from flexgen_core.runtime.storage import (
+    Devices,
+    OffloadDir,
+    Slots,
+    torch_dtype,
+    view_as,
+)
+from flexgen_core.runtime.streams import copy_, stream_ordered
 
 
 class WeightStore:
@@ -66,7 +82,7 @@ class WeightStore:
 
     def _parts(self, spec) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         if self._compressed(spec):
-            return [(name, _TORCH[dtype], shape) for name, dtype, shape in stored_parts(spec.shape, self._config(spec))]
+            return [(name, torch_dtype(dtype), shape) for name, dtype, shape in stored_parts(spec.shape, self._config(spec))]
         return [("", self.dtype, spec.shape)]
 
     def tier_of(self, layer_idx: int, name: str) -> str:

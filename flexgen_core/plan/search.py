@@ -33,11 +33,23 @@ from typing import Iterable
 
 import numpy as np
 
-from flexgen_core.cost_model import (LANES, PHASES, TIERS, VARS, CostModel, Estimate, Linear, Split, Switches,
-                                     Workload, lane_bounds, serial_load)
-from flexgen_core.hardware import HardwareProfile, format_size
+from flexgen_core.plan.cost_model import (
+    LANES,
+    PHASES,
+    TIERS,
+    VARS,
+    CostModel,
+    Estimate,
+    Linear,
+    Split,
+    Switches,
+    Workload,
+    lane_bounds,
+    serial_load,
+)
+from flexgen_core.plan.hardware import HardwareProfile, format_size
+from flexgen_core.plan.shapes import PlanModel
 from flexgen_core.policy import Policy
-from flexgen_core.shapes import PlanModel
 
 log = logging.getLogger(__name__)
 
@@ -556,37 +568,36 @@ def _explain(model: PlanModel, est: Estimate, over: dict[str, int], usable: dict
         have = usable["cpu"] if tier == "host" else usable[tier]
         need = have + excess
         terms = est.memory.to_dict()
-        big = max((t for t in est.memory.TERMS if tier in TIERS), key=lambda t: terms[t][tier], default=None)
-        detail = f", mostly {big}" if big else ""
+        tiers = ("gpu", "cpu") if tier == "host" else (tier,)  # "host": the gpu and cpu tiers share RAM
+        big = max(est.memory.TERMS, key=lambda t: sum(terms[t][x] for x in tiers))
+        detail = f", mostly {big}"
         parts.append(f"{name} needs {format_size(need)}{detail}, usable {format_size(have)} "
                      f"(short by {format_size(excess)})")
     return (f"no policy fits {model.name} on {hardware.name}: even with batch 1 and everything on disk, "
             + "; ".join(parts))
 
 
-def plan_policy(model: PlanModel, workload: Workload, hardware: HardwareProfile, dtype_bytes: int,
-                options: PlanOptions = PlanOptions()) -> Policy:
-    return plan(model, workload, hardware, dtype_bytes, options).policy
-
-
 def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: int, hardware, offload_dir,
-                    prompt_len: int, gen_len: int, num_prompts: int | None) -> Policy:
+                    prompt_len: int, gen_len: int, num_prompts: int | None,
+                    compress_weight: bool | None = None, compress_cache: bool | None = None) -> Policy:
     """`policy="auto"` of `Engine.from_pretrained`: plan for the engine's own layers on `hardware` (see
-    `hardware.resolve`), without compression (the engine does not run it yet), and log the choice."""
-    from flexgen_core import hardware as hw
+    `profiler.resolve`) and log the choice. Compression is the planner's choice where a switch is None
+    (the default: it compresses where the cost model says it pays), as given otherwise."""
+    from flexgen_core.plan.profiler import resolve
 
-    profile = hw.resolve(hardware, device_type, offload_dir)
+    profile = resolve(hardware, device_type, offload_dir)
     if profile.compute_device != device_type:
         raise ValueError(f"hardware profile {profile.name!r} describes a {profile.compute_device} machine, but the "
                          f"engine computes on {device_type}; pass a profile of this machine (`flexgen profile`)")
     gen_len = max(1, min(gen_len, config.max_positions - 1))
     prompt_len = max(1, min(prompt_len, config.max_positions - gen_len))
-    options = PlanOptions(compress_weight=False, compress_cache=False, max_block_size=num_prompts)
+    options = PlanOptions(compress_weight=compress_weight, compress_cache=compress_cache, max_block_size=num_prompts)
     result = plan(PlanModel(name, config, layers, "folder"), Workload(prompt_len, gen_len), profile, dtype_bytes,
                   options)
     best = result.best
-    log.info("policy='auto' on %s: batch %d x %d, percent %s, cpu_cache_compute=%s; predicted %.3g tokens/s "
-                "(prefill %.3g s, decode %.3g s per block) for prompts of %d tokens generating %d",
-                profile.name, best.policy.gpu_batch_size, best.policy.num_gpu_batches, list(best.policy.percent),
-                best.policy.cpu_cache_compute, best.throughput, best.prefill_s, best.decode_s, prompt_len, gen_len)
+    log.info("policy='auto' on %s: batch %d x %d, percent %s, cpu_cache_compute=%s, compress weights %s, "
+             "cache %s; predicted %.3g tokens/s (prefill %.3g s, decode %.3g s per block) for prompts of %d "
+             "tokens generating %d", profile.name, best.policy.gpu_batch_size, best.policy.num_gpu_batches,
+             list(best.policy.percent), best.policy.cpu_cache_compute, best.policy.compress_weight,
+             best.policy.compress_cache, best.throughput, best.prefill_s, best.decode_s, prompt_len, gen_len)
     return best.policy

@@ -16,12 +16,27 @@ from math import prod
 
 import torch
 
-from flexgen_core.compression import CompressedMeta, CompressedTensor, compress, decompress, stored_parts
-from flexgen_core.memory import CACHE_COMPRESSION, cache_segments, cache_staging_tiers, num_slots
-from flexgen_core.storage import Devices, OffloadDir, Slots, view_as
-from flexgen_core.streams import copy_, stream_ordered
-
-_TORCH = {"uint8": torch.uint8, "float16": torch.float16}
+from flexgen_core.compression import (
+    CompressedMeta,
+    CompressedTensor,
+    compress,
+    decompress,
+    stored_parts,
+)
+from flexgen_core.memory import (
+    CACHE_COMPRESSION,
+    cache_segments,
+    cache_staging_tiers,
+    num_slots,
+)
+from flexgen_core.runtime.storage import (
+    Devices,
+    OffloadDir,
+    Slots,
+    torch_dtype,
+    view_as,
+)
+from flexgen_core.runtime.streams import copy_, stream_ordered
 
 
 class _Segment:
@@ -41,7 +56,7 @@ class _Segment:
         shape = self.dense_shape(batch)
         if not self.compressed:
             return [("kv", self.dtype, shape)]
-        return [(name, _TORCH[dtype], shape) for name, dtype, shape in stored_parts(shape, CACHE_COMPRESSION)]
+        return [(name, torch_dtype(dtype), shape) for name, dtype, shape in stored_parts(shape, CACHE_COMPRESSION)]
 
     def nbytes(self, batch: int) -> int:
         return sum(prod(shape) * dtype.itemsize for _, dtype, shape in self.parts(batch))

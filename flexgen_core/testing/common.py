@@ -1,4 +1,4 @@
-"""What the synthetic-checkpoint factories (`testing_opt`, `testing_llama`) share: the on-disk cache,
+"""What the synthetic-checkpoint factories (`testing.opt`, `testing.llama`) share: the on-disk cache,
 the tokenizer training corpus, the weight scales and per-tensor generators, and file writing.
 
 The public API is `flexgen_core.testing` (`build_checkpoint`, `sample_prompts`, `PRESETS`).
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from flexgen_core.memory import DTYPE_BYTES
+
 if TYPE_CHECKING:  # torch is imported lazily: importing this module stays cheap.
     import torch
 
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 # Bump when anything that changes the files produced changes (weights, shapes, tokenizer layout).
 FACTORY_VERSION = 1
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(DTYPE_BYTES)
 DEFAULT_MODEL_MAX_LENGTH = 2048  # OPT's context length; a checkpoint's tokenizer uses its preset's
 
 # Tokenizer corpus: the first files of the sorted standard-library listing, up to this many bytes.

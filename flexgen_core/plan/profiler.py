@@ -29,13 +29,14 @@ import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from flexgen_core.hardware import HardwareProfile
 from flexgen_core.models import layers as L
-from flexgen_core.storage import TORCH_DTYPES, Devices, OffloadDir
+from flexgen_core.plan.hardware import HardwareProfile, load_profile
+from flexgen_core.runtime.storage import TORCH_DTYPES, Devices, OffloadDir
 
 log = logging.getLogger(__name__)
 MiB = 2**20
@@ -194,11 +195,11 @@ class _Bench:
     def _decode_step_s(self, offload_dir, hidden: int, policy) -> tuple[float, Any]:
         """Seconds per decode step of the engine's own block schedule (`schedule.BlockRunner`) on a
         4-layer random OPT of width `hidden` under `policy`, and that model's plan shape."""
-        from flexgen_core.decoding import DecodeSettings, Sequence
         from flexgen_core.models import opt
-        from flexgen_core.schedule import Batch, BlockRunner
-        from flexgen_core.shapes import PlanModel
-        from flexgen_core.weights import WeightStore
+        from flexgen_core.plan.shapes import PlanModel
+        from flexgen_core.runtime.decoding import DecodeSettings, Sequence
+        from flexgen_core.runtime.schedule import Batch, BlockRunner, RunContext
+        from flexgen_core.runtime.weights import WeightStore
 
         cfg = opt.OPTConfig.from_hf({"hidden_size": hidden, "num_attention_heads": hidden // 64,
                                      "num_hidden_layers": 4, "ffn_dim": 4 * hidden, "vocab_size": 1024,
@@ -213,7 +214,7 @@ class _Bench:
             for layer_idx, layer in enumerate(layers):
                 for spec in layer.specs:
                     weights.put(layer_idx, spec.name, torch.randn(spec.shape) * 0.02)
-            runner = BlockRunner(layers, weights, cfg, policy, self.devices, self.dtype, offload)
+            runner = BlockRunner(RunContext(layers, weights, cfg, policy, self.devices, self.dtype, offload))
 
             def generate(new_tokens: int) -> None:
                 batch = policy.gpu_batch_size
@@ -235,7 +236,7 @@ class _Bench:
         host costs a scheduler slice): a small random OPT decodes with every tensor on the device, and
         the measured time per decode step, less the cost model's prediction from `profile` (the rates
         measured above, no overhead), is divided by the step's (layer, batch) units."""
-        from flexgen_core.cost_model import CostModel, Workload
+        from flexgen_core.plan.cost_model import CostModel, Workload
         from flexgen_core.policy import Policy
 
         policy = Policy(gpu_batch_size=8)
@@ -350,3 +351,32 @@ def _profile(devices: Devices, dtype: str, quick: bool, name: str | None, result
         io_overlap=results.get("io_overlap", 1.0),
         matmul_s_per_param=tuple(sorted(results["matmul_s_per_param"].items())),
     )
+
+
+# ---- the profile of this machine --------------------------------------------------------------------
+
+def measured_profile_path(device: str) -> Path:
+    """Where a measured profile of this host and device kind is kept: `$FLEXGEN_PROFILE_DIR` or
+    `~/.cache/flexgen-helm/profiles`."""
+    root = Path(os.environ.get("FLEXGEN_PROFILE_DIR", "~/.cache/flexgen-helm/profiles")).expanduser()
+    return root / f"{socket.gethostname()}-{device}.json"
+
+
+def resolve(hardware: "HardwareProfile | str | os.PathLike | None", device: str,
+            offload_dir: str | os.PathLike | None = None) -> HardwareProfile:
+    """The profile to plan with: the one given (object, built-in name or file); else `$FLEXGEN_HARDWARE`;
+    else this host's measured profile, measured once (quick mode) and kept for next time."""
+    if isinstance(hardware, HardwareProfile):
+        return hardware
+    if hardware is None:
+        hardware = os.environ.get("FLEXGEN_HARDWARE") or None
+    if hardware is not None:
+        return load_profile(hardware)
+    path = measured_profile_path(device)
+    if path.is_file():
+        log.info("using the measured hardware profile %s", path)
+        return load_profile(path)
+    log.info("no hardware profile given: measuring this machine (quick mode); kept in %s", path)
+    profile = measure(device=device, offload_dir=offload_dir, quick=True)
+    profile.save(path)
+    return profile

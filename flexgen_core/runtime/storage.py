@@ -20,12 +20,17 @@ from pathlib import Path
 
 import torch
 
-from flexgen_core.memory import ALIGN_BYTES
-from flexgen_core.streams import CudaStream, SimulatedStream
+from flexgen_core.memory import DTYPE_BYTES
+from flexgen_core.runtime.streams import CudaStream, SimulatedStream
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPE_BYTES}  # the compute dtypes, by name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name such as "uint8" or "float16" (stored parts name theirs)."""
+    return getattr(torch, name)
 
 
 def as_bytes(t: torch.Tensor):
@@ -167,16 +172,6 @@ class OffloadDir:
         _LIVE.add(self)
         _install_sigterm_handler()
 
-    def check_free(self, nbytes: int, what: str) -> None:
-        """Raise before writing when the offload dir's file system lacks `nbytes` more."""
-        free = shutil.disk_usage(self.path).free
-        if nbytes > free:
-            raise ValueError(
-                f"not enough free disk in offload_dir {str(self.base)!r} for {what}: needs {nbytes / 2**30:.2f} GiB, "
-                f"{free / 2**30:.2f} GiB free (short by {(nbytes - free) / 2**30:.2f} GiB); free space, "
-                "use another --offload-dir, or keep more on GPU/CPU"
-            )
-
     def file(self, name: str, nbytes: int) -> DiskFile:
         f = DiskFile(self.path / name, nbytes)
         self.files.append(f)
@@ -186,10 +181,6 @@ class OffloadDir:
         f.close()
         self.files.remove(f)
         f.path.unlink(missing_ok=True)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
 
     def close(self) -> None:
         for f in self.files:
@@ -250,4 +241,4 @@ class Slots:
         return self.slot_bytes * len(self.buffers)
 
 
-__all__ = ["ALIGN_BYTES", "Devices", "DiskFile", "OffloadDir", "Slots", "TORCH_DTYPES", "as_bytes", "view_as"]
+__all__ = ["Devices", "DiskFile", "OffloadDir", "Slots", "TORCH_DTYPES", "as_bytes", "torch_dtype", "view_as"]
