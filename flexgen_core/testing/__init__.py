@@ -258,7 +258,8 @@ def preset_table() -> list[dict]:
 def _main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build synthetic checkpoints and print their greedy statistics.")
+    parser = argparse.ArgumentParser(prog="python -m flexgen_core.testing",
+                                     description="Build synthetic checkpoints and print their greedy statistics.")
     parser.add_argument("presets", nargs="*", default=["tiny", "odd", "proj"], choices=sorted(PRESETS))
     parser.add_argument("--root", default=None, help=f"cache folder (default {default_cache_root()})")
     parser.add_argument("--seed", type=int, default=0)
