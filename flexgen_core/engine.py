@@ -25,7 +25,7 @@ from flexgen_core.runtime.decoding import (
     Sequence,
     sequence_generator,
 )
-from flexgen_core.runtime.schedule import Batch, BlockRunner, RunContext
+from flexgen_core.runtime.schedule import Batch, BlockRunner, RunContext, SharedPrefix
 from flexgen_core.runtime.storage import TORCH_DTYPES, Devices, OffloadDir
 from flexgen_core.runtime.weights import WeightStore
 
@@ -50,6 +50,7 @@ class Engine:
         self.config = config
         self.ctx = ctx
         self.runner = BlockRunner(ctx)
+        self._prefix: SharedPrefix | None = None  # kept for later calls (see _shared_prefix)
         self._closed = False
 
     # What the blocks share, read from the run context (defined once there).
@@ -142,9 +143,10 @@ class Engine:
         ]
         # Longest first, so each block pads little.
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].prompt))
+        prefix = self._shared_prefix([s.prompt for s in seqs])
         block = self.policy.block_size
         for start in range(0, len(order), block):
-            self._run_block([seqs[i] for i in order[start:start + block]], settings, echo_prompt)
+            self._run_block([seqs[i] for i in order[start:start + block]], settings, echo_prompt, prefix)
 
         results = []
         for p_idx, prompt in enumerate(prompts):
@@ -155,26 +157,64 @@ class Engine:
             results.append(GenerationResult(prompt, completions, own[0].prompt_logprobs if echo_prompt else None))
         return results
 
-    def _run_block(self, seqs: list[Sequence], settings: DecodeSettings, echo_prompt: bool) -> None:
-        prompt_len = max(len(s.prompt) for s in seqs)
+    def _run_block(self, seqs: list[Sequence], settings: DecodeSettings, echo_prompt: bool,
+                   prefix: SharedPrefix | None) -> None:
+        shared = prefix.length if prefix is not None else 0
+        prompt_len = max(len(s.prompt) for s in seqs) - shared  # each prompt's own tokens, after the prefix
         pad_id = 0
         batches = []
         for start in range(0, len(seqs), self.policy.gpu_batch_size):
             members = seqs[start:start + self.policy.gpu_batch_size]
-            pads = [prompt_len - len(s.prompt) for s in members]
-            ids = torch.tensor([[pad_id] * pad + s.prompt for pad, s in zip(pads, members)],
+            pads = [prompt_len - (len(s.prompt) - shared) for s in members]
+            ids = torch.tensor([[pad_id] * pad + s.prompt[shared:] for pad, s in zip(pads, members)],
                                dtype=torch.long, device=self.devices.compute)
-            batches.append(Batch(ids, pads, members))
+            batches.append(Batch(ids, pads, members, offset=shared))
         needs = memory.MemoryReport()
         memory.add_block_terms(needs, self.layers, self.config, self.policy, prompt_len, settings.max_new_tokens,
                                self.dtype.itemsize, self.devices.split, echo_prompt)
-        check_fits(_sum_terms(needs, ("cache", "cache_staging", "activations")), self.devices, self.offload.path,
-                   self.policy, f"a block of {len(seqs)} sequences of {prompt_len}+{settings.max_new_tokens} tokens")
+        what = f"a block of {len(seqs)} sequences of {shared}+{prompt_len}+{settings.max_new_tokens} tokens"
+        self._check_block(needs, what)
         try:
-            self.runner.run(batches, settings, echo_prompt)
+            self.runner.run(batches, settings, echo_prompt, prefix)
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()  # the block's buffers are already released by the runner
             raise out_of_memory_error(self.policy, e) from None
+
+    def _check_block(self, needs: memory.MemoryReport, what: str) -> None:
+        """A block's cache and activations (with a shared prefix's K/V already held) must fit what is free."""
+        check_fits(_sum_terms(needs, ("cache", "cache_staging", "activations")), self.devices, self.offload.path,
+                   self.policy, what)
+
+    # ---- shared prefixes ------------------------------------------------------------------------
+    def _shared_prefix(self, prompts: list[list[int]]) -> SharedPrefix | None:
+        """The prefix the sequences of this call share, computed once (or kept from an earlier call).
+
+        The longest common token prefix, leaving each sequence at least one token of its own. A kept
+        prefix is reused while every prompt starts with it, unless a longer common prefix saves more
+        prompt tokens than computing it costs; a new one needs SHARED_PREFIX_MIN_TOKENS tokens."""
+        if not self.policy.share_prefix:
+            return None
+        limit = min(len(p) for p in prompts) - 1
+        common = _common_prefix_len(prompts, limit)
+        kept = self._prefix
+        if kept is not None and kept.length <= common and tuple(prompts[0][:kept.length]) == kept.tokens:
+            if (len(prompts) - 1) * (common - kept.length) <= common:
+                return kept
+        if common < SHARED_PREFIX_MIN_TOKENS or len(prompts) < 2:
+            return None
+        self._drop_prefix()
+        needs = memory.MemoryReport()
+        memory.add_shared_prefix_terms(needs, self.layers, self.config, self.policy, common, self.dtype.itemsize,
+                                       self.devices.split)
+        self._check_block(needs, f"a shared prefix of {common} tokens")
+        self._prefix = self.runner.run_prefix(prompts[0][:common])
+        log.info("computed a shared prefix of %d tokens for %d sequences (kept for later calls)", common, len(prompts))
+        return self._prefix
+
+    def _drop_prefix(self) -> None:
+        if self._prefix is not None:
+            self._prefix.close()
+            self._prefix = None
 
     def _validate(self, prompts, max_new_tokens, temperature, top_p, num_completions, stop, top_k_logprobs,
                   seed) -> list[int]:
@@ -221,6 +261,7 @@ class Engine:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._drop_prefix()
             self.runner.close()
             self.offload.close()
 
@@ -229,6 +270,18 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# A new shared prefix needs this many tokens to be worth its own pass over the layers.
+SHARED_PREFIX_MIN_TOKENS = 16
+
+
+def _common_prefix_len(prompts: list[list[int]], limit: int) -> int:
+    first = prompts[0]
+    length = max(0, limit)
+    for prompt in prompts[1:]:
+        length = next((i for i in range(length) if prompt[i] != first[i]), length)
+    return length
 
 
 def _sum_terms(report: memory.MemoryReport, terms) -> dict[str, int]:

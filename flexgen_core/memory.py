@@ -254,6 +254,21 @@ def add_block_terms(report: MemoryReport, layers, shape, policy, prompt_len: int
     report.workspace["gpu"] = workspace_bound(shape, batch, prompt_len, total_len, dtype_bytes, echo_prompt)
 
 
+def add_shared_prefix_terms(report: MemoryReport, layers, shape, policy, prefix_len: int, dtype_bytes: int,
+                            split: bool) -> None:
+    """A shared prefix of `prefix_len` tokens: the pass that computes it (one sequence, echoing its
+    logprobs) and what it holds after: the exact K/V of one sequence, plus a compressed copy with
+    compress_cache (cache and cache_staging terms)."""
+    one = policy.replace(gpu_batch_size=1, num_gpu_batches=1)
+    add_block_terms(report, layers, shape, one.replace(compress_cache=False), prefix_len, 0, dtype_bytes, split, True)
+    if policy.compress_cache:
+        packed = MemoryReport()
+        add_block_terms(packed, layers, shape, one, prefix_len, 0, dtype_bytes, split)
+        for term in ("cache", "cache_staging"):
+            for tier in TIERS:
+                getattr(report, term)[tier] += getattr(packed, term)[tier]
+
+
 def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_bytes: int, echo_prompt: bool) -> int:
     """Upper bound on one layer's transient tensors for one GPU batch (the prompt pass dominates)."""
     tokens = batch * prompt_len

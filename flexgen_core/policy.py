@@ -16,7 +16,7 @@ _PERCENT_PAIRS = (
     ("cache_gpu_percent", "cache_cpu_percent"),
     ("act_gpu_percent", "act_cpu_percent"),
 )
-_SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache", "pin_weight")
+_SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache", "pin_weight", "share_prefix")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Policy:
     compress_cache: bool = False
     # Pin host copies of CPU-resident weights (CUDA hosts only). The paper turns this off for 175B.
     pin_weight: bool = True
+    # Compute a prompt prefix shared by the sequences of a call once, store its K/V once, and keep it
+    # for later calls (Engine.generate). Results do not depend on it; off is for ablation.
+    share_prefix: bool = True
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):

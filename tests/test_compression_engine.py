@@ -73,9 +73,10 @@ class CacheRecorder:
         run, store, close = BlockRunner.run, KVCache.store, KVCache.close
         recorder = self
 
-        def recording_run(runner, batches, settings, echo_prompt):
+        def recording_run(runner, batches, settings, echo_prompt, prefix=None):
+            assert prefix is None, "these prompts share no prefix"
             recorder.blocks.append({"batches": [(list(b.pads), list(b.seqs)) for b in batches], "stores": []})
-            return run(runner, batches, settings, echo_prompt)
+            return run(runner, batches, settings, echo_prompt, prefix)
 
         def recording_store(cache, attn_idx, batch_idx, start, rows):
             dense = [r.detach().clone().numpy() for r in rows]  # before the store may reuse the buffer

@@ -50,8 +50,7 @@ def test_accounting_equals_real_allocations(policy_idx, device, tmp_path):
     off-device share and CPU attention over off-device cache are allocated and counted."""
     policy = POLICIES[policy_idx]
     path = build_checkpoint("odd")
-    prompt = sample_prompts(path, 1, 17, 17, seed=0)[0]
-    prompts = [prompt] * policy.block_size  # one full block
+    prompts = sample_prompts(path, policy.block_size, 17, 17, seed=0)  # one full block, nothing shared
     with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, device=device) as engine:
         engine.generate(prompts, max_new_tokens=5)
         real = engine.runner.last_allocated

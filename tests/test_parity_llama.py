@@ -70,10 +70,10 @@ def test_kv_cache_bytes_follow_the_kv_heads(preset, tmp_path):
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, cache_gpu_percent=25, cache_cpu_percent=50)
     prompt_len, gen_len = 13, 4
     path = build_checkpoint(preset)
-    prompt = sample_prompts(path, 1, prompt_len, prompt_len, seed=0)[0]
+    prompts = sample_prompts(path, policy.block_size, prompt_len, prompt_len, seed=0)  # nothing shared
     with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, device="cpu") as engine:
         assert (engine.config.num_kv_heads, engine.config.head_dim) == (spec.kv_heads, spec.resolved_head_dim)
-        engine.generate([prompt] * policy.block_size, max_new_tokens=gen_len)
+        engine.generate(prompts, max_new_tokens=gen_len)
         real = engine.runner.last_allocated
         predicted = engine.memory(prompt_len=prompt_len, gen_len=gen_len)
         itemsize = engine.dtype.itemsize

@@ -118,9 +118,15 @@ def select_tokens(logits: torch.Tensor, seqs: list[Sequence], settings: DecodeSe
     return chosen
 
 
-def record_prompt_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, pads: list[int], seqs: list[Sequence]) -> None:
-    """Prompt logprobs from the prompt pass: logits (B, s, V) over left-padded token_ids (B, s)."""
+def record_prompt_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, pads: list[int], seqs: list[Sequence],
+                           prefix=None) -> None:
+    """Prompt logprobs from the prompt pass: logits (B, s, V) over left-padded token_ids (B, s). With a
+    shared `prefix` (its `prompt_logprobs` and `next_logprobs`), token_ids hold what follows it: the
+    prefix's logprobs come first, then the first own token's from the prefix's next-token row."""
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     scores = logprobs.gather(2, token_ids[:, 1:, None])[:, :, 0].tolist()  # (B, s-1)
-    for seq, pad, row in zip(seqs, pads, scores):
-        seq.prompt_logprobs = [None] + row[pad:]
+    for seq, pad, row, ids in zip(seqs, pads, scores, token_ids.tolist()):
+        if prefix is None:
+            seq.prompt_logprobs = [None] + row[pad:]
+        else:
+            seq.prompt_logprobs = prefix.prompt_logprobs + [prefix.next_logprobs[ids[pad]].item()] + row[pad:]

@@ -68,7 +68,8 @@ class _Segment:
 
 class KVCache:
     def __init__(self, shape, policy, devices: Devices, dtype: torch.dtype, offload: OffloadDir,
-                 num_attention: int, batch_sizes: list[int], total_len: int):
+                 num_attention: int, batch_sizes: list[int], total_len: int, label: str = "cache"):
+        """`label` names its offload files: a block's cache and a shared prefix's live side by side."""
         self.devices = devices
         self.dtype = dtype
         self.offload = offload
@@ -85,7 +86,7 @@ class KVCache:
                     for name, part_dtype, part_shape in layout.parts(batch):
                         nbytes = prod(part_shape) * part_dtype.itemsize
                         if layout.seg.tier == "disk":
-                            parts[name] = offload.file(f"cache-{attn_idx}-{batch_idx}-{seg_idx}-{name}.bin", nbytes)
+                            parts[name] = offload.file(f"{label}-{attn_idx}-{batch_idx}-{seg_idx}-{name}.bin", nbytes)
                         else:
                             parts[name] = view_as(devices.empty(layout.seg.tier, nbytes), 0, part_dtype, part_shape)
                     homes.append(parts)

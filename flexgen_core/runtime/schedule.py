@@ -75,15 +75,25 @@ class IOQueue:
 class Batch:
     """One GPU batch of a block: left-padded prompts and the sequences they feed."""
 
-    token_ids: torch.Tensor  # (B, prompt_len) on the compute device
+    token_ids: torch.Tensor  # (B, prompt_len) on the compute device: the prompts after any shared prefix
     pads: list[int]
     seqs: list[Sequence]
+    offset: int = 0  # tokens of the shared prefix before index 0
 
     def positions(self, start: int, length: int) -> torch.Tensor:
-        """Positions of padded indices [start, start+length): index - pad, and -1 on padding."""
+        """Positions of padded indices [start, start+length): offset + index - pad, and -1 on padding."""
         index = torch.arange(start, start + length, device=self.token_ids.device)
         pads = torch.tensor(self.pads, device=self.token_ids.device)[:, None]
-        return torch.where(index >= pads, index - pads, -1)  # (B, length)
+        return torch.where(index >= pads, index - pads + self.offset, -1)  # (B, length)
+
+    def prefix_allowed(self, start: int, length: int, device, window: int | None) -> torch.Tensor | None:
+        """Which shared-prefix keys each query sees (B, 1, length, offset): all of them (None) unless a
+        sliding `window` hides those more than `window` positions back."""
+        if window is None or start + length - min(self.pads) + self.offset <= window:
+            return None
+        query = self.positions(start, length).to(device)[:, None, :, None]  # (B, 1, length, 1)
+        key = torch.arange(self.offset, device=device)[None, None, None, :]
+        return key > query - window
 
     def allowed(self, start: int, length: int, key_len: int, device, window: int | None = None) -> torch.Tensor:
         """Attention mask (B, 1, length, key_len): causal, no padding keys, and with a sliding `window`
@@ -131,20 +141,59 @@ class BlockRunner:
         self.loads.close()
         self.stores.close()
 
-    def run(self, batches: list[Batch], settings: DecodeSettings, echo_prompt: bool) -> None:
-        prompt_len = batches[0].token_ids.shape[1]
-        total_len = prompt_len + settings.max_new_tokens
-        batch_sizes = [len(b.pads) for b in batches]
-        ctx = self.ctx
-        cache = KVCache(ctx.shape, ctx.policy, ctx.devices, ctx.dtype, ctx.offload,
-                        len(self.attention_index), batch_sizes, total_len)
-        acts = Activations(ctx.policy, ctx.devices, ctx.dtype, ctx.offload, batch_sizes,
-                           prompt_len, ctx.shape.hidden_size)
+    def run(self, batches: list[Batch], settings: DecodeSettings, echo_prompt: bool,
+            prefix: SharedPrefix | None = None) -> None:
+        """Generate for one block; with `prefix`, every prompt of `batches` continues that shared prefix
+        (the batches hold the rest of each prompt) and attends over its stored K/V."""
+        cache, acts = self._block_buffers(batches, settings.max_new_tokens)
         try:
-            _BlockPass(self, batches, cache, acts, settings, echo_prompt, prompt_len).run()
+            _BlockPass(self, batches, cache, acts, settings, echo_prompt, prefix).run()
         finally:
             cache.close()
             acts.close()
+
+    def run_prefix(self, token_ids: list[int]) -> SharedPrefix:
+        """Compute a prompt prefix shared by many sequences once: its K/V, kept on the tiers of the
+        policy's cache split, and its prompt logprobs.
+
+        Prompt passes attend over the prefix's exact K/V, as an unshared prompt pass attends over its
+        own; with compress_cache, decode steps read a compressed copy, as they read every cached row."""
+        ctx = self.ctx
+        batch = Batch(torch.tensor([token_ids], dtype=torch.long, device=ctx.devices.compute), [0],
+                      [Sequence(list(token_ids), None)])
+        dense_policy = ctx.policy.replace(compress_cache=False)
+        cache, acts = self._block_buffers([batch], 0, label="prefix", policy=dense_policy)
+        prefix = SharedPrefix(tuple(token_ids), cache, cache)
+        try:
+            _BlockPass(self, [batch], cache, acts, DecodeSettings(0, 0.0, 1.0, 0, (), None), True, None,
+                       building=prefix).run()
+            if ctx.policy.compress_cache:
+                prefix.cache = KVCache(ctx.shape, ctx.policy, ctx.devices, ctx.dtype, ctx.offload,
+                                       len(self.attention_index), [1], len(token_ids), "prefix-4bit")
+                for attn_idx in range(len(self.attention_index)):
+                    rows = cache.load(attn_idx, 0, len(token_ids), 0)  # synchronous here: no stream active
+                    prefix.cache.store(attn_idx, 0, 0, rows)
+        except BaseException:
+            prefix.close()
+            raise
+        finally:
+            acts.close()
+        return prefix
+
+    def _block_buffers(self, batches: list[Batch], gen_len: int, label: str = "cache",
+                       policy: Policy | None = None) -> tuple[KVCache, Activations]:
+        prompt_len = batches[0].token_ids.shape[1]
+        batch_sizes = [len(b.pads) for b in batches]
+        ctx = self.ctx
+        cache = KVCache(ctx.shape, policy or ctx.policy, ctx.devices, ctx.dtype, ctx.offload,
+                        len(self.attention_index), batch_sizes, prompt_len + gen_len, label)
+        try:
+            acts = Activations(ctx.policy, ctx.devices, ctx.dtype, ctx.offload, batch_sizes,
+                               prompt_len, ctx.shape.hidden_size)
+        except BaseException:
+            cache.close()
+            raise
+        return cache, acts
 
     def next_slot(self, kind: str) -> int:
         n = self.load_counts[kind]
@@ -152,11 +201,35 @@ class BlockRunner:
         return n
 
 
+@dataclass
+class SharedPrefix:
+    """A prompt prefix computed once for many sequences: its K/V (a KV cache of one sequence, on the
+    policy's tiers), the logprobs of its tokens and the distribution of the token after it."""
+
+    tokens: tuple[int, ...]
+    cache: KVCache  # read by decode steps: compressed with compress_cache, else `prompt_cache` itself
+    prompt_cache: KVCache  # exact K/V, read by prompt passes
+    prompt_logprobs: list[float | None] | None = None  # [None, lp(token 1), ...]
+    next_logprobs: torch.Tensor | None = None  # (V,) float32 on the host: log p(next token | prefix)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def caches(self) -> list[KVCache]:
+        return [self.prompt_cache] if self.cache is self.prompt_cache else [self.prompt_cache, self.cache]
+
+    def close(self) -> None:
+        for cache in self.caches():
+            cache.close()
+
+
 class _BlockPass:
     """The state of one block's schedule: pending loads and stores, the units in order."""
 
     def __init__(self, runner: BlockRunner, batches, cache: KVCache, acts: Activations,
-                 settings: DecodeSettings, echo_prompt: bool, prompt_len: int):
+                 settings: DecodeSettings, echo_prompt: bool, prefix: SharedPrefix | None,
+                 building: SharedPrefix | None = None):
         self.runner = runner
         self.ctx = runner.ctx
         self.batches = batches
@@ -164,7 +237,10 @@ class _BlockPass:
         self.acts = acts
         self.settings = settings
         self.echo_prompt = echo_prompt
-        self.prompt_len = prompt_len
+        self.prefix = prefix  # attended over by every batch
+        self.building = building  # this pass computes it
+        self.prefix_kv: list[torch.Tensor] | None = None  # the current layer's prefix K/V, per segment
+        self.prompt_len = batches[0].token_ids.shape[1]
         self.num_steps = max(settings.max_new_tokens, 1)
         self.cache_loads: dict[tuple[int, int], tuple[Future, int]] = {}  # (layer, batch) -> (future, slot)
         self.cache_stores: dict[tuple[int, int], Future] = {}
@@ -205,18 +281,20 @@ class _BlockPass:
         weight_order = [(step, layer_idx) for step in range(self.num_steps) for layer_idx in range(len(layers))]
         # Without overlap there is one staging slot per kind: load each thing only when it is needed.
         prefetch = self.ctx.policy.overlap
-        self.pending_weights = self._load_weights(weight_order[0][1])
+        self.pending_weights = self._load_weights(*weight_order[0])
         for order_idx, (step, layer_idx) in enumerate(weight_order):
-            weights = self.pending_weights.result()
+            weights, self.prefix_kv = self.pending_weights.result()
             if order_idx + 1 < len(weight_order):
-                next_layer = weight_order[order_idx + 1][1]
-                self.pending_weights = self._load_weights(next_layer) if prefetch else None
+                next_unit = weight_order[order_idx + 1]
+                self.pending_weights = self._load_weights(*next_unit) if prefetch else None
             for batch_idx in range(num_batches):
+                if not self._live(step, batch_idx):
+                    continue
                 if prefetch:
                     self._prefetch_next(step, layer_idx, batch_idx)
                 self._compute(step, layer_idx, batch_idx, weights)
             if not prefetch and order_idx + 1 < len(weight_order):
-                self.pending_weights = self._load_weights(next_layer)
+                self.pending_weights = self._load_weights(*next_unit)
             if layers[layer_idx].kind is LayerKind.OUTPUT:
                 if step == 0:
                     self.runner.last_allocated = self._allocated()
@@ -224,18 +302,46 @@ class _BlockPass:
                     break
 
     def _allocated(self) -> dict[str, dict[str, int]]:
-        return self.ctx.weights.allocated() | self.cache.allocated() | {"activations": self.acts.allocated()}
+        real = self.ctx.weights.allocated() | self.cache.allocated() | {"activations": self.acts.allocated()}
+        if self.prefix is not None:
+            real["shared_prefix"] = {tier: 0 for tier in real["weights"]}
+            for cache in self.prefix.caches():
+                held = cache.allocated()
+                for tier in real["shared_prefix"]:
+                    real["shared_prefix"][tier] += held["cache"][tier] + held["cache_staging"][tier]
+        return real
 
-    def _load_weights(self, layer_idx: int) -> Future:
+    def _load_weights(self, step: int, layer_idx: int) -> Future:
+        """A layer's weights and, for attention layers of a block with a shared prefix, the prefix's
+        K/V: both loaded once per (step, layer) and used by every GPU batch."""
         slot = self.runner.next_slot("weights")
-        return self.runner.loads.submit(self.ctx.weights.load, layer_idx, slot)
+        return self.runner.loads.submit(self._load_layer, step, layer_idx, slot)
+
+    def _load_layer(self, step: int, layer_idx: int, slot: int):
+        weights = self.ctx.weights.load(layer_idx, slot)
+        if self.prefix is None or layer_idx not in self.runner.attention_index:
+            return weights, None
+        cache = self.prefix.prompt_cache if step == 0 else self.prefix.cache
+        return weights, cache.load(self.runner.attention_index[layer_idx], 0, self.prefix.length, slot)
+
+    def _live(self, step: int, batch_idx: int) -> bool:
+        """Decode steps skip a GPU batch whose sequences have all finished (stop, EOS or length): it
+        costs nothing more, no compute and no cache or hidden-state traffic."""
+        return step == 0 or not all(seq.done for seq in self.batches[batch_idx].seqs)
 
     def _next_unit(self, step: int, layer_idx: int, batch_idx: int) -> tuple[int, int, int] | None:
-        if batch_idx + 1 < len(self.batches):
-            return step, layer_idx, batch_idx + 1
-        if layer_idx + 1 < len(self.ctx.layers):
-            return step, layer_idx + 1, 0
-        return (step + 1, 0, 0) if step + 1 < self.num_steps else None
+        """The next (step, layer, batch) to compute, passing over finished batches."""
+        while True:
+            if batch_idx + 1 < len(self.batches):
+                batch_idx += 1
+            elif layer_idx + 1 < len(self.ctx.layers):
+                layer_idx, batch_idx = layer_idx + 1, 0
+            elif step + 1 < self.num_steps:
+                step, layer_idx, batch_idx = step + 1, 0, 0
+            else:
+                return None
+            if self._live(step, batch_idx):
+                return step, layer_idx, batch_idx
 
     def _prefetch_next(self, step: int, layer_idx: int, batch_idx: int) -> None:
         """Start loading the next unit's cache and (when already stored) its hidden states."""
@@ -285,6 +391,18 @@ class _BlockPass:
         key = ("positions", batch_idx)
         if key not in self._memo:
             self._memo[key] = self.batches[batch_idx].positions(start, length)
+        return self._memo[key]
+
+    def _prefix_mask(self, step, batch_idx, start, length, tier, window) -> torch.Tensor | None:
+        """Which shared-prefix keys the queries see (None: all), for attention on `tier`."""
+        if window is None:
+            return None
+        if self._memo_step != step:
+            self._memo_step, self._memo = step, {}
+        key = ("prefix-mask", batch_idx, tier, window)
+        if key not in self._memo:
+            device = self.ctx.devices.tier_device(tier)
+            self._memo[key] = self.batches[batch_idx].prefix_allowed(start, length, device, window)
         return self._memo[key]
 
     def _mask(self, step, batch_idx, start, length, key_len, tier, window) -> torch.Tensor:
@@ -347,7 +465,13 @@ class _BlockPass:
             window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
             mask = self._mask(step, batch_idx, start, length, key_len, seg.compute_on, window)
             q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
-            out = math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
+            if self.prefix_kv is None:
+                out = math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
+            else:  # the shared prefix's rows (P, 2, 1, heads, hd), then this batch's own
+                prefix_kv = self.prefix_kv[seg_idx]
+                prefix_mask = self._prefix_mask(step, batch_idx, start, length, seg.compute_on, window)
+                out = math.attend_with_prefix(q_seg, prefix_kv[:, 0, 0], prefix_kv[:, 1, 0], kv[:, 0], kv[:, 1],
+                                              mask, prefix_mask)
             outputs.append(out.to(compute))
         attn_idx = self.runner.attention_index[layer_idx]
         key = (layer_idx, batch_idx)
@@ -362,9 +486,15 @@ class _BlockPass:
     def _output(self, layer, batch_idx, weights, step) -> None:
         batch = self.batches[batch_idx]
         x = self._hidden(batch_idx)
+        if self.building is not None:  # the shared prefix: its token logprobs and what may follow it
+            logits = layer.forward(weights, x)  # (1, P, V)
+            record_prompt_logprobs(logits, batch.token_ids, batch.pads, batch.seqs)
+            self.building.prompt_logprobs = batch.seqs[0].prompt_logprobs
+            self.building.next_logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1).cpu()
+            return
         if step == 0 and self.echo_prompt:
             logits = layer.forward(weights, x)  # (B, s, V)
-            record_prompt_logprobs(logits, batch.token_ids, batch.pads, batch.seqs)
+            record_prompt_logprobs(logits, batch.token_ids, batch.pads, batch.seqs, self.prefix)
             logits = logits[:, -1]
         else:
             logits = layer.forward(weights, x[:, -1:])[:, 0]  # (B, V)

@@ -1,0 +1,189 @@
+"""Shared-prefix execution: prompts that start with the same tokens (HELM's instructions and in-context
+examples) have that prefix computed once, its K/V stored once, and every GPU batch attends over it.
+
+Checked against transformers' forward pass on the full prompts (sharing is invisible to the model):
+every placement of the parity suite on both devices, an OPT and a sliding-window Llama-family model,
+echo and top-k logprobs; equality with `share_prefix=False`; reuse across calls and when it is not
+used; the exact bytes it holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from flexgen_core import Engine, Policy, memory
+from flexgen_core.engine import SHARED_PREFIX_MIN_TOKENS
+from flexgen_core.runtime.schedule import BlockRunner
+from flexgen_core.testing import build_checkpoint, sample_prompts
+from reference import check_result
+from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, TIE_TOL
+
+PREFIX_LEN = 40
+
+
+def _prompts(path, n: int = 7, prefix_len: int = PREFIX_LEN, seed: int = 4) -> list[list[int]]:
+    """`n` prompts: one shared `prefix_len`-token prefix, then 2-11 tokens of their own."""
+    prefix = sample_prompts(path, 1, prefix_len, prefix_len, seed=3)[0]
+    return [prefix + tail[1:] for tail in sample_prompts(path, n, 3, 12, seed=seed)]
+
+
+@pytest.fixture(scope="module", params=["odd", "mistral"])
+def model(request):
+    path = build_checkpoint(request.param)
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+class PrefixCounter:
+    """Counts the prefix passes the engine runs (it still runs them)."""
+
+    def __init__(self, monkeypatch):
+        self.lengths: list[int] = []
+        run_prefix = BlockRunner.run_prefix
+
+        def counting(runner, token_ids):
+            self.lengths.append(len(token_ids))
+            return run_prefix(runner, token_ids)
+
+        monkeypatch.setattr(BlockRunner, "run_prefix", counting)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+def test_shared_prefix_parity(model, name, device, tmp_path, monkeypatch):
+    path, hf = model
+    prompts = _prompts(path)
+    counter = PrefixCounter(monkeypatch)
+    with Engine.from_pretrained(path, policy=PLACEMENTS[name], offload_dir=tmp_path, device=device) as engine:
+        results = engine.generate(prompts, max_new_tokens=8, echo_prompt=True, top_k_logprobs=3)
+    assert counter.lengths == [PREFIX_LEN]  # computed once, for every block
+    for prompt, result in zip(prompts, results):
+        check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=3)
+
+
+def _outputs(results):
+    return [[(c.token_ids, c.finish_reason) for c in r.completions] for r in results]
+
+
+def _assert_close(a, b):
+    for x, y in zip(a, b):
+        for cx, cy in zip(x.completions, y.completions):
+            assert max(abs(p - q) for p, q in zip(cx.logprobs, cy.logprobs)) <= LOGPROB_TOL
+        if x.prompt_logprobs is not None:
+            assert max(abs(p - q) for p, q in zip(x.prompt_logprobs[1:], y.prompt_logprobs[1:])) <= LOGPROB_TOL
+
+
+@pytest.mark.parametrize("compress_cache", [False, True])
+def test_results_do_not_depend_on_sharing(tmp_path, compress_cache):
+    """Greedy, stops, echo and seeded sampling with several completions: the same with sharing off.
+    With a compressed cache too: prompt passes attend over the prefix's exact K/V and decode steps over
+    its 4-bit copy, as they would over their own prompt's rows."""
+    path = build_checkpoint("tiny")
+    prompts = _prompts(path)
+    policy = PLACEMENTS["mixed-three-tiers"].replace(compress_cache=compress_cache)
+    runs = {}
+    for share in (True, False):
+        with Engine.from_pretrained(path, policy=policy.replace(share_prefix=share), offload_dir=tmp_path,
+                                    device="simulated") as engine:
+            greedy = engine.generate(prompts, max_new_tokens=6, echo_prompt=True)
+            stop = [greedy[0].completions[0].token_ids[2:4]]
+            stopped = engine.generate(prompts, max_new_tokens=6, stop=stop)
+            sampled = engine.generate(prompts, max_new_tokens=5, temperature=1.0, num_completions=3, seed=7)
+            runs[share] = (greedy, stopped, sampled)
+    for shared, plain in zip(runs[True], runs[False]):
+        assert _outputs(shared) == _outputs(plain)
+        _assert_close(shared, plain)
+
+
+def test_prefix_is_kept_across_calls_and_dropped_when_unused(tmp_path, monkeypatch):
+    path = build_checkpoint("tiny")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = _prompts(path, n=9)
+    counter = PrefixCounter(monkeypatch)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, cache_gpu_percent=0, cache_cpu_percent=50)
+    with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path) as engine:
+        first = engine.generate(prompts[:4], max_new_tokens=4)
+        # Later calls of the same run (HELM sends its requests in blocks) reuse it, also one alone.
+        second = engine.generate(prompts[4:], max_new_tokens=4)
+        alone = engine.generate(prompts[8:], max_new_tokens=4)
+        assert counter.lengths == [PREFIX_LEN]
+        # Prompts that share less than the kept prefix: a new, shorter prefix replaces it.
+        other = [p[:30] + [(t + i + 1) % 100 + 5 for t in p[30:]] for i, p in enumerate(prompts[:4])]
+        engine.generate(other, max_new_tokens=4)
+        assert counter.lengths == [PREFIX_LEN, 30]
+        # No common prefix, or one too short: nothing is shared.
+        engine.generate(sample_prompts(path, 4, 20, 30, seed=11), max_new_tokens=2)
+        # (each sampled prompt starts with BOS: one more common token)
+        short = [prompts[0][:SHARED_PREFIX_MIN_TOKENS - 2] + p for p in sample_prompts(path, 3, 5, 9, seed=12)]
+        engine.generate(short, max_new_tokens=2)
+        assert counter.lengths == [PREFIX_LEN, 30]
+    for prompt, result in zip(prompts, first + second + alone):
+        check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL)
+
+
+def test_a_prompt_that_is_the_prefix_keeps_one_token_of_its_own(tmp_path, monkeypatch):
+    path = build_checkpoint("tiny")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = _prompts(path, n=3)
+    prompts.append(prompts[0][:PREFIX_LEN])  # all of it is shared with the others
+    counter = PrefixCounter(monkeypatch)
+    with Engine.from_pretrained(path, policy=Policy(gpu_batch_size=2, num_gpu_batches=2), offload_dir=tmp_path) as engine:
+        results = engine.generate(prompts, max_new_tokens=5, echo_prompt=True)
+    assert counter.lengths == [PREFIX_LEN - 1]
+    for prompt, result in zip(prompts, results):
+        check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefix_bytes_are_exact_and_freed(tmp_path, device):
+    """The prefix holds the KV cache of one sequence of its length (with its staging), exact and, with
+    compress_cache, compressed, on the policy's tiers: what memory.add_shared_prefix_terms says; its
+    files go when the engine closes."""
+    path = build_checkpoint("odd")
+    policy = dataclasses.replace(PLACEMENTS["mixed-three-tiers"], compress_cache=True)
+    with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, device=device) as engine:
+        engine.generate(_prompts(path, n=policy.block_size), max_new_tokens=3)
+        held = engine.runner.last_allocated["shared_prefix"]
+        expected = memory.MemoryReport()
+        memory.add_shared_prefix_terms(expected, engine.layers, engine.config, policy, PREFIX_LEN,
+                                       engine.dtype.itemsize, engine.devices.split)
+        assert held == {t: expected.cache[t] + expected.cache_staging[t] for t in memory.TIERS}
+        assert held["disk"] > 0
+        folder = engine.offload.path
+        assert any(f.name.startswith("prefix-") for f in folder.iterdir())
+    assert not folder.exists()
+
+
+def test_finished_batches_cost_nothing_more(tmp_path, monkeypatch):
+    """Sequences that stop early: a GPU batch whose sequences have all finished is not computed in
+    later steps, and every result still matches transformers."""
+    from flexgen_core.runtime import schedule
+
+    path = build_checkpoint("tiny")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = sample_prompts(path, 6, 5, 20, seed=21)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=3, cache_gpu_percent=50, cache_cpu_percent=50)
+    with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path) as engine:
+        full = engine.generate(prompts, max_new_tokens=10)
+        # Stop every sequence of the batch holding the longest prompts at its second token.
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        stops = [full[i].completions[0].token_ids[1:2] for i in order[:2]]
+        computed = []
+        compute = schedule._BlockPass._compute
+
+        def counting(self, step, layer_idx, batch_idx, weights):
+            computed.append((step, batch_idx))
+            return compute(self, step, layer_idx, batch_idx, weights)
+
+        monkeypatch.setattr(schedule._BlockPass, "_compute", counting)
+        stopped = engine.generate(prompts, max_new_tokens=10, stop=stops)
+    first_batch = [results.completions[0] for results in (stopped[order[0]], stopped[order[1]])]
+    assert all(c.finish_reason == "stop" for c in first_batch)
+    last_step = max(len(c.token_ids) for c in first_batch) + len(stops[0])
+    assert not [u for u in computed if u[1] == 0 and u[0] > last_step]
+    assert max(step for step, _ in computed) == 9  # the other batches ran to the end
+    for prompt, result in zip(prompts, stopped):
+        check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL)
