@@ -82,6 +82,8 @@ def write_prod_env(
     flexgen_args: Mapping[str, Any] | None = None,
     extra_deployments: Sequence[Mapping[str, Any]] = (),
     prefix_token: str = "</s>",
+    end_of_text_token: str = "</s>",
+    hf_args: Mapping[str, Any] | None = None,
 ) -> Path:
     """A prod_env/ with `local/tiny` served by HELM's HuggingFaceClient and by FlexGenClient."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,7 @@ def write_prod_env(
                     "class_name": "helm.tokenizers.huggingface_tokenizer.HuggingFaceTokenizer",
                     "args": {"pretrained_model_name_or_path": str(checkpoint)},
                 },
-                "end_of_text_token": "</s>",
+                "end_of_text_token": end_of_text_token,
                 "prefix_token": prefix_token,  # OPT prepends </s>; Llama-style tokenizers <s>
             }
         ]
@@ -130,7 +132,7 @@ def write_prod_env(
                 "max_sequence_length": max_sequence_length,
                 "client_spec": {
                     "class_name": "helm.clients.huggingface_client.HuggingFaceClient",
-                    "args": {"pretrained_model_name_or_path": str(checkpoint), "device": "cpu"},
+                    "args": {"pretrained_model_name_or_path": str(checkpoint), "device": "cpu", **(hf_args or {})},
                 },
             },
             {
