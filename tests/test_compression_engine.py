@@ -64,37 +64,53 @@ def test_compressed_weights_match_quantised_reference(model, name, device, tmp_p
 # ---- the KV cache ------------------------------------------------------------------------------------
 
 class CacheRecorder:
-    """Watches the engine's KV cache without changing what it does: the dense rows each store is given
-    (the K/V the engine computed), and what the store left on its tier (read back when the block's
-    cache is closed, after every copy has landed)."""
+    """Watches the engine's compressed KV cache without changing what it does: the dense rows each
+    store is given (the K/V the engine computed), and what the store left on its tier (read back when
+    that cache is closed, after every copy has landed). A shared prefix's compressed copy is a block
+    of its own whose rows belong to every sequence (positions 0..P-1); dense caches are not watched."""
 
     def __init__(self, monkeypatch):
         self.blocks: list[dict] = []
-        run, store, close = BlockRunner.run, KVCache.store, KVCache.close
+        run, run_prefix = BlockRunner.run, BlockRunner.run_prefix
+        store, close = KVCache.store, KVCache.close
         recorder = self
 
         def recording_run(runner, batches, settings, echo_prompt, prefix=None):
-            assert prefix is None, "these prompts share no prefix"
-            recorder.blocks.append({"batches": [(list(b.pads), list(b.seqs)) for b in batches], "stores": []})
+            recorder.blocks.append({"batches": [(list(b.pads), list(b.seqs), b.offset) for b in batches],
+                                    "stores": []})
             return run(runner, batches, settings, echo_prompt, prefix)
 
+        def recording_run_prefix(runner, token_ids):
+            recorder.blocks.append({"batches": None, "stores": []})  # rows of every sequence
+            return run_prefix(runner, token_ids)
+
         def recording_store(cache, attn_idx, batch_idx, start, rows):
-            dense = [r.detach().clone().numpy() for r in rows]  # before the store may reuse the buffer
-            recorder.blocks[-1]["stores"].append(dict(attn=attn_idx, batch=batch_idx, start=start, dense=dense))
+            if cache.layouts[0].compressed:
+                dense = [r.detach().clone().numpy() for r in rows]  # before the store may reuse the buffer
+                recorder.blocks[-1]["stores"].append(dict(cache=id(cache), attn=attn_idx, batch=batch_idx,
+                                                          start=start, dense=dense))
             return store(cache, attn_idx, batch_idx, start, rows)
 
         def recording_close(cache):
-            if cache.homes and recorder.blocks:
-                for s in recorder.blocks[-1]["stores"]:
-                    batch = len(recorder.blocks[-1]["batches"][s["batch"]][0])
-                    s["stored"] = [_read_rows(layout, home, s["start"], len(d), batch)
-                                   for layout, home, d in zip(cache.layouts, cache.homes[(s["attn"], s["batch"])], s["dense"])]
-                    s["tiers"] = [layout.seg.tier for layout in cache.layouts]
+            if cache.homes:
+                for block in recorder.blocks:
+                    for s in block["stores"]:
+                        if s["cache"] != id(cache) or "stored" in s:
+                            continue
+                        batch = 1 if block["batches"] is None else len(block["batches"][s["batch"]][0])
+                        s["stored"] = [_read_rows(layout, home, s["start"], len(d), batch) for layout, home, d
+                                       in zip(cache.layouts, cache.homes[(s["attn"], s["batch"])], s["dense"])]
+                        s["tiers"] = [layout.seg.tier for layout in cache.layouts]
             return close(cache)
 
         monkeypatch.setattr(BlockRunner, "run", recording_run)
+        monkeypatch.setattr(BlockRunner, "run_prefix", recording_run_prefix)
         monkeypatch.setattr(KVCache, "store", recording_store)
         monkeypatch.setattr(KVCache, "close", recording_close)
+
+    def stores(self):
+        for block in self.blocks:
+            yield from block["stores"]
 
     def per_sequence(self, completion):
         """For the sequence that produced `completion`: per attention layer, position -> (dense K/V
@@ -102,12 +118,14 @@ class CacheRecorder:
         out: dict[int, dict[int, tuple]] = {}
         for block in self.blocks:
             for s in block["stores"]:
-                pads, seqs = block["batches"][s["batch"]]
-                for row, seq in enumerate(seqs):
-                    if seq.out is not completion:
-                        continue
+                if block["batches"] is None:
+                    members = [(0, 0, 0)]  # the shared prefix: row 0, no padding, from position 0
+                else:
+                    pads, seqs, offset = block["batches"][s["batch"]]
+                    members = [(row, pads[row], offset) for row, seq in enumerate(seqs) if seq.out is completion]
+                for row, pad, offset in members:
                     for i in range(len(s["dense"][0])):
-                        pos = s["start"] + i - pads[row]
+                        pos = s["start"] + i - pad
                         if pos < 0:
                             continue  # left padding
                         dense = np.concatenate([d[i, :, row] for d in s["dense"]], axis=1)
@@ -115,7 +133,7 @@ class CacheRecorder:
                         codes = np.concatenate([unpack(p["data"]) for p in parts], axis=1)
                         scale = np.concatenate([p["scale"] for p in parts], axis=1)
                         minimum = np.concatenate([p["min"] for p in parts], axis=1)
-                        out.setdefault(s["attn"], {})[pos] = (dense, codes, scale, minimum)
+                        out.setdefault(s["attn"], {})[offset + pos] = (dense, codes, scale, minimum)
         return out
 
 
@@ -134,10 +152,12 @@ def _read_rows(layout, home, start: int, count: int, batch: int) -> dict[str, np
     return rows
 
 
-def _reference_over_engine_cache(hf, ids, prompt_len, engine_rows):
+def _reference_over_engine_cache(hf, ids, prompt_len, engine_rows, prefix_len=0):
     """Teacher-forced transformers logprobs where, after each step, the rows just added to the cache
     are replaced by the engine's stored rows (decoded by the reference). Returns the logprobs
-    (len(ids), V) and, per layer and position, transformers' own K/V before replacement."""
+    (len(ids), V) and, per layer and position, transformers' own K/V before replacement. With a
+    shared `prefix_len`, the prompt runs as the engine runs it: the prefix, then the rest of the prompt
+    over the prefix's exact K/V; only then are the prompt's rows replaced."""
     cache, logits, own = DynamicCache(), [], {}
 
     def take_new_rows(end, new):
@@ -153,8 +173,9 @@ def _reference_over_engine_cache(hf, ids, prompt_len, engine_rows):
                 keys[0, :, at], values[0, :, at] = decoded[0], decoded[1]
 
     with torch.no_grad():
-        out = hf(torch.tensor([ids[:prompt_len]]), past_key_values=cache, use_cache=True)
-        logits.append(out.logits[0].float())
+        for chunk in ([ids[:prefix_len], ids[prefix_len:prompt_len]] if prefix_len else [ids[:prompt_len]]):
+            out = hf(torch.tensor([chunk]), past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0].float())
         take_new_rows(prompt_len, prompt_len)
         for pos in range(prompt_len, len(ids) - 1):
             out = hf(torch.tensor([[ids[pos]]]), past_key_values=cache, use_cache=True)
@@ -171,21 +192,25 @@ def test_compressed_cache_matches_quantised_reference(model, name, device, tmp_p
     policy = dataclasses.replace(PLACEMENTS[name], compress_cache=True)
     recorder = CacheRecorder(monkeypatch)
     results = _run(path, policy, tmp_path, prompts, device)
+    flips, codes = check_compressed_cache(recorder, hf, prompts, results)
+    print(f"{name}/{device}: {flips} rounding-boundary flips in {codes} codes")
 
+
+def check_compressed_cache(recorder: CacheRecorder, hf, prompts, results, prefix_len: int = 0) -> tuple[int, int]:
+    """Steps 1-3 of the module docstring for `results` of `prompts`; returns (flips, codes compared)."""
     # 1. What the engine stores is the quantisation of what it computed, bit for bit, on every tier.
-    for block in recorder.blocks:
-        for s in block["stores"]:
-            for dense, stored, tier in zip(s["dense"], s["stored"], s["tiers"]):
-                q = quantise(dense)
-                assert np.array_equal(stored["data"], q.packed()), f"codes stored on {tier} differ"
-                assert np.array_equal(stored["scale"], q.scale) and np.array_equal(stored["min"], q.minimum), tier
+    for s in recorder.stores():
+        for dense, stored, tier in zip(s["dense"], s["stored"], s["tiers"]):
+            q = quantise(dense)
+            assert np.array_equal(stored["data"], q.packed()), f"codes stored on {tier} differ"
+            assert np.array_equal(stored["scale"], q.scale) and np.array_equal(stored["min"], q.minimum), tier
 
     flips = codes = 0
     for prompt, result in zip(prompts, results):
         completion = result.completions[0]
         rows = recorder.per_sequence(completion)
         ids = list(prompt) + list(completion.token_ids)
-        ref, own = _reference_over_engine_cache(hf, ids, len(prompt), rows)
+        ref, own = _reference_over_engine_cache(hf, ids, len(prompt), rows, prefix_len)
         # 2. Over the engine's cache, transformers gives the engine's logprobs and K/V.
         for step, token in enumerate(completion.token_ids):
             row = ref[len(prompt) - 1 + step]
@@ -200,8 +225,8 @@ def test_compressed_cache_matches_quantised_reference(model, name, device, tmp_p
                 assert differ.max() <= 1, f"layer {layer_idx} position {pos}: a code off by {differ.max()}"
                 flips += int(differ.sum())
                 codes += differ.size
-    print(f"{name}/{device}: {flips} rounding-boundary flips in {codes} codes")
     assert codes > 0 and flips <= MAX_FLIP_RATE * codes
+    return flips, codes
 
 
 def test_compressed_cache_leaves_the_prompt_pass_exact(model, tmp_path):
