@@ -18,7 +18,7 @@ from flexgen_core import memory
 from flexgen_core.models.registry import family_for
 from flexgen_core.policy import Policy
 from flexgen_core.runtime import checkpoint
-from flexgen_core.runtime.capacity import check_fits, out_of_memory_error
+from flexgen_core.runtime.capacity import PolicyDoesNotFit, check_fits, out_of_memory_error
 from flexgen_core.runtime.decoding import (
     DecodeSettings,
     GenerationResult,
@@ -50,7 +50,7 @@ class Engine:
         self.config = config
         self.ctx = ctx
         self.runner = BlockRunner(ctx)
-        self._prefix: SharedPrefix | None = None  # kept for later calls (see _shared_prefix)
+        self._prefixes: list[SharedPrefix] = []  # kept for later calls, most recently used last
         self._closed = False
 
     # What the blocks share, read from the run context (defined once there).
@@ -60,6 +60,7 @@ class Engine:
     devices = property(lambda self: self.ctx.devices)
     dtype = property(lambda self: self.ctx.dtype)
     offload = property(lambda self: self.ctx.offload)
+    stats = property(lambda self: self.runner.stats, doc="RunStats: what this engine has computed so far")
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -67,8 +68,9 @@ class Engine:
                         offload_dir: str | os.PathLike | None = None, device: str = "auto",
                         dtype: str = "float32", hardware=None, prompt_len_hint: int = 512, gen_len_hint: int = 32,
                         num_prompts_hint: int | None = None, compress_weight: bool | None = None,
-                        compress_cache: bool | None = None) -> "Engine":
+                        compress_cache: bool | None = None, shared_prefix_len_hint: int = 0) -> "Engine":
         """`policy="auto"` plans the policy (plan/search.py) for prompts of `prompt_len_hint` tokens
+        (the first `shared_prefix_len_hint` of them shared by all prompts, as HELM's few-shot prompts are)
         generating `gen_len_hint`, at most `num_prompts_hint` sequences per block, on `hardware`: a
         HardwareProfile, a built-in profile name or a profile file; by default `$FLEXGEN_HARDWARE` or this
         machine's measured profile (measured once and kept, see plan.profiler.resolve). The planner
@@ -81,16 +83,14 @@ class Engine:
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
         devices = Devices(device)
-        folder = checkpoint.resolve(name_or_path)
-        family = family_for(checkpoint.read_config(folder))
-        config = family.config_from_hf(checkpoint.read_config(folder))
+        folder, family, config = read_model(name_or_path)
         layers = family.build_layers(config)
         if auto:
             from flexgen_core.plan.search import plan_for_engine
 
             policy = plan_for_engine(str(folder), config, layers, devices.compute.type, TORCH_DTYPES[dtype].itemsize,
                                      hardware, offload_dir, prompt_len_hint, gen_len_hint, num_prompts_hint,
-                                     compress_weight, compress_cache)
+                                     compress_weight, compress_cache, shared_prefix_len_hint)
         files = checkpoint.weight_files(folder)
         sources = _match_checkpoint(layers, checkpoint.checkpoint_keys(files), folder)
 
@@ -171,50 +171,64 @@ class Engine:
             batches.append(Batch(ids, pads, members, offset=shared))
         needs = memory.MemoryReport()
         memory.add_block_terms(needs, self.layers, self.config, self.policy, prompt_len, settings.max_new_tokens,
-                               self.dtype.itemsize, self.devices.split, echo_prompt)
+                               self.dtype.itemsize, self.devices.split, echo_prompt, shared)
         what = f"a block of {len(seqs)} sequences of {shared}+{prompt_len}+{settings.max_new_tokens} tokens"
-        self._check_block(needs, what)
+        self._check_block(needs, what, keep=prefix)
         try:
             self.runner.run(batches, settings, echo_prompt, prefix)
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()  # the block's buffers are already released by the runner
             raise out_of_memory_error(self.policy, e) from None
 
-    def _check_block(self, needs: memory.MemoryReport, what: str) -> None:
-        """A block's cache and activations (with a shared prefix's K/V already held) must fit what is free."""
-        check_fits(_sum_terms(needs, ("cache", "cache_staging", "activations")), self.devices, self.offload.path,
-                   self.policy, what)
+    def _check_block(self, needs: memory.MemoryReport, what: str, keep: SharedPrefix | None = None) -> None:
+        """A block's cache and activations (with a shared prefix's K/V already held) must fit what is
+        free; prefixes kept from earlier calls (but `keep`) are let go first if that makes it fit."""
+        terms = _sum_terms(needs, ("cache", "cache_staging", "activations"))
+        try:
+            check_fits(terms, self.devices, self.offload.path, self.policy, what)
+        except PolicyDoesNotFit:
+            if not any(p is not keep for p in self._prefixes):
+                raise
+            self._drop_prefixes(keep=keep)
+            check_fits(terms, self.devices, self.offload.path, self.policy, what)
 
     # ---- shared prefixes ------------------------------------------------------------------------
     def _shared_prefix(self, prompts: list[list[int]]) -> SharedPrefix | None:
         """The prefix the sequences of this call share, computed once (or kept from an earlier call).
 
         The longest common token prefix, leaving each sequence at least one token of its own. A kept
-        prefix is reused while every prompt starts with it, unless a longer common prefix saves more
-        prompt tokens than computing it costs; a new one needs SHARED_PREFIX_MIN_TOKENS tokens."""
+        prefix (the engine keeps the MAX_KEPT_PREFIXES most recently used, HELM runs one run entry's
+        blocks after another) is reused while every prompt starts with it, unless a longer common
+        prefix saves more prompt tokens than computing it costs; a new one needs
+        SHARED_PREFIX_MIN_TOKENS tokens."""
         if not self.policy.share_prefix:
             return None
         limit = min(len(p) for p in prompts) - 1
         common = _common_prefix_len(prompts, limit)
-        kept = self._prefix
-        if kept is not None and kept.length <= common and tuple(prompts[0][:kept.length]) == kept.tokens:
-            if (len(prompts) - 1) * (common - kept.length) <= common:
-                return kept
+        usable = [p for p in self._prefixes if p.length <= common and tuple(prompts[0][:p.length]) == p.tokens]
+        kept = max(usable, key=lambda p: p.length, default=None)
+        if kept is not None and (len(prompts) - 1) * (common - kept.length) <= common:
+            self._prefixes.remove(kept)
+            self._prefixes.append(kept)
+            self.runner.stats.prefixes_reused += 1
+            return kept
         if common < SHARED_PREFIX_MIN_TOKENS or len(prompts) < 2:
             return None
-        self._drop_prefix()
+        while len(self._prefixes) >= MAX_KEPT_PREFIXES:
+            self._prefixes.pop(0).close()
         needs = memory.MemoryReport()
         memory.add_shared_prefix_terms(needs, self.layers, self.config, self.policy, common, self.dtype.itemsize,
                                        self.devices.split)
         self._check_block(needs, f"a shared prefix of {common} tokens")
-        self._prefix = self.runner.run_prefix(prompts[0][:common])
+        prefix = self.runner.run_prefix(prompts[0][:common])
+        self._prefixes.append(prefix)
         log.info("computed a shared prefix of %d tokens for %d sequences (kept for later calls)", common, len(prompts))
-        return self._prefix
+        return prefix
 
-    def _drop_prefix(self) -> None:
-        if self._prefix is not None:
-            self._prefix.close()
-            self._prefix = None
+    def _drop_prefixes(self, keep: SharedPrefix | None = None) -> None:
+        for prefix in [p for p in self._prefixes if p is not keep]:
+            prefix.close()
+            self._prefixes.remove(prefix)
 
     def _validate(self, prompts, max_new_tokens, temperature, top_p, num_completions, stop, top_k_logprobs,
                   seed) -> list[int]:
@@ -261,7 +275,7 @@ class Engine:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._drop_prefix()
+            self._drop_prefixes()
             self.runner.close()
             self.offload.close()
 
@@ -272,8 +286,18 @@ class Engine:
         self.close()
 
 
+def read_model(name_or_path: str | os.PathLike):
+    """(local folder, model family, ModelConfig) of a checkpoint, without loading its weights."""
+    folder = checkpoint.resolve(name_or_path)
+    hf_config = checkpoint.read_config(folder)
+    family = family_for(hf_config)
+    return folder, family, family.config_from_hf(hf_config)
+
+
 # A new shared prefix needs this many tokens to be worth its own pass over the layers.
 SHARED_PREFIX_MIN_TOKENS = 16
+# Shared prefixes kept for later calls (each holds one sequence's K/V of its length).
+MAX_KEPT_PREFIXES = 4
 
 
 def _common_prefix_len(prompts: list[list[int]], limit: int) -> int:

@@ -192,14 +192,15 @@ def num_slots(policy) -> int:
 
 
 def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int, split: bool,
-            echo_prompt: bool = False, compression=None) -> MemoryReport:
+            echo_prompt: bool = False, compression=None, prefix_len: int = 0) -> MemoryReport:
     """Exact bytes per tier for generating `gen_len` tokens after prompts padded to `prompt_len`.
     `split`: the compute tier is memory of its own (CUDA, the simulated device), so off-device data is
     staged there by copies; on a plain CPU it is used where it lies. Compression follows the policy's
-    switches (`compression` overrides the weights' config)."""
+    switches (`compression` overrides the weights' config). With a shared prefix of `prefix_len` tokens,
+    `prompt_len` counts each sequence's own tokens (the prefix's K/V: add_shared_prefix_terms)."""
     report = MemoryReport()
     add_weight_terms(report, layers, policy, dtype_bytes, split, compression)
-    add_block_terms(report, layers, shape, policy, prompt_len, gen_len, dtype_bytes, split, echo_prompt)
+    add_block_terms(report, layers, shape, policy, prompt_len, gen_len, dtype_bytes, split, echo_prompt, prefix_len)
     return report
 
 
@@ -227,8 +228,10 @@ def add_weight_terms(report: MemoryReport, layers, policy, dtype_bytes: int, spl
 
 
 def add_block_terms(report: MemoryReport, layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int,
-                    split: bool, echo_prompt: bool = False) -> None:
-    """The KV cache, activations and workspace of one block: allocated per block, freed after it."""
+                    split: bool, echo_prompt: bool = False, prefix_len: int = 0) -> None:
+    """The KV cache, activations and workspace of one block: allocated per block, freed after it.
+    `prompt_len` counts each sequence's own tokens; a shared prefix of `prefix_len` tokens before them
+    (held apart, see add_shared_prefix_terms) only widens the prompt pass's attention."""
     slots = num_slots(policy)
     # KV cache: per attention layer, per GPU batch, K and V of (total_len, B, heads, head_dim).
     total_len = prompt_len + gen_len
@@ -251,7 +254,8 @@ def add_block_terms(report: MemoryReport, layers, shape, policy, prompt_len: int
         report.activations[tier] += policy.num_gpu_batches * count * row_hidden
     report.activations["cpu"] += counts[2] * row_hidden
 
-    report.workspace["gpu"] = workspace_bound(shape, batch, prompt_len, total_len, dtype_bytes, echo_prompt)
+    report.workspace["gpu"] = workspace_bound(shape, batch, prompt_len, total_len, dtype_bytes, echo_prompt,
+                                              prefix_len)
 
 
 def add_shared_prefix_terms(report: MemoryReport, layers, shape, policy, prefix_len: int, dtype_bytes: int,
@@ -269,15 +273,20 @@ def add_shared_prefix_terms(report: MemoryReport, layers, shape, policy, prefix_
                 getattr(report, term)[tier] += getattr(packed, term)[tier]
 
 
-def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_bytes: int, echo_prompt: bool) -> int:
-    """Upper bound on one layer's transient tensors for one GPU batch (the prompt pass dominates)."""
+def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_bytes: int, echo_prompt: bool,
+                    prefix_len: int = 0) -> int:
+    """Upper bound on one layer's transient tensors for one GPU batch (the prompt pass dominates). With
+    a shared prefix, the prompt's queries also score the prefix's keys: its scores, their concatenation
+    with the own keys' scores and the float32 softmax over both (layers.attend_with_prefix)."""
     tokens = batch * prompt_len
     hidden = tokens * shape.hidden_size * dtype_bytes
     kv = 2 * tokens * shape.kv_width * dtype_bytes
     # input copy, normed input, q, attention output, projected output, layer output; scores of the
     # unfused attention path; the mask.
     scores = batch * shape.num_heads * prompt_len * prompt_len * max(dtype_bytes, 4)
-    attention = 6 * hidden + kv + scores + batch * prompt_len * total_len
+    if prefix_len:
+        scores = 3 * batch * shape.num_heads * prompt_len * (prefix_len + prompt_len) * max(dtype_bytes, 4)
+    attention = 6 * hidden + kv + scores + batch * prompt_len * (prefix_len + total_len)
     mlp = 4 * hidden + tokens * shape.ffn_size * dtype_bytes * 2
     logit_rows = tokens if echo_prompt else batch
     output = 2 * hidden + logit_rows * shape.vocab_size * (dtype_bytes + 4 + 4)  # logits, fp32 log-softmax

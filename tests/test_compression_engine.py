@@ -72,10 +72,12 @@ class CacheRecorder:
     def __init__(self, monkeypatch):
         self.blocks: list[dict] = []
         run, run_prefix = BlockRunner.run, BlockRunner.run_prefix
-        store, close = KVCache.store, KVCache.close
+        store, close, compact = KVCache.store, KVCache.close, KVCache.compact
         recorder = self
 
         def recording_run(runner, batches, settings, echo_prompt, prefix=None):
+            # Each batch's members now; a store records the members it was made for (compaction
+            # packs a batch's live rows into fewer, see schedule._BlockPass._compact).
             recorder.blocks.append({"batches": [(list(b.pads), list(b.seqs), b.offset) for b in batches],
                                     "stores": []})
             return run(runner, batches, settings, echo_prompt, prefix)
@@ -87,25 +89,40 @@ class CacheRecorder:
         def recording_store(cache, attn_idx, batch_idx, start, rows):
             if cache.layouts[0].compressed:
                 dense = [r.detach().clone().numpy() for r in rows]  # before the store may reuse the buffer
-                recorder.blocks[-1]["stores"].append(dict(cache=id(cache), attn=attn_idx, batch=batch_idx,
-                                                          start=start, dense=dense))
+                block = recorder.blocks[-1]
+                members = None if block["batches"] is None else block["batches"][batch_idx]
+                block["stores"].append(dict(cache=id(cache), attn=attn_idx, batch=batch_idx, start=start,
+                                            dense=dense, members=members))
             return store(cache, attn_idx, batch_idx, start, rows)
+
+        def read_back(cache, batch_idx=None):
+            for block in recorder.blocks:
+                for s in block["stores"]:
+                    if s["cache"] != id(cache) or "stored" in s or batch_idx not in (None, s["batch"]):
+                        continue
+                    batch = 1 if s["members"] is None else len(s["members"][0])
+                    s["stored"] = [_read_rows(layout, home, s["start"], len(d), batch) for layout, home, d
+                                   in zip(cache.layouts, cache.homes[(s["attn"], s["batch"])], s["dense"])]
+                    s["tiers"] = [layout.seg.tier for layout in cache.layouts]
+
+        def recording_compact(cache, batch_idx, keep, rows):
+            if cache.layouts[0].compressed:
+                read_back(cache, batch_idx)  # what was stored, before the rows move
+                block = recorder.blocks[-1]
+                pads, seqs, offset = block["batches"][batch_idx]
+                block["batches"][batch_idx] = ([pads[i] for i in keep.tolist()], [seqs[i] for i in keep.tolist()],
+                                               offset)
+            return compact(cache, batch_idx, keep, rows)
 
         def recording_close(cache):
             if cache.homes:
-                for block in recorder.blocks:
-                    for s in block["stores"]:
-                        if s["cache"] != id(cache) or "stored" in s:
-                            continue
-                        batch = 1 if block["batches"] is None else len(block["batches"][s["batch"]][0])
-                        s["stored"] = [_read_rows(layout, home, s["start"], len(d), batch) for layout, home, d
-                                       in zip(cache.layouts, cache.homes[(s["attn"], s["batch"])], s["dense"])]
-                        s["tiers"] = [layout.seg.tier for layout in cache.layouts]
+                read_back(cache)
             return close(cache)
 
         monkeypatch.setattr(BlockRunner, "run", recording_run)
         monkeypatch.setattr(BlockRunner, "run_prefix", recording_run_prefix)
         monkeypatch.setattr(KVCache, "store", recording_store)
+        monkeypatch.setattr(KVCache, "compact", recording_compact)
         monkeypatch.setattr(KVCache, "close", recording_close)
 
     def stores(self):
@@ -118,10 +135,10 @@ class CacheRecorder:
         out: dict[int, dict[int, tuple]] = {}
         for block in self.blocks:
             for s in block["stores"]:
-                if block["batches"] is None:
+                if s["members"] is None:
                     members = [(0, 0, 0)]  # the shared prefix: row 0, no padding, from position 0
                 else:
-                    pads, seqs, offset = block["batches"][s["batch"]]
+                    pads, seqs, offset = s["members"]
                     members = [(row, pads[row], offset) for row, seq in enumerate(seqs) if seq.out is completion]
                 for row, pad, offset in members:
                     for i in range(len(s["dense"][0])):

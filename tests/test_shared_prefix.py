@@ -115,14 +115,41 @@ def test_prefix_is_kept_across_calls_and_dropped_when_unused(tmp_path, monkeypat
         other = [p[:30] + [(t + i + 1) % 100 + 5 for t in p[30:]] for i, p in enumerate(prompts[:4])]
         engine.generate(other, max_new_tokens=4)
         assert counter.lengths == [PREFIX_LEN, 30]
+        # The first prefix is still kept (the engine keeps a few): back to it, nothing is recomputed.
+        again = engine.generate(prompts[:4], max_new_tokens=4)
+        assert counter.lengths == [PREFIX_LEN, 30] and engine.stats.prefixes_reused == 3
         # No common prefix, or one too short: nothing is shared.
         engine.generate(sample_prompts(path, 4, 20, 30, seed=11), max_new_tokens=2)
         # (each sampled prompt starts with BOS: one more common token)
         short = [prompts[0][:SHARED_PREFIX_MIN_TOKENS - 2] + p for p in sample_prompts(path, 3, 5, 9, seed=12)]
         engine.generate(short, max_new_tokens=2)
         assert counter.lengths == [PREFIX_LEN, 30]
-    for prompt, result in zip(prompts, first + second + alone):
+    asked = prompts[:4] + prompts[4:] + prompts[8:] + prompts[:4]
+    results = first + second + alone + again
+    assert len(asked) == len(results)
+    for prompt, result in zip(asked, results):
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL)
+
+
+def test_only_the_most_recent_prefixes_are_kept(tmp_path, monkeypatch):
+    """Prefixes of MAX_KEPT_PREFIXES + 1 run entries in turn: the least recently used one is freed
+    (its files go) and computed again when its prompts come back."""
+    from flexgen_core.engine import MAX_KEPT_PREFIXES
+
+    path = build_checkpoint("tiny")
+    counter = PrefixCounter(monkeypatch)
+    groups = [[[5 + g] * 20 + tail[1:] for tail in sample_prompts(path, 3, 3, 6, seed=g)]
+              for g in range(MAX_KEPT_PREFIXES + 1)]
+    policy = Policy(gpu_batch_size=3, cache_gpu_percent=0, cache_cpu_percent=0)  # prefixes on disk
+    with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path) as engine:
+        for group in groups:
+            engine.generate(group, max_new_tokens=2)
+        held = {f.name.split("-")[0] for f in engine.offload.path.iterdir() if f.name.startswith("prefix")}
+        assert held == {f"prefix{n}" for n in range(2, MAX_KEPT_PREFIXES + 2)}  # the first one's files went
+        assert len(engine._prefixes) == MAX_KEPT_PREFIXES
+        engine.generate(groups[-1], max_new_tokens=2)  # kept
+        engine.generate(groups[0], max_new_tokens=2)  # the oldest: dropped, computed again
+    assert counter.lengths == [20] * (MAX_KEPT_PREFIXES + 2)
 
 
 def test_a_prompt_that_is_the_prefix_keeps_one_token_of_its_own(tmp_path, monkeypatch):
@@ -154,7 +181,7 @@ def test_prefix_bytes_are_exact_and_freed(tmp_path, device):
         assert held == {t: expected.cache[t] + expected.cache_staging[t] for t in memory.TIERS}
         assert held["disk"] > 0
         folder = engine.offload.path
-        assert any(f.name.startswith("prefix-") for f in folder.iterdir())
+        assert any(f.name.startswith("prefix") for f in folder.iterdir())
     assert not folder.exists()
 
 

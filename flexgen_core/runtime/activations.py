@@ -72,6 +72,18 @@ class Activations:
                 copy_(out[start:stop], view_as(homes[tier], 0, self.dtype, shape))
         return out
 
+    def compact(self, batch_idx: int, rows: int) -> None:
+        """A batch now has `rows` rows (finished sequences left it, between steps: nothing of it is
+        held then). The rows fill the batch's homes tier by tier, compute tier first, each home up to
+        the rows it was allocated for, so nothing new is allocated."""
+        ranges, start = [], 0
+        for tier, first, stop in self.ranges[batch_idx]:
+            count = min(stop - first, rows - start)
+            if count > 0:
+                ranges.append((tier, start, start + count))
+                start += count
+        self.ranges[batch_idx] = ranges
+
     def allocated(self) -> dict[str, int]:
         out = {"gpu": 0, "cpu": 0, "disk": 0}
         for homes in self.held:

@@ -146,6 +146,30 @@ class KVCache:
                 elif part.data_ptr() != target[start].data_ptr():
                     copy_(target[start:start + part.shape[0]], part)
 
+    def compact(self, batch_idx: int, keep: torch.Tensor, rows: int) -> None:
+        """Keep only the batch rows `keep` (indices, ascending) of one GPU batch, in every attention
+        layer: rows [0, `rows`) of each segment are gathered and rewritten in place, laid out for the
+        smaller batch (its homes and staging slots are large enough: they were sized for the whole
+        batch). Runs on the compute thread, with no copy of this batch in flight."""
+        old = self.batch_sizes[batch_idx]
+        new = len(keep)
+        for (attn_idx, b_idx), homes in self.homes.items():
+            if b_idx != batch_idx:
+                continue
+            for layout, parts in zip(self.layouts, homes):
+                for (name, part_dtype, old_shape), (_, _, new_shape) in zip(layout.parts(old), layout.parts(new)):
+                    assert old_shape[2] == old and new_shape[2] == new  # every part keeps the batch at dim 2
+                    home = parts[name]
+                    if layout.seg.tier == "disk":
+                        held = torch.empty((rows,) + tuple(old_shape[1:]), dtype=part_dtype, device=self.devices.host)
+                        home.read_into(0, held)
+                        home.write(0, held.index_select(2, keep.to(held.device)).contiguous())
+                    else:
+                        kept = home[:rows].index_select(2, keep.to(home.device))
+                        parts[name] = view_as(home.reshape(-1).view(torch.uint8), 0, part_dtype, new_shape)
+                        parts[name][:rows].copy_(kept)
+        self.batch_sizes[batch_idx] = new
+
     def allocated(self) -> dict[str, dict[str, int]]:
         cache = {"gpu": 0, "cpu": 0, "disk": 0}
         for homes in self.homes.values():

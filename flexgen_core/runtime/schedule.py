@@ -9,7 +9,8 @@ reused by every GPU batch. `overlap=False` runs the very same order with each co
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -28,6 +29,10 @@ from flexgen_core.runtime.decoding import (
 from flexgen_core.runtime.kv_cache import KVCache
 from flexgen_core.runtime.storage import Devices, OffloadDir
 from flexgen_core.runtime.weights import WeightStore
+
+
+# A GPU batch is packed once at most this share of its rows is still generating (see _compact).
+COMPACT_LIVE_FRACTION = 0.75
 
 
 class IOQueue:
@@ -80,6 +85,12 @@ class Batch:
     seqs: list[Sequence]
     offset: int = 0  # tokens of the shared prefix before index 0
 
+    def keep(self, rows: list[int]) -> "Batch":
+        """This batch with only `rows` (ascending) left."""
+        index = torch.tensor(rows, device=self.token_ids.device)
+        return Batch(self.token_ids.index_select(0, index), [self.pads[r] for r in rows],
+                     [self.seqs[r] for r in rows], self.offset)
+
     def positions(self, start: int, length: int) -> torch.Tensor:
         """Positions of padded indices [start, start+length): offset + index - pad, and -1 on padding."""
         index = torch.arange(start, start + length, device=self.token_ids.device)
@@ -123,6 +134,26 @@ class RunContext:
     offload: OffloadDir
 
 
+@dataclass
+class RunStats:
+    """What the blocks of one engine computed so far (counters only: for logs and benchmarks)."""
+
+    blocks: int = 0
+    sequences: int = 0
+    prefill_tokens: int = 0  # token rows of prompt passes, padding included (a shared prefix's: below)
+    prefix_tokens: int = 0  # tokens of shared prefixes computed (once each, however many sequences use them)
+    prefixes_computed: int = 0
+    prefixes_reused: int = 0  # generate calls that found their prefix kept from an earlier call
+    decode_rows: int = 0  # (sequence, step) rows the decode steps computed, finished ones included
+    compactions: int = 0  # GPU batches packed to their live rows between steps
+    generated_tokens: int = 0  # tokens the sequences kept
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
 class BlockRunner:
     """Runs one block of GPU batches through every layer for every generation step."""
 
@@ -136,6 +167,8 @@ class BlockRunner:
                 self.attention_index[layer_idx] = len(self.attention_index)
         self.load_counts = {"weights": 0, "cache": 0}  # per-kind counters pick staging slots
         self.last_allocated: dict[str, dict[str, int]] = {}  # real bytes per term, after a prompt pass
+        self.stats = RunStats()
+        self.prefixes_built = 0
 
     def close(self) -> None:
         self.loads.close()
@@ -145,12 +178,16 @@ class BlockRunner:
             prefix: SharedPrefix | None = None) -> None:
         """Generate for one block; with `prefix`, every prompt of `batches` continues that shared prefix
         (the batches hold the rest of each prompt) and attends over its stored K/V."""
+        seqs = [seq for batch in batches for seq in batch.seqs]
         cache, acts = self._block_buffers(batches, settings.max_new_tokens)
         try:
             _BlockPass(self, batches, cache, acts, settings, echo_prompt, prefix).run()
         finally:
             cache.close()
             acts.close()
+        self.stats.blocks += 1
+        self.stats.sequences += len(seqs)
+        self.stats.generated_tokens += sum(len(seq.out.token_ids) for seq in seqs)
 
     def run_prefix(self, token_ids: list[int]) -> SharedPrefix:
         """Compute a prompt prefix shared by many sequences once: its K/V, kept on the tiers of the
@@ -162,14 +199,17 @@ class BlockRunner:
         batch = Batch(torch.tensor([token_ids], dtype=torch.long, device=ctx.devices.compute), [0],
                       [Sequence(list(token_ids), None)])
         dense_policy = ctx.policy.replace(compress_cache=False)
-        cache, acts = self._block_buffers([batch], 0, label="prefix", policy=dense_policy)
+        self.prefixes_built += 1  # offload files of each kept prefix have names of their own
+        label = f"prefix{self.prefixes_built}"
+        cache, acts = self._block_buffers([batch], 0, label=label, policy=dense_policy)
         prefix = SharedPrefix(tuple(token_ids), cache, cache)
         try:
             _BlockPass(self, [batch], cache, acts, DecodeSettings(0, 0.0, 1.0, 0, (), None), True, None,
                        building=prefix).run()
+            self.stats.prefixes_computed += 1
             if ctx.policy.compress_cache:
                 prefix.cache = KVCache(ctx.shape, ctx.policy, ctx.devices, ctx.dtype, ctx.offload,
-                                       len(self.attention_index), [1], len(token_ids), "prefix-4bit")
+                                       len(self.attention_index), [1], len(token_ids), f"{label}-4bit")
                 for attn_idx in range(len(self.attention_index)):
                     rows = cache.load(attn_idx, 0, len(token_ids), 0)  # synchronous here: no stream active
                     prefix.cache.store(attn_idx, 0, 0, rows)
@@ -281,6 +321,7 @@ class _BlockPass:
         weight_order = [(step, layer_idx) for step in range(self.num_steps) for layer_idx in range(len(layers))]
         # Without overlap there is one staging slot per kind: load each thing only when it is needed.
         prefetch = self.ctx.policy.overlap
+        stats, started_s = self.runner.stats, time.perf_counter()
         self.pending_weights = self._load_weights(*weight_order[0])
         for order_idx, (step, layer_idx) in enumerate(weight_order):
             weights, self.prefix_kv = self.pending_weights.result()
@@ -295,11 +336,25 @@ class _BlockPass:
                 self._compute(step, layer_idx, batch_idx, weights)
             if not prefetch and order_idx + 1 < len(weight_order):
                 self.pending_weights = self._load_weights(*next_unit)
+            if layer_idx == 0:
+                rows = sum(len(b.pads) for i, b in enumerate(self.batches) if self._live(step, i))
+                if step > 0:
+                    stats.decode_rows += rows
+                elif self.building is not None:
+                    stats.prefix_tokens += rows * self.prompt_len
+                else:
+                    stats.prefill_tokens += rows * self.prompt_len
             if layers[layer_idx].kind is LayerKind.OUTPUT:
                 if step == 0:
                     self.runner.last_allocated = self._allocated()
+                    now_s = time.perf_counter()
+                    stats.prefill_s += now_s - started_s
+                    started_s = now_s
                 if all(seq.done for batch in self.batches for seq in batch.seqs):
                     break
+                if step + 1 < self.num_steps:
+                    self._compact(step)
+        stats.decode_s += time.perf_counter() - started_s
 
     def _allocated(self) -> dict[str, dict[str, int]]:
         real = self.ctx.weights.allocated() | self.cache.allocated() | {"activations": self.acts.allocated()}
@@ -323,6 +378,29 @@ class _BlockPass:
             return weights, None
         cache = self.prefix.prompt_cache if step == 0 else self.prefix.cache
         return weights, cache.load(self.runner.attention_index[layer_idx], 0, self.prefix.length, slot)
+
+    def _compact(self, step: int) -> None:
+        """Between steps, a GPU batch whose finished sequences make up a quarter or more of its rows
+        drops them: its live rows, their KV cache and hidden-state homes are packed into a smaller
+        batch, so later steps compute and move only live rows. (A batch with none left is skipped
+        whole, see `_live`.)"""
+        for batch_idx, batch in enumerate(self.batches):
+            live = [row for row, seq in enumerate(batch.seqs) if not seq.done]
+            if not live or len(live) > COMPACT_LIVE_FRACTION * len(batch.seqs):
+                continue
+            for (layer_idx, b_idx), future in list(self.cache_stores.items()):
+                if b_idx == batch_idx:
+                    future.result()  # every stored row of this batch has landed
+            if batch_idx in self.act_stores:
+                self.act_stores.pop(batch_idx).result()
+            assert not any(b == batch_idx for _, b in self.cache_loads) and batch_idx not in self.act_loads
+            keep = torch.tensor(live)
+            self.cache.compact(batch_idx, keep, self.prompt_len + step)
+            self.acts.compact(batch_idx, len(live))
+            self.batches[batch_idx] = batch.keep(live)
+            self.last_tokens[batch_idx] = self.last_tokens[batch_idx].index_select(
+                0, keep.to(self.last_tokens[batch_idx].device))
+            self.runner.stats.compactions += 1
 
     def _live(self, step: int, batch_idx: int) -> bool:
         """Decode steps skip a GPU batch whose sequences have all finished (stop, EOS or length): it
