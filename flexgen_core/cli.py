@@ -68,14 +68,17 @@ def _plan(args) -> int:
     sizes = {tier: hardware.parse_size(value) if value else None
              for tier, value in (("gpu", args.gpu_mem), ("cpu", args.cpu_mem), ("disk", args.disk_mem))}
     profile = profile.with_memory(**sizes)
+    if not 0 <= args.shared_prefix_len < args.prompt_len:
+        raise ValueError(f"--shared-prefix-len must be in [0, --prompt-len={args.prompt_len}) (each prompt keeps "
+                         f"at least one token of its own), got {args.shared_prefix_len}")
     model = shapes.load_model(args.model)
     dtype = args.dtype or profile.dtype
     options = planner.PlanOptions(compress_weight=_SWITCH[args.compress_weight],
                                   compress_cache=_SWITCH[args.compress_cache],
                                   cpu_cache_compute=_SWITCH[args.cpu_attention],
                                   memory_fraction=args.memory_fraction, max_block_size=args.max_block_size)
-    result = planner.plan(model, Workload(args.prompt_len, args.gen_len), profile, DTYPE_BYTES[dtype], options,
-                          evaluate_all=bool(args.plot))
+    workload = Workload(args.prompt_len, args.gen_len, args.shared_prefix_len)
+    result = planner.plan(model, workload, profile, DTYPE_BYTES[dtype], options, evaluate_all=bool(args.plot))
     if args.plot:
         _plot(result, args.plot)
     if args.json:
@@ -90,11 +93,12 @@ def _plan(args) -> int:
 def _plan_table(result, dtype: str) -> str:
     from flexgen_core.plan.hardware import format_size
 
-    best, p = result.best, result.policy
+    best, p, wl = result.best, result.policy, result.workload
     onoff = {True: "on", False: "off"}
+    shared = f" ({wl.shared_prefix_len} shared)" if wl.shared_prefix_len else ""
     lines = [
-        f"Plan for {result.model.name} on {result.hardware.name}: prompt {result.workload.prompt_len}, "
-        f"generate {result.workload.gen_len}, {dtype}",
+        f"Plan for {result.model.name} on {result.hardware.name}: prompt {wl.prompt_len}{shared}, "
+        f"generate {wl.gen_len}, {dtype}",
         "",
         f"  block          {p.gpu_batch_size} x {p.num_gpu_batches} GPU batches = {p.block_size} sequences",
         "                 GPU    CPU    disk",
@@ -111,6 +115,11 @@ def _plan_table(result, dtype: str) -> str:
         f"  throughput     {best.throughput:.4g} tokens/s",
         f"  prefill        {_seconds(best.prefill_s)} per block",
         f"  decode         {_seconds(best.decode_s)} per block ({_seconds(best.decode_token_s)} per token)",
+    ]
+    if wl.shared_prefix_len:
+        lines.append(f"  shared prefix  {wl.shared_prefix_len} tokens computed once: {_seconds(best.prefix_s)} "
+                     f"per run; each block computes and caches {wl.own_len} prompt tokens per sequence")
+    lines += [
         "",
         "  memory         peak         usable       size",
     ]
@@ -120,7 +129,8 @@ def _plan_table(result, dtype: str) -> str:
                      f"{format_size(capacity[tier])}")
     if result.hardware.unified:
         lines.append("                 (CPU-only host: the gpu and cpu tiers share host RAM)")
-    lines += ["", "  time by lane and term, per block (the lanes of a layer overlap):"]
+    per_run = "the shared prefix's pass: per run; " if wl.shared_prefix_len else ""
+    lines += ["", f"  time by lane and term, per block ({per_run}the lanes of a layer overlap):"]
     for phase, terms in best.breakdown.items():
         lines.append(f"  {phase:<12}   " + ", ".join(f"{k} {_seconds(v)}" for k, v in terms.items()))
     if best.disk_cached:
@@ -204,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--disk-mem", help="override the profile's disk space, e.g. 1.5TB")
     pl.add_argument("--prompt-len", type=int, default=512)
     pl.add_argument("--gen-len", type=int, default=32)
+    pl.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
+                    help="the first N prompt tokens are the same in every prompt (HELM's instructions and "
+                         "in-context examples): computed once and shared (default 0)")
     pl.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
                     help="weights and cache dtype (default: the profile's, float16 for t4-gcp)")
     for flag, default, what in (("--compress-weight", "off", "4-bit weights"),

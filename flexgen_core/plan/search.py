@@ -21,6 +21,11 @@ cache is not planned (its decompression on the CPU is not costed).
 Tiers may be filled to `memory_fraction` of their size (default 0.95): the accounting is exact, so the
 margin only covers what it cannot see (the CUDA context, allocator fragmentation, library workspaces).
 The paper's planner used 0.8 because its memory formulas were approximations.
+
+With a shared prefix (`Workload.shared_prefix_len`) the block's time and memory count each sequence's own
+tokens (cost_model.py), so larger blocks fit; the ranking is by a block's throughput, the prefix's one-off
+pass aside. Memory must fit in both phases of the run: each block with the prefix's K/V beside it, and the
+prefix's own pass before the first block (one more set of constraints in the linear program).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from flexgen_core.plan.cost_model import (
     CostModel,
     Estimate,
     Linear,
+    SharedPrefixMemory,
     Split,
     Switches,
     Workload,
@@ -150,6 +156,7 @@ class Plan:
             "hardware": self.hardware.name,
             "prompt_len": self.workload.prompt_len,
             "gen_len": self.workload.gen_len,
+            "shared_prefix_len": self.workload.shared_prefix_len,
             "dtype_bytes": self.dtype_bytes,
             "usable_memory": self.usable,
             "capacity": self.hardware.capacity(),
@@ -170,12 +177,15 @@ class Plan:
 # ---- the linear program -----------------------------------------------------------------------------
 
 class PlacementLP:
-    """min block time over placement fractions, for one switch setting; re-solved per batch shape."""
+    """min block time over placement fractions, for one switch setting; re-solved per batch shape.
+
+    Memory constraints per phase of the run: a block, and with a shared prefix also the prefix's pass."""
 
     def __init__(self, cost: CostModel, switches: Switches, usable: dict[str, int], disk_cached: bool):
         import cvxpy as cp
 
         self.cost, self.switches, self.usable, self.disk_cached = cost, switches, usable, disk_cached
+        self.num_phases = 2 if cost.workload_for(switches).shared_prefix_len else 1
         self.num_units = len(cost.templates)
         rows = 3 * 2 * self.num_units  # (lane row) x (phase) x (unit)
         self.x = cp.Variable(len(VARS), nonneg=True)
@@ -183,8 +193,9 @@ class PlacementLP:
         self.A = cp.Parameter((rows, len(VARS)))
         self.b = cp.Parameter(rows)
         self.c = cp.Parameter(2 * self.num_units, nonneg=True)
-        self.M = cp.Parameter((4, len(VARS)))  # gpu, cpu, disk, gpu+cpu (unified hosts); each / capacity
-        self.m = cp.Parameter(4)
+        # Per phase: gpu, cpu, disk, gpu+cpu (unified hosts); each / capacity.
+        self.M = cp.Parameter((4 * self.num_phases, len(VARS)))
+        self.m = cp.Parameter(4 * self.num_phases)
         self.act_gpu_min = cp.Parameter(nonneg=True)
         self.penalty = cp.Parameter(len(VARS), nonneg=True)
         select = np.zeros((rows, 2 * self.num_units))
@@ -232,18 +243,21 @@ class PlacementLP:
                 forms += [Linear()] * (3 - len(forms))
                 for r, form in enumerate(forms):
                     A[3 * j + r], b[3 * j + r] = self._row(form)
-        mem = cost.memory_forms(gpu_batch_size, num_gpu_batches, sw, weight_split, cache, act)
-        M = np.zeros((4, len(VARS)))
-        m = np.zeros(4)
-        forms = [mem["gpu"], mem["cpu"], mem["disk"], mem["gpu"] + mem["cpu"] if cost.hw.unified else None]
+        phases = [cost.memory_forms(gpu_batch_size, num_gpu_batches, sw, weight_split, cache, act)]
+        if self.num_phases == 2:
+            phases.append(cost.prefix_pass_forms(sw, weight_split, cache, act))
+        M = np.zeros(self.M.shape)
+        m = np.zeros(self.m.shape)
         caps = [self.usable["gpu"], self.usable["cpu"], self.usable["disk"], self.usable["cpu"]]
-        for i, (form, cap) in enumerate(zip(forms, caps)):
-            if form is None:
-                continue
-            if cap <= 0:
-                cap = 1  # nothing fits on this tier: any use is infeasible
-            row, const = self._row(form)
-            M[i], m[i] = row / cap, const / cap
+        for phase_idx, mem in enumerate(phases):
+            forms = [mem["gpu"], mem["cpu"], mem["disk"], mem["gpu"] + mem["cpu"] if cost.hw.unified else None]
+            for i, (form, cap) in enumerate(zip(forms, caps)):
+                if form is None:
+                    continue
+                if cap <= 0:
+                    cap = 1  # nothing fits on this tier: any use is infeasible
+                row, const = self._row(form)
+                M[4 * phase_idx + i], m[4 * phase_idx + i] = row / cap, const / cap
         self.A.value, self.b.value, self.c.value, self.M.value, self.m.value = A, b, c, M, m
         self.act_gpu_min.value = 1.0 if act_on_gpu else 0.0
         # Break ties toward the faster tiers: a penalty far below any real difference in time.
@@ -505,9 +519,12 @@ def _search(cost: CostModel, workload: Workload, options: PlanOptions, usable: d
 
 
 def offloaded_bytes(estimate: Estimate) -> int:
-    """Bytes of weights, cache and activations kept off the compute device."""
+    """Bytes of weights, cache (a shared prefix's included) and activations kept off the compute device."""
     mem = estimate.memory
-    return sum(term[tier] for term in (mem.weights, mem.cache, mem.activations) for tier in ("cpu", "disk"))
+    terms = [mem.weights, mem.cache, mem.activations]
+    if isinstance(mem, SharedPrefixMemory):
+        terms.append(mem.shared_prefix)
+    return sum(term[tier] for term in terms for tier in ("cpu", "disk"))
 
 
 def _choose(candidates: list[Candidate], evaluator: _Evaluator, options: PlanOptions,
@@ -567,10 +584,18 @@ def _explain(model: PlanModel, est: Estimate, over: dict[str, int], usable: dict
         name = "host RAM (gpu + cpu tiers)" if tier == "host" else tier
         have = usable["cpu"] if tier == "host" else usable[tier]
         need = have + excess
-        terms = est.memory.to_dict()
+        mem = est.memory
         tiers = ("gpu", "cpu") if tier == "host" else (tier,)  # "host": the gpu and cpu tiers share RAM
-        big = max(est.memory.TERMS, key=lambda t: sum(terms[t][x] for x in tiers))
-        detail = f", mostly {big}"
+        if isinstance(mem, SharedPrefixMemory) and \
+                sum(mem.prefix_pass_peak[x] for x in tiers) > sum(mem.block_peak[x] for x in tiers):
+            terms = mem.prefix_pass.to_dict()
+            big = max(("cache", "cache_staging", "activations", "workspace"),
+                      key=lambda t: sum(terms[t][x] for x in tiers))
+            detail = f" while computing the shared prefix of {est.workload.shared_prefix_len} tokens, mostly its {big}"
+        else:
+            terms = mem.to_dict()
+            big = max(mem.TERMS, key=lambda t: sum(terms[t][x] for x in tiers))
+            detail = f", mostly {big}"
         parts.append(f"{name} needs {format_size(need)}{detail}, usable {format_size(have)} "
                      f"(short by {format_size(excess)})")
     return (f"no policy fits {model.name} on {hardware.name}: even with batch 1 and everything on disk, "
@@ -579,10 +604,13 @@ def _explain(model: PlanModel, est: Estimate, over: dict[str, int], usable: dict
 
 def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: int, hardware, offload_dir,
                     prompt_len: int, gen_len: int, num_prompts: int | None,
-                    compress_weight: bool | None = None, compress_cache: bool | None = None) -> Policy:
+                    compress_weight: bool | None = None, compress_cache: bool | None = None,
+                    shared_prefix_len: int = 0) -> Policy:
     """`policy="auto"` of `Engine.from_pretrained`: plan for the engine's own layers on `hardware` (see
     `profiler.resolve`) and log the choice. Compression is the planner's choice where a switch is None
-    (the default: it compresses where the cost model says it pays), as given otherwise."""
+    (the default: it compresses where the cost model says it pays), as given otherwise.
+    `shared_prefix_len`: tokens at the start of every prompt that the engine will share (HELM's
+    instructions and in-context examples); like the lengths, a hint, cut to leave each prompt a token."""
     from flexgen_core.plan.profiler import resolve
 
     profile = resolve(hardware, device_type, offload_dir)
@@ -591,13 +619,16 @@ def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: in
                          f"engine computes on {device_type}; pass a profile of this machine (`flexgen profile`)")
     gen_len = max(1, min(gen_len, config.max_positions - 1))
     prompt_len = max(1, min(prompt_len, config.max_positions - gen_len))
+    shared_prefix_len = min(shared_prefix_len, prompt_len - 1)  # a negative one is Workload's error
     options = PlanOptions(compress_weight=compress_weight, compress_cache=compress_cache, max_block_size=num_prompts)
-    result = plan(PlanModel(name, config, layers, "folder"), Workload(prompt_len, gen_len), profile, dtype_bytes,
-                  options)
+    workload = Workload(prompt_len, gen_len, shared_prefix_len)
+    result = plan(PlanModel(name, config, layers, "folder"), workload, profile, dtype_bytes, options)
     best = result.best
     log.info("policy='auto' on %s: batch %d x %d, percent %s, cpu_cache_compute=%s, compress weights %s, "
-             "cache %s; predicted %.3g tokens/s (prefill %.3g s, decode %.3g s per block) for prompts of %d "
-             "tokens generating %d", profile.name, best.policy.gpu_batch_size, best.policy.num_gpu_batches,
-             list(best.policy.percent), best.policy.cpu_cache_compute, best.policy.compress_weight,
-             best.policy.compress_cache, best.throughput, best.prefill_s, best.decode_s, prompt_len, gen_len)
+             "cache %s; predicted %.3g tokens/s (prefill %.3g s, decode %.3g s per block; shared prefix pass "
+             "%.3g s once) for prompts of %d tokens (%d shared) generating %d", profile.name,
+             best.policy.gpu_batch_size, best.policy.num_gpu_batches, list(best.policy.percent),
+             best.policy.cpu_cache_compute, best.policy.compress_weight, best.policy.compress_cache,
+             best.throughput, best.prefill_s, best.decode_s, best.prefix_s, result.workload.prompt_len,
+             result.workload.shared_prefix_len, result.workload.gen_len)
     return best.policy
