@@ -13,6 +13,10 @@ Rules:
   or when its oldest request has waited `max_wait_s`. Both clocks restart when a batch finishes:
   its callers come back with their next requests within moments, and those should join the next
   batch rather than miss it.
+- Requests whose prompts start like the oldest one's (its first `PREFIX_KEY_TOKENS` tokens: a HELM
+  run entry's instructions and in-context examples) go together, without requests of other prefixes:
+  the engine computes the prefix a call's prompts share once, and a call that mixes prefixes shares
+  none.
 - Inside a batch, prompts are sorted by length to cut padding; when more requests wait than fit,
   the block of similar lengths that contains the oldest request is taken, so none starves.
 - Results are handed back as soon as their batch finishes (the caller writes HELM's cache then).
@@ -80,12 +84,24 @@ class BatcherClosed(RuntimeError):
 RunBatch = Callable[[BatchSettings, Sequence[Sequence[int]], Sequence["int | None"]], Sequence[Any]]
 
 
+# Prompts that agree on this many leading tokens are taken to share a prefix (the engine's
+# SHARED_PREFIX_MIN_TOKENS: a shorter common prefix is not worth sharing).
+PREFIX_KEY_TOKENS = 16
+
+
 def choose_batch(pending: Sequence[_Pending], max_prompts: int) -> list[_Pending]:
     """At most `max_prompts` of one group's `pending` requests, sorted by prompt length.
 
-    All of them if they fit; otherwise the run of `max_prompts` consecutive requests (in length
-    order) that contains the oldest request and spans the smallest range of lengths.
+    Only those that share the oldest request's prefix, if it has one that others share. Of those, all
+    if they fit; otherwise the run of `max_prompts` consecutive requests (in length order) that
+    contains the oldest request and spans the smallest range of lengths.
     """
+    oldest = min(pending, key=lambda item: item.arrived_s)
+    if len(oldest.prompt) > PREFIX_KEY_TOKENS:
+        key = oldest.prompt[:PREFIX_KEY_TOKENS]
+        same = [item for item in pending if len(item.prompt) > PREFIX_KEY_TOKENS and item.prompt[:PREFIX_KEY_TOKENS] == key]
+        if len(same) > 1:
+            pending = same
     by_length = sorted(pending, key=lambda item: (len(item.prompt), item.arrived_s))
     if len(by_length) <= max_prompts:
         return by_length

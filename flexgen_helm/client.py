@@ -15,6 +15,9 @@ Differences, on purpose:
   reports 0.0 for each one there), and the echoed text is the whole sequence decoded at once;
 - `top_k_per_token` is part of the cache key only: HELM 0.5's `Token` has no field for the
   alternatives (HELM's own client ignores it too).
+Chat templates follow HELM's client: `apply_chat_template` (default: whether the tokenizer has a
+template) wraps the prompt as one user message (or renders `request.messages`) with the generation
+prompt added, and that text is what is tokenised, scored, echoed and cached.
 
 The client object is cheap (HELM builds several at once). Engines are loaded lazily, once per
 (checkpoint, policy, offload folder, device, dtype) per process, in `ENGINES`, each with a
@@ -84,32 +87,59 @@ class EngineKey:
 
 
 class EngineHandle:
-    """A loaded engine and the batcher that feeds it."""
+    """An engine and the batcher that feeds it. With `policy: auto` the engine is planned and loaded
+    at the first batch, for that batch's shape: its prompt and generation lengths, its number of
+    sequences and the prefix its prompts share (a HELM run entry's instructions and examples); until
+    then the batcher gathers everything that arrives together into that first batch."""
 
-    def __init__(self, key: EngineKey, engine: Any) -> None:
+    def __init__(self, key: EngineKey) -> None:
         self.key = key
-        self.engine = engine
-        self.max_positions: int = engine.config.max_positions
+        self.engine: Any = None
+        if key.policy == "auto":
+            self.max_positions = _read_max_positions(key.model_path)
+            block_size = UNPLANNED_BLOCK_SIZE
+        else:
+            self.engine = _load_engine(key)
+            self.max_positions = self.engine.config.max_positions
+            block_size = self.engine.policy.block_size
         self.batcher = Batcher(
             self._run_batch,
-            block_size=engine.policy.block_size,
+            block_size=block_size,
             idle_wait_s=key.batch_wait_s,
             max_wait_s=20 * key.batch_wait_s,
             name=f"flexgen-batcher:{os.path.basename(key.model_path.rstrip('/'))}",
         )
 
     def _run_batch(self, settings: BatchSettings, prompts: Sequence[Sequence[int]], seeds: Sequence[int | None]):
+        if self.engine is None:  # policy "auto": plan for what this first batch looks like
+            from flexgen_core.engine import SHARED_PREFIX_MIN_TOKENS, _common_prefix_len
+
+            shared = _common_prefix_len([list(p) for p in prompts], min(map(len, prompts)) - 1)
+            self.engine = _load_engine(self.key, dict(
+                prompt_len_hint=max(map(len, prompts)), gen_len_hint=max(1, settings.max_new_tokens),
+                num_prompts_hint=len(prompts) * settings.num_completions,
+                shared_prefix_len_hint=shared if shared >= SHARED_PREFIX_MIN_TOKENS and len(prompts) > 1 else 0))
+            self.batcher.block_size = self.engine.policy.block_size
         started_s = time.perf_counter()
         results = self.engine.generate(prompts, seed=list(seeds), **settings.generate_kwargs())
+        stats = self.engine.stats
         hlog(
             f"FlexGen: batch of {len(prompts)} prompts (x{settings.num_completions} completions, "
-            f"{settings.max_new_tokens} new tokens) in {time.perf_counter() - started_s:.2f} s"
+            f"{settings.max_new_tokens} new tokens) in {time.perf_counter() - started_s:.2f} s; engine so far: "
+            f"{stats.sequences} sequences in {stats.blocks} blocks, {stats.prefill_tokens} prompt tokens computed "
+            f"(+{stats.prefix_tokens} in {stats.prefixes_computed} shared prefixes, reused {stats.prefixes_reused}x), "
+            f"{stats.decode_rows} decode rows, {stats.prefill_s:.1f} s prefill, {stats.decode_s:.1f} s decode"
         )
         return results
 
     def close(self) -> None:
         self.batcher.close()
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+# With policy "auto", the first batch takes every request waiting (up to this many sequences).
+UNPLANNED_BLOCK_SIZE = 4096
 
 
 class EngineRegistry:
@@ -134,7 +164,7 @@ class EngineRegistry:
                     hlog(f"FlexGen: unloading {other_key.model_path} (policy {describe_policy(other_key.policy)})")
                     del self._handles[other_key]
                     other.close()
-            handle = EngineHandle(key, _load_engine(key))
+            handle = EngineHandle(key)
             self._handles[key] = handle
             return handle
 
@@ -161,17 +191,30 @@ def describe_policy(policy: Policy | str) -> str:
     return f"{policy.gpu_batch_size}x{policy.num_gpu_batches} blocks, percent {percent}, {switches}"
 
 
-def _load_engine(key: EngineKey) -> Any:
+def _load_engine(key: EngineKey, hints: Mapping[str, int] | None = None) -> Any:
     from flexgen_core import Engine
 
     description = f"{key.model_path} (policy {describe_policy(key.policy)}; device {key.device}, {key.dtype})"
     with htrack_block(f"FlexGen: loading {description}"):
         try:
-            return Engine.from_pretrained(
-                key.model_path, policy=key.policy, offload_dir=key.offload_dir, device=key.device, dtype=key.dtype
+            engine = Engine.from_pretrained(
+                key.model_path, policy=key.policy, offload_dir=key.offload_dir, device=key.device, dtype=key.dtype,
+                **(hints or {}),
             )
         except (OSError, ValueError, TypeError) as error:
             raise ConfigurationError(f"cannot load {key.model_path!r}: {error}") from error
+        if key.policy == "auto":
+            hlog(f"FlexGen: policy auto planned {describe_policy(engine.policy)} for {hints}")
+        return engine
+
+
+def _read_max_positions(model_path: str) -> int:
+    from flexgen_core.engine import read_model
+
+    try:
+        return read_model(model_path)[2].max_positions
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigurationError(f"cannot load {model_path!r}: {error}") from error
 
 
 def _parse_policy(policy: Any) -> Policy | str:
@@ -238,6 +281,7 @@ class FlexGenClient(CachingClient):
         end_of_text_token: str | None = None,
         batch_wait_s: float = 0.05,
         request_log: str | None = None,
+        apply_chat_template: bool | None = None,
     ) -> None:
         super().__init__(cache_config=cache_config)
         self._tokenizer = tokenizer
@@ -247,6 +291,7 @@ class FlexGenClient(CachingClient):
         # Bad arguments come back as a fatal, non-retriable result of the first request: HELM would
         # otherwise turn an exception here into a crash with less context.
         self._config_error: str | None = None
+        self._apply_chat_template = False
         self._engine_key: EngineKey | None = None
         self._request_log: RequestLog | None = None
         try:
@@ -264,6 +309,14 @@ class FlexGenClient(CachingClient):
             )
             if request_log is not None:
                 self._request_log = RequestLog(os.path.expanduser(request_log))
+            if apply_chat_template is not None and not isinstance(apply_chat_template, bool):
+                raise ValueError(f"apply_chat_template must be true or false, got {apply_chat_template!r}")
+            self._apply_chat_template = apply_chat_template
+            if apply_chat_template is None:  # HELM's rule: a tokenizer with a chat template means a chat model
+                with tokenizer.get_wrapped_tokenizer() as hf_tokenizer:
+                    self._apply_chat_template = bool(hf_tokenizer.chat_template)
+                hlog(f"FlexGen: apply_chat_template set to {self._apply_chat_template} (whether the tokenizer "
+                     "has a chat template, as HELM's HuggingFaceClient decides); set it in the deployment to change it")
         except ValueError as error:
             self._config_error = f"FlexGenClient configuration for {pretrained_model_name_or_path!r}: {error}"
 
@@ -274,8 +327,12 @@ class FlexGenClient(CachingClient):
             return _failure(self._config_error, retriable=False, fatal=True)
         if request.embedding:
             return _failure("FlexGenClient does not compute embeddings", retriable=False, fatal=True)
-        if request.messages or request.multimodal_prompt:
-            return _failure("FlexGenClient serves text prompts only (no chat messages)", retriable=False, fatal=True)
+        if request.multimodal_prompt:
+            return _failure("FlexGenClient serves text prompts only (no multimodal prompts)", retriable=False, fatal=True)
+        if request.messages and (request.prompt or not self._apply_chat_template):
+            why = "both `prompt` and `messages` are set" if request.prompt else "apply_chat_template is off"
+            return _failure(f"FlexGenClient: chat messages need a chat template, and {why}", retriable=False,
+                            fatal=True)
 
         raw_request = self._raw_request(request)
         cache_key = CachingClient.make_cache_key(raw_request, request)
@@ -324,7 +381,7 @@ class FlexGenClient(CachingClient):
             "dtype": self._engine_key.dtype,
             # Compression changes results; the other policy fields only move tensors around.
             "compression": "auto" if policy == "auto" else [policy.compress_weight, policy.compress_cache],
-            "prompt": request.prompt,
+            "prompt": self._prompt(request),
             "temperature": request.temperature,
             "num_completions": request.num_completions,
             "max_tokens": request.max_tokens,
@@ -333,6 +390,14 @@ class FlexGenClient(CachingClient):
             "top_k_per_token": request.top_k_per_token,
             "stop_sequences": list(request.stop_sequences),
         }
+
+    def _prompt(self, request: Request) -> str:
+        """The text the model sees: the prompt, or with a chat template, the rendered conversation."""
+        if not self._apply_chat_template:
+            return request.prompt
+        messages = request.messages or [{"role": "user", "content": request.prompt}]
+        with self._tokenizer.get_wrapped_tokenizer() as tokenizer:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def _compute(self, raw_request: dict[str, Any], cache_key: Mapping[str, Any]) -> dict[str, Any]:
         started_s = time.time()
@@ -351,7 +416,8 @@ class FlexGenClient(CachingClient):
             completions = [dict(text="", tokens=[], logprobs=[], finish_reason="length")] * num_completions
             return dict(completions=completions, request_time=time.time() - started_s, request_datetime=int(started_s))
 
-        max_positions = ENGINES.get(self._engine_key).max_positions  # loads the engine on first use
+        handle = ENGINES.get(self._engine_key)  # loads the engine on first use (policy auto: at its first batch)
+        max_positions = handle.max_positions
         if len(prompt_ids) + max_tokens > max_positions:
             raise RequestRejected(
                 f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} exceeds the model's "
@@ -392,6 +458,7 @@ class FlexGenClient(CachingClient):
                     batch_size=outcome.batch_size,
                     batch_s=round(outcome.batch_time_s, 6),
                     time=round(time.time(), 3),
+                    engine_stats=handle.engine.stats.as_dict(),  # cumulative, after this request's batch
                 )
             )
         return dict(

@@ -40,6 +40,26 @@ def test_choose_batch_keeps_the_oldest_and_similar_lengths():
     assert any(item.arrived_s == -1.0 for item in chosen)
 
 
+def test_choose_batch_keeps_a_shared_prefix_together():
+    """Two run entries' requests wait at once: the oldest one's prefix group goes alone, whole, even
+    with room left (a call mixing prefixes would share none); the other group goes next."""
+    from flexgen_core.engine import SHARED_PREFIX_MIN_TOKENS
+    from flexgen_helm.batcher import PREFIX_KEY_TOKENS
+
+    assert PREFIX_KEY_TOKENS == SHARED_PREFIX_MIN_TOKENS
+    a, b = [1] * 20, [2] * 20
+    items = [_Pending((a if i % 2 else b) + [i] * (i % 3 + 1), None, _settings(), float(i)) for i in range(10)]
+    chosen = choose_batch(items, 8)
+    assert len(chosen) == 5 and all(item.prompt[:20] == b for item in chosen)  # item 0 (group b) is oldest
+    rest = [item for item in items if item not in chosen]
+    assert choose_batch(rest, 8) == sorted(rest, key=lambda item: (len(item.prompt), item.arrived_s))
+    # A lone request of its prefix, or prompts too short to share, change nothing.
+    lone = [_Pending([3] * 20, None, _settings(), -1.0)] + items
+    assert len(choose_batch(lone, 20)) == 11
+    short = [_pending(length, float(length)) for length in (4, 9, 12)]
+    assert len(choose_batch(short, 8)) == 3
+
+
 class _Recorder:
     def __init__(self, delay_s: float = 0.0):
         self.calls: list[tuple[BatchSettings, list[list[int]], list]] = []

@@ -51,6 +51,7 @@ PATIENT_DEPLOYMENT = "local-flexgen-patient/tiny"
 BAD_POLICY_DEPLOYMENT = "local-flexgen-bad-policy/tiny"
 BAD_LOG_DEPLOYMENT = "local-flexgen-bad-log/tiny"
 MISSING_MODEL_DEPLOYMENT = "local-flexgen-missing/tiny"
+AUTO_DEPLOYMENT = "local-flexgen-auto/tiny"  # policy: auto, planned at the first batch
 
 PROMPTS = [
     "def parse(self, text):\n    return",
@@ -100,6 +101,7 @@ def env(tmp_path_factory):
         _flexgen_deployment(BAD_POLICY_DEPLOYMENT, checkpoint, offload, policy={"gpu_batch_size": 2, "w_gpu_pct": 50}),
         _flexgen_deployment(MISSING_MODEL_DEPLOYMENT, root / "no-such-checkpoint", offload),
         _flexgen_deployment(BAD_LOG_DEPLOYMENT, checkpoint, offload, request_log=str(root / "a-folder")),
+        _flexgen_deployment(AUTO_DEPLOYMENT, checkpoint, offload, policy="auto", batch_wait_s=0.5),
     ]
     (root / "a-folder").mkdir()
     prod_env = write_prod_env(root / "prod_env", checkpoint, PRESETS["tiny"].max_positions, extra_deployments=extra)
@@ -428,6 +430,38 @@ def test_chat_messages_are_rejected(env):
         _request(prompt="", messages=[{"role": "user", "content": "hi"}])
     )
     assert not result.success and result.error_flags.is_retriable is False
+
+
+def test_policy_auto_is_planned_for_the_first_batch(env, tmp_path, monkeypatch):
+    """`policy: auto` plans when the first batch is formed, for its shape: the longest prompt, its
+    max_tokens, its number of sequences and the prefix its prompts share; results are the engine's."""
+    from flexgen_core import Engine
+    from test_planner import cpu_host
+
+    monkeypatch.setenv("FLEXGEN_HARDWARE", str(cpu_host().save(tmp_path / "host.json")))
+    planned = []
+    from_pretrained = Engine.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        planned.append(kwargs)
+        return from_pretrained(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(recording))
+    instructions = "Answer the question with one word from the garden.\n" * 3
+    requests = [_request(AUTO_DEPLOYMENT, prompt=instructions + prompt, max_tokens=5) for prompt in PROMPTS]
+    client = _client(env, AUTO_DEPLOYMENT)
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        results = [_ok(r) for r in pool.map(client.make_request, requests)]
+    alone = _client(env, FLEXGEN_DEPLOYMENT)
+    for request, result in zip(requests, results):
+        _assert_same(result, _ok(alone.make_request(replace(request, model_deployment=FLEXGEN_DEPLOYMENT))))
+    (hints,) = [kwargs for kwargs in planned if kwargs.get("policy") == "auto"]
+    tokenizer = AutoTokenizer.from_pretrained(env["checkpoint"])
+    ids = [tokenizer(r.prompt)["input_ids"] for r in requests]
+    common = next(i for i in range(min(map(len, ids))) if len({tuple(t[:i + 1]) for t in ids}) > 1)
+    assert hints["prompt_len_hint"] == max(map(len, ids)) and hints["gen_len_hint"] == 5
+    assert hints["num_prompts_hint"] == len(requests) and hints["shared_prefix_len_hint"] == common > 16
+    assert max(r.batch_size for r in results) == len(requests)  # the first batch took everything waiting
 
 
 def test_client_is_cheap_to_build(env):

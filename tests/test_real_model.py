@@ -110,22 +110,26 @@ def test_compressed_cache_matches_quantised_reference(real, tmp_path, monkeypatc
             assert row.max().item() - row[token].item() <= TIE_TOL
 
 
-def test_helm_clients_agree(real, tmp_path):
-    """HELM's HuggingFaceClient (chat template off: the two clients then send the same prompt) and
-    FlexGenClient on the real model: identical greedy texts, scoring logprobs within 2e-4."""
+@pytest.mark.parametrize("chat", [None, False], ids=["chat-template-by-default", "chat-template-off"])
+def test_helm_clients_agree(real, tmp_path, chat):
+    """HELM's HuggingFaceClient and FlexGenClient on the real model, whose tokenizer has a chat
+    template: by default both apply it (HELM's rule), or both are told not to; identical greedy texts,
+    scoring logprobs within 2e-4, chat messages rendered alike."""
     from helm.benchmark.config_registry import register_builtin_configs_from_helm_package, register_configs_from_directory
     from helm.clients.auto_client import AutoClient
     from helm.clients.huggingface_client import HuggingFaceServerFactory
     from helm.common.cache_backend_config import BlackHoleCacheBackendConfig
     from helm.common.request import Request
+    from helm.proxy.retry import NonRetriableException
     from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 
     from flexgen_helm import client as client_module
     from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, TEST_MODEL, write_prod_env
 
     path = real[0]
+    setting = {} if chat is None else {"apply_chat_template": chat}
     prod_env = write_prod_env(tmp_path / "prod_env", path, 8192, prefix_token="", end_of_text_token="<|im_end|>",
-                              hf_args={"apply_chat_template": False})
+                              hf_args=setting, flexgen_args=setting)
     HuggingFaceTokenizer._tokenizers.clear()
     HuggingFaceServerFactory._servers.clear()
     register_builtin_configs_from_helm_package()
@@ -141,9 +145,40 @@ def test_helm_clients_agree(real, tmp_path):
                 assert a.text == b.text
                 if fields["max_tokens"] == 0:
                     assert [t.text for t in a.tokens] == [t.text for t in b.tokens]
+                    assert ("<|im_start|>" in "".join(t.text for t in a.tokens)) == (chat is None)
                     for x, y in zip(a.tokens, b.tokens):
                         assert x.logprob == pytest.approx(y.logprob, abs=LOGPROB_TOL)
+        messages = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": TEXTS[0]}]
+        request = dict(model=TEST_MODEL, messages=messages, temperature=0.0, max_tokens=6)
+        a = ours.make_request(Request(model_deployment=FLEXGEN_DEPLOYMENT, **request))
+        if chat is None:
+            b = theirs.make_request(Request(model_deployment=HF_DEPLOYMENT, **request))
+            assert a.success and b.success and a.completions[0].text == b.completions[0].text
+        else:  # no template, no way to render messages: HELM's client refuses them too
+            assert not a.success and a.error_flags.is_retriable is False and "chat template" in a.error
+            with pytest.raises(NonRetriableException):
+                theirs.make_request(Request(model_deployment=HF_DEPLOYMENT, **request))
     finally:
         client_module.ENGINES.close_all()
         HuggingFaceTokenizer._tokenizers.clear()
         HuggingFaceServerFactory._servers.clear()
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "no-chat-template"])
+def test_helm_run_parity_with_a_chat_template(real, tmp_path, chat):
+    """Plain helm-run through both clients on the real model (a tokenizer with a chat template), with
+    the template applied and not: the same greedy texts."""
+    from helm_support import (FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, request_states, run_dirs, run_helm,
+                              write_prod_env)
+
+    setting = {"apply_chat_template": chat}
+    prod_env = write_prod_env(tmp_path / "prod_env", real[0], 8192, prefix_token="", end_of_text_token="<|im_end|>",
+                              hf_args=setting, flexgen_args=dict(setting, policy=dict(gpu_batch_size=4)))
+    texts = {}
+    for deployment in (HF_DEPLOYMENT, FLEXGEN_DEPLOYMENT):
+        suite = deployment.replace("/", "-")
+        run_helm(["synthetic_reasoning:mode=pattern_match"], deployment, prod_env, tmp_path / "out", suite, 4)
+        (run_dir,) = run_dirs(tmp_path / "out", suite).values()
+        texts[deployment] = [s["result"]["completions"][0]["text"] for s in request_states(run_dir)]
+    assert texts[HF_DEPLOYMENT] == texts[FLEXGEN_DEPLOYMENT]
+    assert len(texts[HF_DEPLOYMENT]) == 4
