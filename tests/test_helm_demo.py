@@ -6,6 +6,8 @@ packaged configs: registration through the entry point, prod_env/ overrides, the
 from __future__ import annotations
 
 import json
+import math
+import os
 import socket
 import subprocess
 import sys
@@ -19,40 +21,89 @@ import yaml
 from helm_support import helm_bin, offline_env
 
 from flexgen_core.testing import PRESETS
-from flexgen_helm import configs, demo
+from flexgen_core.testing.common import default_cache_root
+from flexgen_core.testing.real import RealModelUnavailable, real_checkpoint
+from flexgen_helm import configs, demo, demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _run_demo(home: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = offline_env(home)
+    # The real model: fetched and converted once per machine into the test cache, not once per home.
+    env["FLEXGEN_TEST_CACHE"] = str(default_cache_root())
+    return subprocess.run([helm_bin("flexgen-helm"), "demo", *args], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """The README's demo from an empty folder and an empty home, on the real model (the default)."""
+    try:
+        real_checkpoint()
+    except RealModelUnavailable as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
     home = tmp_path_factory.mktemp("home")
     workdir = tmp_path_factory.mktemp("empty")
-    completed = subprocess.run(
-        [helm_bin("flexgen-helm"), "demo", "--max-eval-instances", "8", "-n", "8"],
-        cwd=workdir,
-        env=offline_env(home),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    completed = _run_demo(home, workdir, "--max-eval-instances", "6", "-n", "8")
     return {"completed": completed, "workdir": workdir, "home": home}
 
 
-def test_demo_succeeds_and_prints_the_table(demo_run):
+def _table_rows(out: str) -> dict[str, list[str]]:
+    table = out[out.index("main metric") - 200:]
+    rows = {}
+    for line in table.splitlines():
+        cells = line.split()
+        if cells and ":" in cells[0] and len(cells) >= 6:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_demo_runs_the_real_model_and_prints_its_table(demo_run):
     completed = demo_run["completed"]
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     out = completed.stdout
-    assert "RANDOM weights" in out
+    assert "SmolLM2-135M-Instruct" in out and "Q4_1" in out and "RANDOM" not in out
     assert "[1/3]" in out and "[2/3]" in out and "[3/3]" in out
-    table = out[out.index("main metric") - 200 :]
-    for run in ("synthetic_reasoning:mode=pattern_match", "synthetic_reasoning_natural:difficulty=easy"):
-        (line,) = [line for line in table.splitlines() if line.startswith(run + " ")]
-        cells = line.split()
-        assert cells[2] == "8"  # requests: one per instance
-        assert float(cells[3]) >= 1 and cells[4:] == [cells[4], "s"]
-    model_dir = demo_run["home"] / ".cache" / "flexgen-helm" / "demo" / "opt-demo"
+    rows = _table_rows(out)
+    expected = {entry.split(",model=")[0] for entry in demo.read_run_entries(demo.DEMO_CONF)}
+    assert set(rows) == expected and len(expected) == 4
+    for run, cells in rows.items():
+        metric, value = cells[1].split("=")
+        assert metric == demo.MAIN_METRICS[run.split(":")[0]] and 0.0 <= float(value) <= 1.0
+        # one request per instance; separate_original scores each of the 4 options apart
+        assert int(cells[2]) == (24 if "separate" in run else 6)
+        assert float(cells[3]) > 1 and cells[5] == "s"
+    link = demo_run["home"] / ".cache" / "flexgen-helm" / "demo" / "smollm2-135m-instruct"
+    assert (link / "config.json").is_file() and link.resolve() == real_checkpoint().resolve()
+    data = demo_run["workdir"] / "benchmark_output" / "scenarios" / "mmlu" / "data" / "test"
+    assert (data / f"{demo_data.DEMO_SUBJECT}_test.csv").is_file()
+
+
+def test_random_model_demo(tmp_path):
+    """`--random-model`: the locally built random-weight OPT, no download at all."""
+    home, workdir = tmp_path / "home", tmp_path / "work"
+    workdir.mkdir()
+    completed = _run_demo(home, workdir, "--random-model", "--max-eval-instances", "4", "-n", "4")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "RANDOM weights" in completed.stdout
+    rows = _table_rows(completed.stdout)
+    assert set(rows) == {"synthetic_reasoning:mode=pattern_match", "synthetic_reasoning_natural:difficulty=easy"}
+    assert all(cells[2] == "4" for cells in rows.values())
+    model_dir = home / ".cache" / "flexgen-helm" / "demo" / "opt-demo"
     assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+
+
+def test_demo_keeps_an_existing_mmlu_data_folder(tmp_path):
+    data = tmp_path / "scenarios" / "mmlu" / "data"
+    assert demo_data.write_mmlu_demo(tmp_path)
+    rows = (data / "test" / f"{demo_data.DEMO_SUBJECT}_test.csv").read_text().splitlines()
+    assert len(rows) == 20 and all(row.rsplit(",", 1)[1] in "ABCD" for row in rows)
+    (data / "test" / "other_test.csv").write_text("kept\n")
+    assert not demo_data.write_mmlu_demo(tmp_path)
+    assert (data / "test" / "other_test.csv").read_text() == "kept\n"
 
 
 def test_demo_output_summarized_and_served(demo_run):
@@ -60,7 +111,7 @@ def test_demo_output_summarized_and_served(demo_run):
     suite_dir = output_path / "runs" / "flexgen-demo"
     assert (suite_dir / "groups").is_dir() and (suite_dir / "summary.json").is_file()
     runs = [path for path in suite_dir.glob("*/stats.json")]
-    assert len(runs) == 2
+    assert len(runs) == 4
     for stats_path in runs:
         batch_sizes = [s for s in json.loads(stats_path.read_text()) if s["name"]["name"] == "batch_size"]
         assert batch_sizes and batch_sizes[0]["mean"] > 1
@@ -125,6 +176,35 @@ def test_demo_deployment_matches_the_demo_model():
     assert metadata[configs.DEMO_DEPLOYMENT]["num_parameters"] == PRESETS[demo.DEMO_PRESET].num_params
     assert "random weights" in metadata[configs.DEMO_DEPLOYMENT]["display_name"].lower()
     assert not deployment["client_spec"]["args"]["pretrained_model_name_or_path"].startswith("~")
+
+
+def test_real_demo_deployment_matches_the_real_model():
+    """The packaged SmolLM2 entries agree with the checkpoint the demo links (positions, parameters,
+    the tokenizer's end-of-text token and its lack of a BOS token)."""
+    try:
+        path = real_checkpoint()
+    except RealModelUnavailable as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    config = json.loads((path / "config.json").read_text())
+    deployment = configs.packaged_deployment(demo.REAL_DEPLOYMENT)
+    assert deployment["max_sequence_length"] == config["max_position_embeddings"]  # no prefix token to leave room for
+    metadata = {m["name"]: m for m in configs.load_config(configs.MODEL_METADATA_FILE)["models"]}
+    params = 0
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            params += sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    assert metadata[demo.REAL_DEPLOYMENT]["num_parameters"] == params
+    (tokenizer_config,) = [t for t in configs.load_config(configs.TOKENIZER_CONFIGS_FILE)["tokenizer_configs"]
+                           if t["name"] == deployment["tokenizer_name"]]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert tokenizer_config["end_of_text_token"] == tokenizer.eos_token
+    assert tokenizer_config["prefix_token"] == "" and tokenizer("Hi")["input_ids"][0] != tokenizer.bos_token_id
+    assert deployment["client_spec"]["args"]["pretrained_model_name_or_path"] == str(demo.model_dir(demo.REAL_DEPLOYMENT))
 
 
 _REGISTRATION_CHECK = """
