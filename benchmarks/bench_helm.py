@@ -5,8 +5,10 @@ By default on the real model (SmolLM2-135M-Instruct, `flexgen_core.testing.real`
 FlexGen paper's kinds, with data written in HELM's layout: MMLU 5-shot multiple_choice_joint
 (max_tokens 1), synthetic_reasoning pattern_match (max_tokens 50, stop "\\n") and wikifact k=5
 (5 samples at temperature 1, max_tokens 8). Clients, everything in RAM:
-  - HELM's HuggingFaceClient at `-n`, at HELM's default `-n 4` and at `-n 1` (its fastest run counts);
-  - FlexGenClient with shared-prefix execution (the default) and with `share_prefix: false`.
+  - HELM's HuggingFaceClient at `-n`, at `-n 1`, `-n 2` and HELM's default `-n 4` (its fastest run counts);
+  - FlexGenClient with shared-prefix execution (the default) and with `share_prefix: false`; its policy
+    holds everything in RAM in one GPU batch of up to 240 sequences (wikifact's 48 prompts x 5
+    samples): on a CPU that is the compute batch, and one batch reads the weights once per step.
 Greedy texts must be identical across all (wikifact samples: not comparable, see
 ../shared/reference/helm-workload.md). Prefill work per client: HELM's client runs every prompt of
 every sampled completion through the model; FlexGen's figures come from the engine's own counters
@@ -109,9 +111,9 @@ def main() -> int:
     parser.add_argument("--entries", nargs="+", help="HELM run entries, without the model (default: the three)")
     parser.add_argument("--instances", type=int, default=48, help="--max-eval-instances")
     parser.add_argument("--threads", type=int, default=48, help="helm-run -n for FlexGen and for HELM's client")
-    parser.add_argument("--gpu-batch", type=int, default=48, help="FlexGen's gpu_batch_size")
-    parser.add_argument("--num-gpu-batches", type=int, default=5, help="FlexGen's GPU batches per block")
-    parser.add_argument("--hf-threads", type=int, nargs="*", default=[1, 4],
+    parser.add_argument("--gpu-batch", type=int, default=240, help="FlexGen's gpu_batch_size")
+    parser.add_argument("--num-gpu-batches", type=int, default=1, help="FlexGen's GPU batches per block")
+    parser.add_argument("--hf-threads", type=int, nargs="*", default=[1, 2, 4],
                         help="more -n values for HELM's client, besides --threads (its fastest run counts)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per client, interleaved; the best counts")
     parser.add_argument("--no-mmlu-ablation", action="store_true", help="skip the MMLU-alone sharing on/off pair")
@@ -131,7 +133,7 @@ def main() -> int:
 
         checkpoint, model = real_checkpoint(), DESCRIPTION
         env_args = dict(max_positions=8192, prefix_token="", end_of_text_token="<|im_end|>",
-                        hf_args={"apply_chat_template": False}, flexgen_args={"apply_chat_template": False})
+                        hf_args={"apply_chat_template": False}, client_args={"apply_chat_template": False})
         entries = args.entries or REAL_ENTRIES
     else:
         from flexgen_core.testing import PRESETS, build_checkpoint
@@ -139,7 +141,7 @@ def main() -> int:
         preset = PRESETS[args.model]
         checkpoint = build_checkpoint(args.model, seed=0)
         model = f"{args.model} ({preset.num_params / 1e6:.1f}M parameters, random weights), float32"
-        env_args = dict(max_positions=preset.max_positions)
+        env_args = dict(max_positions=preset.max_positions, client_args={})
         entries = args.entries or ["synthetic_reasoning:mode=pattern_match"]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     in_ram = dict(gpu_batch_size=args.gpu_batch, num_gpu_batches=args.num_gpu_batches, w_gpu_percent=100, w_cpu_percent=0,
@@ -163,9 +165,10 @@ def main() -> int:
                 # A prod_env (so a cache) per run: no run may read another's results.
                 request_log = root / f"requests-{name}.jsonl"
                 policy = dict(in_ram, share_prefix=bool(share))
+                flexgen_args = {"policy": policy, "request_log": str(request_log), **env_args["client_args"]}
                 prod_env = write_prod_env(root / f"prod_env-{name}", checkpoint, env_args["max_positions"],
-                                          flexgen_args={"policy": policy, "request_log": str(request_log)},
-                                          **{k: v for k, v in env_args.items() if k != "max_positions"})
+                                          flexgen_args=flexgen_args,
+                                          **{k: v for k, v in env_args.items() if k not in ("max_positions", "client_args")})
                 run = _timed_run(run_entries, deployment, prod_env, root, name, args.instances, threads)
                 run.update(label=label, repeat=repeat, entries=run_entries)
                 stats = _engine_stats(request_log)

@@ -69,7 +69,8 @@ def helm_plot(result: dict, path: str | Path) -> Path:
     """Wall time of each helm-run in `benchmarks/bench_helm.py`'s JSON."""
     plt = _pyplot()
     runs = result["runs"]
-    labels = [f"{r['client']} (-n {r['threads']})" for r in runs]
+    labels = [f"{r['client']}{' (share_prefix off)' if 'no-sharing' in r.get('label', '') else ''} (-n {r['threads']})"
+              f"{', MMLU only' if r.get('label', '').startswith('mmlu') else ''}" for r in runs]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(runs) + 1.6))
     y = list(range(len(runs)))[::-1]
     ax.barh(y, [r["wall_s"] for r in runs],
@@ -80,8 +81,10 @@ def helm_plot(result: dict, path: str | Path) -> Path:
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xlabel("helm-run wall time (s), lower is better")
-    ax.set_title(f"helm-run {result['scenario']}, {result['instances']} instances: speedup of FlexGenClient over "
-                 f"the faster HuggingFaceClient run {result.get('speedup', '?')}x", fontsize=9)
+    entries = ", ".join(e.split(":")[0] for e in result.get("entries", [result.get("scenario", "?")]))
+    speedup = result.get("speedups", {}).get("vs_fastest_hf", result.get("speedup", "?"))
+    ax.set_title(f"helm-run {entries}, {result['instances']} instances: speedup of FlexGenClient over "
+                 f"the fastest HuggingFaceClient run {speedup}x", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -168,7 +168,7 @@ class Engine:
             pads = [prompt_len - (len(s.prompt) - shared) for s in members]
             ids = torch.tensor([[pad_id] * pad + s.prompt[shared:] for pad, s in zip(pads, members)],
                                dtype=torch.long, device=self.devices.compute)
-            batches.append(Batch(ids, pads, members, offset=shared))
+            batches.append(Batch.of(ids, pads, members, offset=shared))
         needs = memory.MemoryReport()
         memory.add_block_terms(needs, self.layers, self.config, self.policy, prompt_len, settings.max_new_tokens,
                                self.dtype.itemsize, self.devices.split, echo_prompt, shared)

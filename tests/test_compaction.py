@@ -1,7 +1,8 @@
-"""Finished sequences leave the compute: between decode steps, a GPU batch whose finished sequences
-make up a quarter of its rows or more is packed to its live rows (their KV cache on every tier,
-compressed or not, and their hidden-state homes), so later steps compute only what is still
-generating.
+"""Rows computed only where needed. Finished sequences leave the compute: between decode steps, a GPU
+batch whose finished sequences make up a quarter of its rows or more is packed to its live rows (their
+KV cache on every tier, compressed or not, and their hidden-state homes), so later steps compute only
+what is still generating. And sampled completions of one prompt share its prompt pass: the batch runs
+it on its distinct prompts, then forks each prompt's K/V rows out to its completions.
 
 Sequences are made to finish at different steps with stop tokens taken from an unstopped run, then
 every result is checked against transformers (greedy, tie-aware; sampled logprobs too): every
@@ -124,3 +125,32 @@ def test_sampled_completions_survive_packing(model, tmp_path):
         assert engine.stats.compactions > 0
     for prompt, result in zip(prompts, results):
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, greedy=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(PLACEMENTS))
+def test_sampled_completions_share_their_prompt_pass(model, name, device, tmp_path, monkeypatch):
+    """Three sampled completions per prompt: each GPU batch's prompt pass computes its distinct
+    prompts once, then every completion decodes on its own (their logprobs are transformers' for
+    what each sampled), echo included."""
+    path, hf = model
+    prompts = _prompts(path, True)[:4]
+    seen = []
+    compute = schedule._BlockPass._compute
+
+    def counting(self, step, layer_idx, batch_idx, weights):
+        if step == 0 and layer_idx == 0:
+            batch = self.batches[batch_idx]
+            seen.append((len(batch.pads), len({tuple(s.prompt) for s in batch.members}), len(batch.members)))
+        return compute(self, step, layer_idx, batch_idx, weights)
+
+    monkeypatch.setattr(schedule._BlockPass, "_compute", counting)
+    with Engine.from_pretrained(path, policy=_wide(PLACEMENTS[name]), offload_dir=tmp_path, device=device) as engine:
+        results = engine.generate(prompts, max_new_tokens=6, temperature=1.0, num_completions=3, seed=7,
+                                  echo_prompt=True)
+    assert all(rows == distinct for rows, distinct, _ in seen) and any(members > rows for rows, _, members in seen)
+    for prompt, result in zip(prompts, results):
+        assert len(result.completions) == 3
+        check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, greedy=False, echo=True)
+    firsts = [c.token_ids[:2] for r in results for c in r.completions]
+    assert len({tuple(f) for f in firsts}) > len(prompts)  # the completions of a prompt were sampled apart

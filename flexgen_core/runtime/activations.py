@@ -23,6 +23,7 @@ class Activations:
         self.offload = offload
         self.hidden_size = hidden_size
         self.ranges = [split_ranges(b, policy.act_gpu_percent, policy.act_cpu_percent) for b in batch_sizes]
+        self.capacity = [list(r) for r in self.ranges]  # the rows each home was allocated for
         self.on_device = [tensor_ranges == [("gpu", 0, b)] for tensor_ranges, b in zip(self.ranges, batch_sizes)]
         self.held: list[dict[str, object]] = []  # per batch: tier -> gpu tensor or buffer, host buffer, file
         self.seq_len = [0] * len(batch_sizes)
@@ -73,11 +74,12 @@ class Activations:
         return out
 
     def compact(self, batch_idx: int, rows: int) -> None:
-        """A batch now has `rows` rows (finished sequences left it, between steps: nothing of it is
-        held then). The rows fill the batch's homes tier by tier, compute tier first, each home up to
-        the rows it was allocated for, so nothing new is allocated."""
+        """A batch now has `rows` rows, at most those it was allocated for (finished sequences left it,
+        or its prompt pass ran on its distinct prompts only; between steps: nothing of it is held then).
+        The rows fill the batch's homes tier by tier, compute tier first, each home up to the rows it
+        was allocated for, so nothing new is allocated."""
         ranges, start = [], 0
-        for tier, first, stop in self.ranges[batch_idx]:
+        for tier, first, stop in self.capacity[batch_idx]:
             count = min(stop - first, rows - start)
             if count > 0:
                 ranges.append((tier, start, start + count))

@@ -78,6 +78,7 @@ class KVCache:
         self.layouts = [_Segment(seg, total_len, shape.head_dim, dtype, policy.compress_cache) for seg in self.segments]
         # (attention layer, batch) -> per segment: part name -> tensor (gpu/cpu tier) or DiskFile (disk)
         self.homes: dict[tuple[int, int], list[dict[str, object]]] = {}
+        self.buffers: dict[tuple[int, int, int, str], torch.Tensor] = {}  # the bytes under each gpu/cpu home
         for attn_idx in range(num_attention):
             for batch_idx, batch in enumerate(batch_sizes):
                 homes = []
@@ -88,7 +89,9 @@ class KVCache:
                         if layout.seg.tier == "disk":
                             parts[name] = offload.file(f"{label}-{attn_idx}-{batch_idx}-{seg_idx}-{name}.bin", nbytes)
                         else:
-                            parts[name] = view_as(devices.empty(layout.seg.tier, nbytes), 0, part_dtype, part_shape)
+                            buffer = devices.empty(layout.seg.tier, nbytes)
+                            self.buffers[(attn_idx, batch_idx, seg_idx, name)] = buffer
+                            parts[name] = view_as(buffer, 0, part_dtype, part_shape)
                     homes.append(parts)
                 self.homes[(attn_idx, batch_idx)] = homes
         slots, widest = num_slots(policy), max(batch_sizes)
@@ -147,16 +150,17 @@ class KVCache:
                     copy_(target[start:start + part.shape[0]], part)
 
     def compact(self, batch_idx: int, keep: torch.Tensor, rows: int) -> None:
-        """Keep only the batch rows `keep` (indices, ascending) of one GPU batch, in every attention
-        layer: rows [0, `rows`) of each segment are gathered and rewritten in place, laid out for the
-        smaller batch (its homes and staging slots are large enough: they were sized for the whole
-        batch). Runs on the compute thread, with no copy of this batch in flight."""
+        """Lay one GPU batch out anew as the batch rows `keep` (indices into its current rows; repeats
+        allowed) in every attention layer: rows [0, `rows`) of each segment are gathered and rewritten
+        in place for the new batch size, at most the one its homes and staging slots were allocated
+        for. Packs finished sequences away, and forks prompts into their sampled completions. Runs on
+        the compute thread, with no copy of this batch in flight."""
         old = self.batch_sizes[batch_idx]
         new = len(keep)
         for (attn_idx, b_idx), homes in self.homes.items():
             if b_idx != batch_idx:
                 continue
-            for layout, parts in zip(self.layouts, homes):
+            for seg_idx, (layout, parts) in enumerate(zip(self.layouts, homes)):
                 for (name, part_dtype, old_shape), (_, _, new_shape) in zip(layout.parts(old), layout.parts(new)):
                     assert old_shape[2] == old and new_shape[2] == new  # every part keeps the batch at dim 2
                     home = parts[name]
@@ -166,7 +170,8 @@ class KVCache:
                         home.write(0, held.index_select(2, keep.to(held.device)).contiguous())
                     else:
                         kept = home[:rows].index_select(2, keep.to(home.device))
-                        parts[name] = view_as(home.reshape(-1).view(torch.uint8), 0, part_dtype, new_shape)
+                        buffer = self.buffers[(attn_idx, batch_idx, seg_idx, name)]
+                        parts[name] = view_as(buffer, 0, part_dtype, new_shape)
                         parts[name][:rows].copy_(kept)
         self.batch_sizes[batch_idx] = new
 
@@ -191,5 +196,6 @@ class KVCache:
                     for f in parts.values():
                         self.offload.release(f)
         self.homes.clear()
+        self.buffers.clear()
         self.staging.clear()
         self.dense.clear()

@@ -84,12 +84,38 @@ class Batch:
     pads: list[int]
     seqs: list[Sequence]
     offset: int = 0  # tokens of the shared prefix before index 0
+    # Sequences that repeat a prompt (sampled completions of one prompt): the prompt pass runs on the
+    # distinct prompts (the rows above, `seqs` one sequence each) and the batch then forks into
+    # `fork[0]`, every sequence, each continuing row `fork[1][i]`.
+    fork: tuple[list[Sequence], list[int]] | None = None
+
+    @classmethod
+    def of(cls, token_ids: torch.Tensor, pads: list[int], seqs: list[Sequence], offset: int = 0) -> "Batch":
+        """A batch of `seqs`, its prompt pass computing each distinct prompt once."""
+        first: dict[tuple[int, ...], int] = {}
+        rows = [first.setdefault(tuple(seq.prompt), len(first)) for seq in seqs]
+        if len(first) == len(seqs):
+            return cls(token_ids, pads, seqs, offset)
+        unique = [rows.index(row) for row in range(len(first))]
+        index = torch.tensor(unique, device=token_ids.device)
+        return cls(token_ids.index_select(0, index), [pads[i] for i in unique], [seqs[i] for i in unique], offset,
+                   (seqs, rows))
+
+    @property
+    def members(self) -> list[Sequence]:
+        """Every sequence the batch generates for."""
+        return self.fork[0] if self.fork is not None else self.seqs
 
     def keep(self, rows: list[int]) -> "Batch":
-        """This batch with only `rows` (ascending) left."""
+        """This batch with only `rows` (with repeats, in any order) of its current rows, as one row each."""
         index = torch.tensor(rows, device=self.token_ids.device)
         return Batch(self.token_ids.index_select(0, index), [self.pads[r] for r in rows],
                      [self.seqs[r] for r in rows], self.offset)
+
+    def forked(self) -> "Batch":
+        """After the prompt pass: one row per sequence."""
+        seqs, rows = self.fork
+        return Batch(self.keep(rows).token_ids, [self.pads[r] for r in rows], list(seqs), self.offset)
 
     def positions(self, start: int, length: int) -> torch.Tensor:
         """Positions of padded indices [start, start+length): offset + index - pad, and -1 on padding."""
@@ -178,7 +204,7 @@ class BlockRunner:
             prefix: SharedPrefix | None = None) -> None:
         """Generate for one block; with `prefix`, every prompt of `batches` continues that shared prefix
         (the batches hold the rest of each prompt) and attends over its stored K/V."""
-        seqs = [seq for batch in batches for seq in batch.seqs]
+        seqs = [seq for batch in batches for seq in batch.members]
         cache, acts = self._block_buffers(batches, settings.max_new_tokens)
         try:
             _BlockPass(self, batches, cache, acts, settings, echo_prompt, prefix).run()
@@ -223,7 +249,7 @@ class BlockRunner:
     def _block_buffers(self, batches: list[Batch], gen_len: int, label: str = "cache",
                        policy: Policy | None = None) -> tuple[KVCache, Activations]:
         prompt_len = batches[0].token_ids.shape[1]
-        batch_sizes = [len(b.pads) for b in batches]
+        batch_sizes = [len(b.members) for b in batches]
         ctx = self.ctx
         cache = KVCache(ctx.shape, policy or ctx.policy, ctx.devices, ctx.dtype, ctx.offload,
                         len(self.attention_index), batch_sizes, prompt_len + gen_len, label)
@@ -321,6 +347,10 @@ class _BlockPass:
         weight_order = [(step, layer_idx) for step in range(self.num_steps) for layer_idx in range(len(layers))]
         # Without overlap there is one staging slot per kind: load each thing only when it is needed.
         prefetch = self.ctx.policy.overlap
+        for batch_idx, batch in enumerate(self.batches):  # forking batches: the prompt pass's rows first
+            if batch.fork is not None:
+                self.cache.compact(batch_idx, torch.arange(len(batch.seqs)), 0)
+                self.acts.compact(batch_idx, len(batch.seqs))
         stats, started_s = self.runner.stats, time.perf_counter()
         self.pending_weights = self._load_weights(*weight_order[0])
         for order_idx, (step, layer_idx) in enumerate(weight_order):
@@ -350,9 +380,11 @@ class _BlockPass:
                     now_s = time.perf_counter()
                     stats.prefill_s += now_s - started_s
                     started_s = now_s
-                if all(seq.done for batch in self.batches for seq in batch.seqs):
+                if all(seq.done for batch in self.batches for seq in batch.members):
                     break
                 if step + 1 < self.num_steps:
+                    if step == 0:
+                        self._fork()
                     self._compact(step)
         stats.decode_s += time.perf_counter() - started_s
 
@@ -379,6 +411,27 @@ class _BlockPass:
         cache = self.prefix.prompt_cache if step == 0 else self.prefix.cache
         return weights, cache.load(self.runner.attention_index[layer_idx], 0, self.prefix.length, slot)
 
+    def _settle(self, batch_idx: int) -> None:
+        """Wait until no copy of this batch's cache or hidden states is in flight."""
+        for (_, b_idx), future in list(self.cache_stores.items()):
+            if b_idx == batch_idx:
+                future.result()  # every stored row of this batch has landed
+        if batch_idx in self.act_stores:
+            self.act_stores.pop(batch_idx).result()
+        assert not any(b == batch_idx for _, b in self.cache_loads) and batch_idx not in self.act_loads
+
+    def _fork(self) -> None:
+        """After the prompt pass, each batch that ran it on its distinct prompts gets a row per
+        sequence: its prompts' K/V rows are copied out to every sequence continuing them."""
+        for batch_idx, batch in enumerate(self.batches):
+            if batch.fork is None:
+                continue
+            self._settle(batch_idx)
+            rows = torch.tensor(batch.fork[1])
+            self.cache.compact(batch_idx, rows, self.prompt_len)
+            self.acts.compact(batch_idx, len(rows))
+            self.batches[batch_idx] = batch.forked()
+
     def _compact(self, step: int) -> None:
         """Between steps, a GPU batch whose finished sequences make up a quarter or more of its rows
         drops them: its live rows, their KV cache and hidden-state homes are packed into a smaller
@@ -388,12 +441,7 @@ class _BlockPass:
             live = [row for row, seq in enumerate(batch.seqs) if not seq.done]
             if not live or len(live) > COMPACT_LIVE_FRACTION * len(batch.seqs):
                 continue
-            for (layer_idx, b_idx), future in list(self.cache_stores.items()):
-                if b_idx == batch_idx:
-                    future.result()  # every stored row of this batch has landed
-            if batch_idx in self.act_stores:
-                self.act_stores.pop(batch_idx).result()
-            assert not any(b == batch_idx for _, b in self.cache_loads) and batch_idx not in self.act_loads
+            self._settle(batch_idx)
             keep = torch.tensor(live)
             self.cache.compact(batch_idx, keep, self.prompt_len + step)
             self.acts.compact(batch_idx, len(live))
@@ -578,4 +626,6 @@ class _BlockPass:
             logits = layer.forward(weights, x[:, -1:])[:, 0]  # (B, V)
         if self.settings.max_new_tokens == 0:
             return
-        self.last_tokens[batch_idx] = select_tokens(logits, batch.seqs, self.settings)
+        if batch.fork is not None:  # each sequence draws its first token from its prompt's row
+            logits = logits.index_select(0, torch.tensor(batch.fork[1], device=logits.device))
+        self.last_tokens[batch_idx] = select_tokens(logits, batch.members, self.settings)
