@@ -154,3 +154,20 @@ def test_sampled_completions_share_their_prompt_pass(model, name, device, tmp_pa
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, greedy=False, echo=True)
     firsts = [c.token_ids[:2] for r in results for c in r.completions]
     assert len({tuple(f) for f in firsts}) > len(prompts)  # the completions of a prompt were sampled apart
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["all-on-device", "mixed-three-tiers", "cache-split-cpu-attention"])
+def test_repeated_prompts_each_get_their_own_results(model, name, device, tmp_path):
+    """The same prompt sent twice in one call (HELM can repeat one) is computed once, and each copy
+    still gets its echoed prompt logprobs and its completion, as transformers gives them."""
+    path, hf = model
+    prompts = _prompts(path, False)[:3]
+    prompts = [prompts[0], prompts[1], list(prompts[0]), prompts[2], list(prompts[1])]
+    with Engine.from_pretrained(path, policy=_wide(PLACEMENTS[name]), offload_dir=tmp_path, device=device) as engine:
+        results = engine.generate(prompts, max_new_tokens=4, echo_prompt=True, top_k_logprobs=2)
+        scored = engine.generate(prompts, max_new_tokens=0, echo_prompt=True)
+    for prompt, result, score in zip(prompts, results, scored):
+        check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=2)
+        assert score.prompt_logprobs[0] is None
+        assert score.prompt_logprobs[1:] == pytest.approx(result.prompt_logprobs[1:], abs=LOGPROB_TOL)

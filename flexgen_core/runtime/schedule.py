@@ -621,6 +621,9 @@ class _BlockPass:
         if step == 0 and self.echo_prompt:
             logits = layer.forward(weights, x)  # (B, s, V)
             record_prompt_logprobs(logits, batch.token_ids, batch.pads, batch.seqs, self.prefix)
+            if batch.fork is not None:  # a repeated prompt's logprobs are its first occurrence's
+                for seq, row in zip(*batch.fork):
+                    seq.prompt_logprobs = list(batch.seqs[row].prompt_logprobs)
             logits = logits[:, -1]
         else:
             logits = layer.forward(weights, x[:, -1:])[:, 0]  # (B, V)
