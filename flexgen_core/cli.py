@@ -19,6 +19,11 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpu-batches", type=int, default=1)
     p.add_argument("--no-overlap", action="store_true", help="run I/O and compute one after the other")
     p.add_argument("--cpu-cache-compute", action="store_true", help="attention over CPU-resident cache on the CPU")
+    p.add_argument("--compress-weight", action="store_true", help="store weights as 4-bit group-wise codes")
+    p.add_argument("--compress-cache", action="store_true", help="store the KV cache as 4-bit group-wise codes")
+    p.add_argument("--no-pin-weight", action="store_true", help="do not pin host-resident weights (CUDA)")
+    p.add_argument("--no-share-prefix", action="store_true", help="compute a prompt prefix shared by all prompts "
+                   "once per sequence, not once (an ablation)")
     p.add_argument("--offload-dir", default=None, help="folder for disk-resident tensors (default: a temp folder)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -27,7 +32,19 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 def _policy(args) -> Policy:
     return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
                                num_gpu_batches=args.num_gpu_batches, overlap=not args.no_overlap,
-                               cpu_cache_compute=args.cpu_cache_compute)
+                               cpu_cache_compute=args.cpu_cache_compute, compress_weight=args.compress_weight,
+                               compress_cache=args.compress_cache, pin_weight=not args.no_pin_weight,
+                               share_prefix=not args.no_share_prefix)
+
+
+def policy_flags(policy: Policy) -> str:
+    """The `flexgen generate` flags that give `policy` back: every field that is not the default."""
+    flags = [f"--percent {' '.join(map(str, policy.percent))}", f"--gpu-batch-size {policy.gpu_batch_size}",
+             f"--num-gpu-batches {policy.num_gpu_batches}"]
+    switches = [("--no-overlap", not policy.overlap), ("--cpu-cache-compute", policy.cpu_cache_compute),
+                ("--compress-weight", policy.compress_weight), ("--compress-cache", policy.compress_cache),
+                ("--no-pin-weight", not policy.pin_weight), ("--no-share-prefix", not policy.share_prefix)]
+    return " ".join(flags + [flag for flag, on in switches if on])
 
 
 def _generate(args) -> int:
@@ -109,8 +126,7 @@ def _plan_table(result, dtype: str) -> str:
         f"  switches       overlap {onoff[p.overlap]}, CPU attention {onoff[p.cpu_cache_compute]}, "
         f"compress weights {onoff[p.compress_weight]}, compress cache {onoff[p.compress_cache]}, "
         f"pin weights {onoff[p.pin_weight]}",
-        f"  flags          --percent {' '.join(map(str, p.percent))} --gpu-batch-size {p.gpu_batch_size} "
-        f"--num-gpu-batches {p.num_gpu_batches}" + (" --cpu-cache-compute" if p.cpu_cache_compute else ""),
+        f"  flags          {policy_flags(p)}",
         "",
         f"  throughput     {best.throughput:.4g} tokens/s",
         f"  prefill        {_seconds(best.prefill_s)} per block",

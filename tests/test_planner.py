@@ -279,6 +279,31 @@ def test_plan_command_table_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plan_flags_replay_through_generate(capsys):
+    """The plan's `flags` line, given to `flexgen generate`, gives back the planned Policy: compression
+    and every switch included."""
+    import shlex
+
+    from flexgen_core.cli import _policy, build_parser, policy_flags
+
+    main(["plan", "--model", "facebook/opt-6.7b", "--hardware", "t4-gcp", "--compress-weight", "on",
+          "--compress-cache", "on", "--json"])
+    planned = Policy.from_dict(json.loads(capsys.readouterr().out)["policy"])
+    assert planned.compress_weight and planned.compress_cache
+    main(["plan", "--model", "facebook/opt-6.7b", "--hardware", "t4-gcp", "--compress-weight", "on",
+          "--compress-cache", "on"])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("flags")]
+    flags = shlex.split(line.split("flags", 1)[1])
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", *flags])
+    assert _policy(args) == planned
+    others = [Policy(), Policy(overlap=False, cpu_cache_compute=True, pin_weight=False, share_prefix=False,
+                               gpu_batch_size=3, num_gpu_batches=5, w_gpu_percent=10, w_cpu_percent=20),
+              Policy(compress_cache=True, cache_gpu_percent=0, cache_cpu_percent=0)]
+    for policy in others:
+        args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", *shlex.split(policy_flags(policy))])
+        assert _policy(args) == policy
+
+
 def test_plan_command_infeasible_exits_with_one_line(capsys):
     code = main(["plan", "--model", "facebook/opt-175b", "--hardware", "t4-gcp", "--disk-mem", "100GB",
                  "--cpu-mem", "100GB"])
