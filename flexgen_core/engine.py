@@ -203,8 +203,7 @@ class Engine:
         SHARED_PREFIX_MIN_TOKENS tokens."""
         if not self.policy.share_prefix:
             return None
-        limit = min(len(p) for p in prompts) - 1
-        common = _common_prefix_len(prompts, limit)
+        common = common_prefix_len(prompts)
         usable = [p for p in self._prefixes if p.length <= common and tuple(prompts[0][:p.length]) == p.tokens]
         kept = max(usable, key=lambda p: p.length, default=None)
         if kept is not None and (len(prompts) - 1) * (common - kept.length) <= common:
@@ -300,12 +299,19 @@ SHARED_PREFIX_MIN_TOKENS = 16
 MAX_KEPT_PREFIXES = 4
 
 
-def _common_prefix_len(prompts: list[list[int]], limit: int) -> int:
+def common_prefix_len(prompts: Seq[Seq[int]]) -> int:
+    """Tokens at the start of every prompt, leaving each prompt at least one token of its own."""
     first = prompts[0]
-    length = max(0, limit)
+    length = max(0, min(len(p) for p in prompts) - 1)
     for prompt in prompts[1:]:
         length = next((i for i in range(length) if prompt[i] != first[i]), length)
     return length
+
+
+def sharable_prefix_len(prompts: Seq[Seq[int]]) -> int:
+    """The common prefix a call of these prompts would share (0 when too short to pay, or one prompt)."""
+    common = common_prefix_len(prompts)
+    return common if common >= SHARED_PREFIX_MIN_TOKENS and len(prompts) > 1 else 0
 
 
 def _sum_terms(report: memory.MemoryReport, terms) -> dict[str, int]:

@@ -112,13 +112,12 @@ class EngineHandle:
 
     def _run_batch(self, settings: BatchSettings, prompts: Sequence[Sequence[int]], seeds: Sequence[int | None]):
         if self.engine is None:  # policy "auto": plan for what this first batch looks like
-            from flexgen_core.engine import SHARED_PREFIX_MIN_TOKENS, _common_prefix_len
+            from flexgen_core.engine import sharable_prefix_len
 
-            shared = _common_prefix_len([list(p) for p in prompts], min(map(len, prompts)) - 1)
             self.engine = _load_engine(self.key, dict(
                 prompt_len_hint=max(map(len, prompts)), gen_len_hint=max(1, settings.max_new_tokens),
                 num_prompts_hint=len(prompts) * settings.num_completions,
-                shared_prefix_len_hint=shared if shared >= SHARED_PREFIX_MIN_TOKENS and len(prompts) > 1 else 0))
+                shared_prefix_len_hint=sharable_prefix_len(prompts)))
             self.batcher.block_size = self.engine.policy.block_size
         started_s = time.perf_counter()
         results = self.engine.generate(prompts, seed=list(seeds), **settings.generate_kwargs())

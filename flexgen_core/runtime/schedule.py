@@ -9,8 +9,9 @@ reused by every GPU batch. `overlap=False` runs the very same order with each co
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -177,7 +178,7 @@ class RunStats:
     decode_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 class BlockRunner:
