@@ -73,33 +73,90 @@ def attend_with_prefix(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.
     """Attention over a prefix shared by every sequence of the batch, then each sequence's own keys.
 
     q: (B, s_q, nh, hd); prefix_k, prefix_v: (P, nkv, hd), one copy for the whole batch; k, v: (s_k, B,
-    nkv, hd) and allowed: (B, 1, s_q, s_k) as in `attend`; prefix_allowed: (B, 1, s_q, P) bool, or None
-    when every query sees every prefix key. One softmax runs over [prefix keys] + [own keys]. The
-    prefix's scores and its share of the output are each one matrix multiply over every query of the
-    batch (Hydragen, Juravsky et al. 2024), so the prefix is read once, not once per sequence.
+    nkv, hd) and allowed: (B, 1, s_q, s_k) as in `attend`, where each query sees at least itself;
+    prefix_allowed: (B, 1, s_q, P) bool, or None when every query sees every prefix key. The result is
+    one softmax over [prefix keys] + [own keys]. Every query of the batch meets the prefix in one
+    product per KV head (Hydragen, Juravsky et al. 2024), so the prefix is read once, not once per
+    sequence, and a KV head's group of query heads are rows of one product (no K/V copy per head).
     """
-    batch, s_q, nh, hd = q.shape
-    num_prefix, nkv = prefix_k.shape[0], prefix_k.shape[1]
-    group = nh // nkv
     if prefix_k.dtype != q.dtype:
         prefix_k, prefix_v, k, v = prefix_k.to(q.dtype), prefix_v.to(q.dtype), k.to(q.dtype), v.to(q.dtype)
-    scale = hd ** -0.5
-    q5 = q.view(batch, s_q, nkv, group, hd)
-    # Every query of the batch against the prefix, per KV head: (nkv, B * s_q * g, hd) @ (nkv, hd, P).
-    q_rows = q5.permute(2, 0, 1, 3, 4).reshape(nkv, batch * s_q * group, hd)
-    prefix_scores = torch.bmm(q_rows, prefix_k.permute(1, 2, 0)) * scale  # (nkv, B * s_q * g, P)
-    prefix_scores = prefix_scores.view(nkv, batch, s_q, group, num_prefix).permute(1, 0, 3, 2, 4)  # (B, nkv, g, s_q, P)
-    q_own = q5.permute(0, 2, 3, 1, 4)  # (B, nkv, g, s_q, hd)
-    k_own = k.permute(1, 2, 0, 3)[:, :, None]  # (B, nkv, 1, s_k, hd)
-    own_scores = torch.matmul(q_own, k_own.transpose(-1, -2)) * scale  # (B, nkv, g, s_q, s_k)
-    own_scores = own_scores.masked_fill(~allowed[:, :, None], float("-inf"))
+    if q.device.type == "cpu" and prefix_allowed is None and _FLASH_CPU is not None:
+        return _attend_with_prefix_merged(q, prefix_k, prefix_v, k, v, allowed)
+    return _attend_with_prefix_matmul(q, prefix_k, prefix_v, k, v, allowed, prefix_allowed)
+
+
+def _query_rows(q: torch.Tensor, nkv: int) -> torch.Tensor:
+    """(B, s_q, nh, hd) -> (B, nkv, s_q * g, hd): a KV head's queries, ordered (query, head of its group)."""
+    batch, s_q, nh, hd = q.shape
+    return q.view(batch, s_q, nkv, nh // nkv, hd).transpose(1, 2).reshape(batch, nkv, s_q * (nh // nkv), hd)
+
+
+def _row_mask(allowed: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, 1, s_q, n) -> (B, 1, s_q * g, n), each query's row repeated for the heads of its group."""
+    batch, _, s_q, n = allowed.shape
+    return allowed[:, :, :, None].expand(-1, -1, -1, group, -1).reshape(batch, 1, s_q * group, n)
+
+
+def _from_query_rows(out: torch.Tensor, q_shape) -> torch.Tensor:
+    """(B, nkv, s_q * g, hd) -> (B, s_q, nh, hd)."""
+    batch, s_q, nh, hd = q_shape
+    nkv = out.shape[1]
+    return out.reshape(batch, nkv, s_q, nh // nkv, hd).transpose(1, 2).reshape(batch, s_q, nh, hd)
+
+
+def _attend_with_prefix_matmul(q, prefix_k, prefix_v, k, v, allowed, prefix_allowed) -> torch.Tensor:
+    """Scores over [prefix] + [own keys] in one tensor, one float32 softmax, two products back."""
+    batch, s_q, nh, hd = q.shape
+    num_prefix, nkv = prefix_k.shape[0], prefix_k.shape[1]
+    group, rows = nh // nkv, s_q * (nh // nkv)
+    q_rows = _query_rows(q * hd ** -0.5, nkv)  # scaled once here: q has fewer elements than the scores
+    # (nkv, B * rows, hd) @ (nkv, hd, P): every query of the batch against the prefix.
+    prefix_scores = torch.bmm(q_rows.transpose(0, 1).reshape(nkv, batch * rows, hd), prefix_k.permute(1, 2, 0))
+    prefix_scores = prefix_scores.view(nkv, batch, rows, num_prefix).transpose(0, 1)  # (B, nkv, rows, P)
+    # The cache's (s_k, B, nkv, hd) read as (B, nkv, hd, s_k) and (B, nkv, s_k, hd): strided views.
+    own_scores = torch.matmul(q_rows, k.permute(1, 2, 3, 0))  # (B, nkv, rows, s_k)
+    scores = torch.cat((prefix_scores, own_scores), dim=-1)
     if prefix_allowed is not None:
-        prefix_scores = prefix_scores.masked_fill(~prefix_allowed[:, :, None], float("-inf"))
-    probs = torch.softmax(torch.cat((prefix_scores, own_scores), dim=-1).float(), dim=-1).to(q.dtype)
-    prefix_probs, own_probs = probs[..., :num_prefix], probs[..., num_prefix:]
-    prefix_rows = prefix_probs.permute(1, 0, 3, 2, 4).reshape(nkv, batch * s_q * group, num_prefix)
-    out = torch.bmm(prefix_rows, prefix_v.permute(1, 0, 2))  # (nkv, B * s_q * g, hd)
-    out = out.view(nkv, batch, s_q, group, hd).permute(1, 2, 0, 3, 4)  # (B, s_q, nkv, g, hd)
-    own_out = torch.matmul(own_probs, v.permute(1, 2, 0, 3)[:, :, None])  # (B, nkv, g, s_q, hd)
-    out = out + own_out.permute(0, 3, 1, 2, 4)
-    return out.reshape(batch, s_q, nh, hd)
+        scores[..., :num_prefix].masked_fill_(~_row_mask(prefix_allowed, group), float("-inf"))
+    scores[..., num_prefix:].masked_fill_(~_row_mask(allowed, group), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    prefix_probs = probs[..., :num_prefix].transpose(0, 1).reshape(nkv, batch * rows, num_prefix)
+    out = torch.bmm(prefix_probs, prefix_v.transpose(0, 1)).view(nkv, batch, rows, hd).transpose(0, 1)
+    out = out + torch.matmul(probs[..., num_prefix:], v.permute(1, 2, 0, 3))  # (B, nkv, rows, hd)
+    return _from_query_rows(out, q.shape)
+
+
+def _flash_cpu_op():
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):  # not in this torch build: the matmul path serves
+        return None
+
+
+# PyTorch's fused CPU attention kernel, which also returns each query's log-sum-exp of scores (the
+# public scaled_dot_product_attention does not).
+_FLASH_CPU = _flash_cpu_op()
+
+
+def _attend_with_prefix_merged(q, prefix_k, prefix_v, k, v, allowed) -> torch.Tensor:
+    """On the CPU: the prefix part and the own part each through the fused attention kernel, merged by
+    their log-sum-exps, o = sum_i o_i * exp(lse_i - logaddexp(lse_1, lse_2)), which is the one softmax
+    over both key sets. No (queries x keys) score tensor is materialised: several times faster in a
+    prompt pass than scores, mask and softmax as separate passes. Needs every query to see at least
+    one key of each part: all prefix keys (no `prefix_allowed`) and itself among its own keys."""
+    batch, s_q, nh, hd = q.shape
+    nkv = prefix_k.shape[1]
+    group, rows = nh // nkv, s_q * (nh // nkv)
+    q_rows = _query_rows(q, nkv)  # (B, nkv, rows, hd)
+    prefix_out, prefix_lse = _FLASH_CPU(q_rows.transpose(0, 1).reshape(1, nkv, batch * rows, hd),
+                                        prefix_k.transpose(0, 1)[None], prefix_v.transpose(0, 1)[None])
+    prefix_out = prefix_out.view(nkv, batch, rows, hd).transpose(0, 1)  # (B, nkv, rows, hd)
+    prefix_lse = prefix_lse.view(nkv, batch, rows).transpose(0, 1)
+    bias = torch.zeros((batch, 1, rows, k.shape[0]), dtype=q.dtype).masked_fill_(~_row_mask(allowed, group),
+                                                                                   float("-inf"))
+    own_out, own_lse = _FLASH_CPU(q_rows, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=bias)
+    lse = torch.logaddexp(prefix_lse, own_lse)  # float32
+    out = (prefix_out.float() * (prefix_lse - lse).exp()[..., None]
+           + own_out.float() * (own_lse - lse).exp()[..., None])
+    return _from_query_rows(out.to(q.dtype), q.shape)

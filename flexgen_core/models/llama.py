@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 VARIANTS = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 DEFAULT_ROPE_THETA = 10000.0
+MAX_KEPT_ANGLES = 64  # decode steps' cos/sin kept by `Rotary`: more than a block's GPU batches
 
 
 @dataclass(frozen=True)
@@ -180,19 +181,37 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 class Rotary:
     """cos/sin of the rotary embedding at given positions, shared by a model's attention layers.
 
-    Only the inverse frequencies are cached, per device. A (max_positions, head_dim) cos/sin table
-    would take 128 MiB for Qwen2.5's 131072 positions outside the memory accounting, and sizing a
-    smaller one to the positions seen needs a device sync per call; computing cos/sin costs
-    O(B * s * head_dim) per layer, negligible beside the layer's matmuls. As in transformers, angles
-    are computed in float32 and cast to the activations' dtype.
+    No (max_positions, head_dim) cos/sin table: it would take 128 MiB for Qwen2.5's 131072 positions
+    outside the memory accounting, and sizing a smaller one to the positions seen needs a device sync
+    per call. cos/sin cost O(B * s * head_dim), nil beside a prompt pass's matmuls; in decode, where
+    the layers are small, they are computed once per (step, GPU batch) and reused by every layer. As
+    in transformers, angles are computed in float32 and cast to the activations' dtype.
     """
 
     def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq  # (hd / 2,) float32, on the host
         self._per_device: dict[torch.device, torch.Tensor] = {}
+        # Decode steps' cos/sin, by positions tensor: every layer of a (step, GPU batch) is given the same
+        # positions object, so they are computed once per step and GPU batch, not once per layer. The
+        # entries hold their `positions`, which keeps the identity check sound (an object cannot be
+        # freed and its id reused while held). Prompt passes are not kept: (B, s, 1, hd) tensors, and
+        # their cost beside the pass's matmuls is nil.
+        self._decode: dict[int, tuple] = {}
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, s), -1 on left padding -> cos, sin each (B, s, 1, hd) in `dtype`."""
+        if positions.shape[1] != 1:
+            return self._angles(positions, dtype)
+        hit = self._decode.get(id(positions))
+        if hit is not None and hit[0] is positions and hit[1] == dtype:
+            return hit[2], hit[3]
+        cos, sin = self._angles(positions, dtype)
+        if len(self._decode) >= MAX_KEPT_ANGLES:
+            self._decode.pop(next(iter(self._decode)))  # the oldest
+        self._decode[id(positions)] = (positions, dtype, cos, sin)
+        return cos, sin
+
+    def _angles(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self._per_device.get(positions.device)
         if inv_freq is None:
             inv_freq = self._per_device.setdefault(positions.device, self.inv_freq.to(positions.device))
