@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 from typing import Any, Mapping
 from typing import Sequence as Seq
@@ -22,6 +23,7 @@ from flexgen_core.runtime.capacity import PolicyDoesNotFit, check_fits, out_of_m
 from flexgen_core.runtime.decoding import (
     DecodeSettings,
     GenerationResult,
+    NonFiniteError,
     Sequence,
     sequence_generator,
 )
@@ -102,7 +104,7 @@ class Engine:
             weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
             for key, tensor in checkpoint.iter_tensors(files, set(sources)):
                 for layer_idx, name in sources[key]:
-                    weights.put(layer_idx, name, tensor)
+                    weights.put(layer_idx, name, tensor, source=f"checkpoint tensor {key!r}")
                 del tensor
             engine = cls(folder, config, RunContext(layers, weights, config, policy, devices, TORCH_DTYPES[dtype], offload))
         except BaseException:
@@ -129,16 +131,19 @@ class Engine:
         seeds = self._validate(prompts, max_new_tokens, temperature, top_p, num_completions, stop,
                                top_k_logprobs, seed)
         settings = DecodeSettings(max_new_tokens, float(temperature), float(top_p), top_k_logprobs,
-                                  tuple(tuple(s) for s in stop or ()), self.config.eos_token_id)
+                                  tuple(tuple(_token_ids(s, "a stop sequence")) for s in stop or ()),
+                                  self.config.eos_token_id)
         # Greedy completions of one prompt are identical: compute one and copy it.
         distinct = num_completions if temperature > 0 and max_new_tokens > 0 else 1
+        forced = None
         if forced_tokens is not None:
             if len(forced_tokens) != len(prompts) or any(len(f) < max_new_tokens for f in forced_tokens):
                 raise ValueError(f"forced_tokens needs one list of >= max_new_tokens={max_new_tokens} tokens per prompt")
-            self._validate([list(f) for f in forced_tokens], 0, 0.0, 1.0, 1, None, 0, 0)
+            forced = [list(f) for f in forced_tokens]
+            self._validate(forced, 0, 0.0, 1.0, 1, None, 0, 0)
         seqs = [
             Sequence(prompt, sequence_generator(seeds[p_idx], c_idx) if temperature > 0 else None,
-                     list(forced_tokens[p_idx]) if forced_tokens is not None else None)
+                     list(forced[p_idx]) if forced is not None else None)
             for p_idx, prompt in enumerate(prompts) for c_idx in range(distinct)
         ]
         # Longest first, so each block pads little.
@@ -176,14 +181,17 @@ class Engine:
         self._check_block(needs, what, keep=prefix)
         try:
             self.runner.run(batches, settings, echo_prompt, prefix)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e}; {self._nonfinite_source()}") from None
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()  # the block's buffers are already released by the runner
             raise out_of_memory_error(self.policy, e) from None
 
     def _check_block(self, needs: memory.MemoryReport, what: str, keep: SharedPrefix | None = None) -> None:
-        """A block's cache and activations (with a shared prefix's K/V already held) must fit what is
-        free; prefixes kept from earlier calls (but `keep`) are let go first if that makes it fit."""
-        terms = _sum_terms(needs, ("cache", "cache_staging", "activations"))
+        """A block's cache, activations and compute workspace (the largest layer's transient tensors,
+        memory.workspace_bound), with a shared prefix's K/V already held, must fit what is free;
+        prefixes kept from earlier calls (but `keep`) are let go first if that makes it fit."""
+        terms = _sum_terms(needs, ("cache", "cache_staging", "activations", "workspace"))
         try:
             check_fits(terms, self.devices, self.offload.path, self.policy, what)
         except PolicyDoesNotFit:
@@ -219,10 +227,28 @@ class Engine:
         memory.add_shared_prefix_terms(needs, self.layers, self.config, self.policy, common, self.dtype.itemsize,
                                        self.devices.split)
         self._check_block(needs, f"a shared prefix of {common} tokens")
-        prefix = self.runner.run_prefix(prompts[0][:common])
+        try:
+            prefix = self.runner.run_prefix(prompts[0][:common])
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e}; {self._nonfinite_source()}") from None
         self._prefixes.append(prefix)
         log.info("computed a shared prefix of %d tokens for %d sequences (kept for later calls)", common, len(prompts))
         return prefix
+
+    def _nonfinite_source(self) -> str:
+        """Where NaN or inf logits came from: the first stored weight holding such values (layer, tier,
+        file), or, with every weight finite, the activations."""
+        found = self.weights.nonfinite()
+        if not found:
+            hint = " (float16 overflows past 65504: try bfloat16 or float32)" if self.dtype == torch.float16 else ""
+            return (f"every stored weight is finite: the values arose in the activations or the KV cache, "
+                    f"computed in {str(self.dtype).removeprefix('torch.')}{hint}")
+        layer_idx, name, tier, count = found[0]
+        file = self.weights.disk_files[layer_idx]
+        where = f" (offload file {file.path})" if tier == "disk" and file is not None else ""
+        return (f"weight {self.layers[layer_idx].name}.{name} on the {tier} tier{where} holds {count} NaN or "
+                f"infinite values ({len(found)} corrupt weights in all; it was finite when loaded: the stored "
+                "copy was overwritten). Nothing of this call was returned; load the engine again")
 
     def _drop_prefixes(self, keep: SharedPrefix | None = None) -> None:
         for prefix in [p for p in self._prefixes if p is not keep]:
@@ -244,11 +270,13 @@ class Engine:
         for s in stop or ():
             if len(s) == 0:
                 raise ValueError("stop sequences must be non-empty token-id lists")
+            _token_ids(s, "a stop sequence")
         vocab, limit = self.config.vocab_size, self.config.max_positions
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+            prompt[:] = _token_ids(prompt, f"prompt {i}")
+            bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
             if len(prompt) + max_new_tokens > limit:
@@ -258,11 +286,14 @@ class Engine:
                 )
         if seed is None:
             return [int(torch.seed()) for _ in prompts]
-        if isinstance(seed, int):
-            return [seed] * len(prompts)
+        if _is_int(seed):
+            return [operator.index(seed)] * len(prompts)
+        if isinstance(seed, (str, bytes)) or not isinstance(seed, Seq) or \
+                not all(v is None or _is_int(v) for v in seed):
+            raise ValueError(f"seed must be an integer or a list of one integer (or None) per prompt, got {seed!r}")
         if len(seed) != len(prompts):
             raise ValueError(f"seed has {len(seed)} values for {len(prompts)} prompts")
-        return list(seed)
+        return [int(torch.seed()) if v is None else operator.index(v) for v in seed]
 
     # ---- memory -------------------------------------------------------------------------------
     def memory(self, prompt_len: int, gen_len: int, echo_prompt: bool = False) -> memory.MemoryReport:
@@ -297,6 +328,26 @@ def read_model(name_or_path: str | os.PathLike):
 SHARED_PREFIX_MIN_TOKENS = 16
 # Shared prefixes kept for later calls (each holds one sequence's K/V of its length).
 MAX_KEPT_PREFIXES = 4
+
+
+def _is_int(value) -> bool:
+    """Python, numpy and torch integers (not bools, not floats)."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _token_ids(tokens, what: str) -> list[int]:
+    """`tokens` as plain ints: Python, numpy and torch integers are token ids; anything else
+    (floats, bools, strings) is a ValueError naming it."""
+    bad = [t for t in tokens if not _is_int(t)]
+    if bad:
+        raise ValueError(f"{what} has {len(bad)} value(s) that are not integer token ids, e.g. {bad[0]!r}")
+    return [operator.index(t) for t in tokens]
 
 
 def common_prefix_len(prompts: Seq[Seq[int]]) -> int:

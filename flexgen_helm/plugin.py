@@ -6,10 +6,16 @@ registers the packaged `helm_configs/` (see configs.py), so plain `helm-run` kno
 `flexgen/...` deployments with no `--local-path`; a deployment of the same name in
 `prod_env/model_deployments.yaml` overrides the packaged one.
 
+It also makes SIGTERM and SIGHUP end `helm-run` as Ctrl-C does, so the engine's offload folder is
+removed (runtime/signals.py): HELM builds clients in worker threads, where Python cannot set
+signal handlers, and imports this module in the main thread.
+
 Importing this module is cheap: no torch, no model; HELM imports `FlexGenClient` only when a
 `flexgen/...` deployment is used.
 """
 
+from flexgen_core.runtime.signals import install_signal_handlers
 from flexgen_helm.configs import register_packaged_configs
 
 register_packaged_configs()
+install_signal_handlers()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from math import prod
+from typing import Any, Mapping
 
 
 class LayerKind(enum.Enum):
@@ -49,6 +50,23 @@ class CheckpointNames:
 
     def vector(self, name: str, key: str, dim: int) -> WeightSpec:
         return WeightSpec(name, self.keys(key), (dim,))
+
+
+_REQUIRED = object()
+
+
+def config_int(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, minimum: int = 1) -> int:
+    """An integer field of config.json, checked when the config is read: a missing, non-integer or
+    too small value is a ValueError naming the field and the value (not a ZeroDivisionError or a
+    missing-tensor error later). A field set to null takes `default`."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"config.json has no {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.json field {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

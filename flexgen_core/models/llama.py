@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from flexgen_core.models import layers as L
-from flexgen_core.models.base import CheckpointNames, LayerKind, ModelShape, WeightSpec
+from flexgen_core.models.base import CheckpointNames, LayerKind, ModelShape, WeightSpec, config_int
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,18 @@ class LlamaConfig(ModelShape):
         variant = variant or hf.get("model_type", "llama")
         if variant not in VARIANTS:
             raise ValueError(f"Llama-style variant must be one of {VARIANTS}, got {variant!r}")
-        hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-        kv_heads = hf.get("num_key_value_heads") or heads
-        head_dim = hf.get("head_dim") or hidden // heads
+        hidden, heads = config_int(hf, "hidden_size"), config_int(hf, "num_attention_heads")
+        kv_heads = config_int(hf, "num_key_value_heads", heads)
+        head_dim = config_int(hf, "head_dim", hidden // heads)
+        num_layers, ffn = config_int(hf, "num_hidden_layers"), config_int(hf, "intermediate_size")
+        vocab = config_int(hf, "vocab_size")
         if heads % kv_heads:
             raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"partial_rotary_factor {hf['partial_rotary_factor']} is not supported (only 1.0)")
-        num_layers = hf["num_hidden_layers"]
-        max_positions = hf.get("max_position_embeddings", 4096)
+        max_positions = config_int(hf, "max_position_embeddings", 4096)
         theta, scaling = _rope_from_hf(hf, max_positions)
         if variant == "llama":
             qkv_bias = o_bias = bool(hf.get("attention_bias", False))
@@ -93,8 +94,8 @@ class LlamaConfig(ModelShape):
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            ffn_size=hf["intermediate_size"],
-            vocab_size=hf["vocab_size"],
+            ffn_size=ffn,
+            vocab_size=vocab,
             max_positions=max_positions,
             variant=variant,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from flexgen_core.models import layers as L
-from flexgen_core.models.base import CheckpointNames, LayerKind, ModelShape, WeightSpec
+from flexgen_core.models.base import CheckpointNames, LayerKind, ModelShape, WeightSpec, config_int
 
 # OPT's learned positional embedding reserves the first two rows (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -31,8 +31,11 @@ class OPTConfig(ModelShape):
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "OPTConfig":
-        hidden = hf["hidden_size"]
-        heads = hf["num_attention_heads"]
+        hidden = config_int(hf, "hidden_size")
+        heads = config_int(hf, "num_attention_heads")
+        num_layers, ffn = config_int(hf, "num_hidden_layers"), config_int(hf, "ffn_dim")
+        vocab, positions = config_int(hf, "vocab_size"), config_int(hf, "max_position_embeddings")
+        word_embed_proj_dim = config_int(hf, "word_embed_proj_dim", hidden)
         if hidden % heads:
             raise ValueError(f"OPT hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         if not hf.get("layer_norm_elementwise_affine", True):
@@ -40,15 +43,15 @@ class OPTConfig(ModelShape):
         pre_norm = hf.get("do_layer_norm_before", True)
         return cls(
             family="opt",
-            num_layers=hf["num_hidden_layers"],
+            num_layers=num_layers,
             hidden_size=hidden,
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
-            ffn_size=hf["ffn_dim"],
-            vocab_size=hf["vocab_size"],
-            max_positions=hf["max_position_embeddings"],
-            word_embed_proj_dim=hf.get("word_embed_proj_dim") or hidden,
+            ffn_size=ffn,
+            vocab_size=vocab,
+            max_positions=positions,
+            word_embed_proj_dim=word_embed_proj_dim,
             do_layer_norm_before=pre_norm,
             final_layer_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
             activation=hf.get("activation_function", "relu"),

@@ -45,9 +45,12 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"checkpoint folder {str(folder)!r} has no config.json")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object of config fields, got a {type(config).__name__}")
+    return config
 
 
 def weight_files(folder: Path) -> list[Path]:

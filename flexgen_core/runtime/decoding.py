@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+
+class NonFiniteError(RuntimeError):
+    """The model produced NaN or infinite logits (corrupt weights or cache, or an overflow); nothing
+    of the call is returned. The engine's message names where the values came from."""
+
+
+def _check_finite(logprobs: list[float], seqs: list[Sequence], what: str) -> None:
+    """Free: the values are on the host already. A NaN or inf anywhere in a row of logits makes its
+    log-softmax, so every logprob read from it, non-finite."""
+    bad = sum(1 for lp, seq in zip(logprobs, seqs) if not seq.done and not math.isfinite(lp))
+    if bad:
+        raise NonFiniteError(f"non-finite logits for {bad} of {len(seqs)} sequences ({what})")
 
 
 @dataclass
@@ -108,6 +122,7 @@ def select_tokens(logits: torch.Tensor, seqs: list[Sequence], settings: DecodeSe
         keep = torch.tensor([f is None for f in forced], device=chosen.device)
         chosen = torch.where(keep, chosen, torch.tensor([f or 0 for f in forced], device=chosen.device))
     chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    _check_finite(chosen_logprobs, seqs, "choosing a token")
     tops: list[dict[int, float] | None] = [None] * len(seqs)
     if settings.top_k_logprobs:
         values, ids = logprobs.topk(min(settings.top_k_logprobs, logprobs.shape[-1]), dim=-1)
@@ -126,6 +141,7 @@ def record_prompt_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, pads: 
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     scores = logprobs.gather(2, token_ids[:, 1:, None])[:, :, 0].tolist()  # (B, s-1)
     for seq, pad, row, ids in zip(seqs, pads, scores, token_ids.tolist()):
+        _check_finite(row[pad:], [seq] * len(row[pad:]), "prompt logprobs")
         if prefix is None:
             seq.prompt_logprobs = [None] + row[pad:]
         else:

@@ -23,6 +23,7 @@ from flexgen_core.policy import Policy
 from flexgen_core.runtime.activations import Activations
 from flexgen_core.runtime.decoding import (
     DecodeSettings,
+    NonFiniteError,
     Sequence,
     record_prompt_logprobs,
     select_tokens,
@@ -618,6 +619,8 @@ class _BlockPass:
             record_prompt_logprobs(logits, batch.token_ids, batch.pads, batch.seqs)
             self.building.prompt_logprobs = batch.seqs[0].prompt_logprobs
             self.building.next_logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1).cpu()
+            if not torch.isfinite(self.building.next_logprobs).all():
+                raise NonFiniteError("non-finite logits at the end of the shared prefix")
             return
         if step == 0 and self.echo_prompt:
             logits = layer.forward(weights, x)  # (B, s, V)

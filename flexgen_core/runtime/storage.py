@@ -8,11 +8,12 @@ positional reads and writes into reusable buffers, so resident memory is bounded
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
 import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
 import threading
 import weakref
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from flexgen_core.memory import DTYPE_BYTES
+from flexgen_core.runtime.signals import install_signal_handlers
 from flexgen_core.runtime.streams import CudaStream, SimulatedStream
 
 log = logging.getLogger(__name__)
@@ -105,27 +107,69 @@ class Devices:
             torch.cuda.current_stream(self.compute).synchronize()
 
 
+class OffloadSpaceError(OSError):
+    """The disk tier has no room for an offload file, or a write to one failed: names the file."""
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Allocate a file's blocks now (posix_fallocate), so a full disk is met when the file is made,
+    not at a write mid-run. Where the filesystem cannot (no fallocate and glibc's fallback refused,
+    e.g. some network filesystems: EOPNOTSUPP/EINVAL) the file stays sparse: logged once per folder."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        if not _UNRESERVED_WARNED:
+            _UNRESERVED_WARNED.append(True)
+            log.warning("this filesystem cannot reserve space for offload files (%s): a disk that fills up "
+                        "during a run is met at a write, not when the files are made", e.strerror)
+
+
+_UNRESERVED_WARNED: list[bool] = []
+
+
 class DiskFile:
-    """A preallocated file of `nbytes`, read and written at byte offsets."""
+    """A file of `nbytes` on the disk tier, its space reserved when it is made, read and written at
+    byte offsets. Failures name the file: an ENOSPC when it is made says how much was asked and
+    how much is free."""
 
     def __init__(self, path: Path, nbytes: int):
         self.path = path
         self.nbytes = nbytes
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self._fd, nbytes)
+        try:
+            os.ftruncate(self._fd, nbytes)
+            if nbytes:
+                _reserve(self._fd, nbytes)
+        except OSError as e:
+            self.close()
+            path.unlink(missing_ok=True)
+            free = shutil.disk_usage(path.parent).free
+            raise OffloadSpaceError(
+                e.errno, f"disk tier: cannot reserve {nbytes / 2**20:.1f} MiB for offload file {path} "
+                f"({e.strerror}; {free / 2**20:.1f} MiB free on that filesystem)") from None
 
     def write(self, offset: int, src: torch.Tensor) -> None:
         data = memoryview(as_bytes(src.contiguous()))
         assert offset + len(data) <= self.nbytes, (self.path, offset, len(data), self.nbytes)
-        while data:
-            written = os.pwrite(self._fd, data, offset)
-            data, offset = data[written:], offset + written
+        try:
+            while data:
+                written = os.pwrite(self._fd, data, offset)
+                data, offset = data[written:], offset + written
+        except OSError as e:
+            raise OffloadSpaceError(e.errno, f"disk tier: writing offload file {self.path} at byte {offset} "
+                                             f"failed: {e.strerror}") from None
 
     def read_into(self, offset: int, dst: torch.Tensor) -> None:
         view = memoryview(as_bytes(dst))
         assert offset + len(view) <= self.nbytes, (self.path, offset, len(view), self.nbytes)
         while view:
-            got = os.preadv(self._fd, [view], offset)
+            try:
+                got = os.preadv(self._fd, [view], offset)
+            except OSError as e:
+                raise OffloadSpaceError(e.errno, f"disk tier: reading offload file {self.path} at byte {offset} "
+                                                 f"failed: {e.strerror}") from None
             if got == 0:
                 raise OSError(f"unexpected end of offload file {self.path} at byte {offset}")
             view, offset = view[got:], offset + got
@@ -140,6 +184,7 @@ class DiskFile:
 
 
 _SUBDIR = re.compile(r"^engine-(\d+)-")
+LOCK_NAME = "owner.lock"  # in each engine's folder, flock()ed for the engine's life
 
 
 def _pid_alive(pid: int) -> bool:
@@ -152,10 +197,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None when another open file holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class OffloadDir:
     """This engine's own subdirectory `engine-<pid>-<random>` of the offload dir, removed on close,
-    at interpreter exit and on SIGTERM. Subdirectories left by killed processes are removed when the
-    next engine opens the same offload dir."""
+    at interpreter exit and on SIGTERM, SIGHUP or SIGINT.
+
+    Ownership is a lock, not a PID: the folder holds `owner.lock`, flock()ed for the engine's life,
+    and the OS drops the lock when the process dies however it dies (SIGKILL included). An engine
+    opening the offload dir removes every `engine-*` folder whose lock it can take, and never one
+    whose lock is held: PIDs say nothing across PID namespaces (containers sharing a volume, jobs on
+    a shared filesystem), where another live process's PID is "gone" and a dead one's may be reused.
+    A folder is locked before it gets its `engine-` name, so no engine sees one unlocked while it
+    is made. (flock works across processes on local filesystems and on NFS v4; folders without a
+    lock file, from before locks were used, fall back to the PID test.)"""
 
     def __init__(self, root: str | os.PathLike | None):
         base = Path(root) if root is not None else Path(tempfile.gettempdir()) / "flexgen-offload"
@@ -167,10 +231,14 @@ class OffloadDir:
             raise ValueError(f"offload_dir {str(base)!r} is not a writable folder")
         self.base = base
         self.stale_removed = _remove_stale(base)
-        self.path = Path(tempfile.mkdtemp(prefix=f"engine-{os.getpid()}-", dir=base))
+        making = Path(tempfile.mkdtemp(prefix=f".making-engine-{os.getpid()}-", dir=base))
+        self._lock_fd = _try_lock(making / LOCK_NAME)
+        assert self._lock_fd is not None, "a fresh folder's lock is free"
+        self.path = base / making.name.removeprefix(".making-")
+        making.rename(self.path)
         self.files: list[DiskFile] = []
         _LIVE.add(self)
-        _install_sigterm_handler()
+        install_signal_handlers()
 
     def file(self, name: str, nbytes: int) -> DiskFile:
         f = DiskFile(self.path / name, nbytes)
@@ -187,18 +255,37 @@ class OffloadDir:
             f.close()
         self.files.clear()
         shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # after the folder is gone: no one may take it while it is removed
+            self._lock_fd = None
         _LIVE.discard(self)
 
 
 def _remove_stale(base: Path) -> list[Path]:
-    """Remove subdirectories whose owning process is gone (a killed run); log what was removed."""
+    """Remove the `engine-*` folders no live process owns (their lock is free); log what was removed."""
     removed = []
-    for child in base.iterdir():
+    for child in sorted(base.iterdir()):
         match = _SUBDIR.match(child.name)
-        if match and child.is_dir() and not _pid_alive(int(match.group(1))):
+        if not match or not child.is_dir():
+            continue
+        lock = child / LOCK_NAME
+        if lock.exists():
+            try:
+                fd = _try_lock(lock)
+            except OSError:  # gone meanwhile, or not ours to open
+                continue
+            if fd is None:
+                continue  # a live engine, in whatever process namespace
+            try:
+                shutil.rmtree(child, ignore_errors=True)
+            finally:
+                os.close(fd)
+        elif _pid_alive(int(match.group(1))):
+            continue
+        else:
             shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
-            log.warning("removed offload files left by a process that no longer runs: %s", child)
+        removed.append(child)
+        log.warning("removed offload files left by a process that no longer runs: %s", child)
     return removed
 
 
@@ -209,18 +296,6 @@ _LIVE: "weakref.WeakSet[OffloadDir]" = weakref.WeakSet()
 def _close_live() -> None:
     for offload in list(_LIVE):
         offload.close()
-
-
-def _install_sigterm_handler() -> None:
-    """Turn SIGTERM into SystemExit (so `with` blocks and atexit run) unless the program handles it."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 atexit.register(_close_live)
@@ -241,4 +316,4 @@ class Slots:
         return self.slot_bytes * len(self.buffers)
 
 
-__all__ = ["Devices", "DiskFile", "OffloadDir", "Slots", "TORCH_DTYPES", "as_bytes", "torch_dtype", "view_as"]
+__all__ = ["Devices", "DiskFile", "OffloadDir", "OffloadSpaceError", "Slots", "TORCH_DTYPES", "as_bytes", "torch_dtype", "view_as"]
