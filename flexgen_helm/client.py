@@ -32,6 +32,7 @@ what a rerun recomputed.
 from __future__ import annotations
 
 import atexit
+import errno
 import hashlib
 import json
 import os
@@ -56,7 +57,11 @@ from helm.tokenizers.tokenizer import Tokenizer
 
 from flexgen_core import Policy
 from flexgen_core.memory import DTYPE_BYTES
+from flexgen_core.runtime.capacity import PolicyDoesNotFit
+from flexgen_core.runtime.decoding import NonFiniteError
 from flexgen_helm.batcher import Batcher, BatcherClosed, BatchOutcome, BatchSettings
+from flexgen_helm.progress import RunProgress
+from flexgen_helm.tokenizer import unavailable_reason
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = tuple(DTYPE_BYTES)
@@ -119,16 +124,11 @@ class EngineHandle:
                 num_prompts_hint=len(prompts) * settings.num_completions,
                 shared_prefix_len_hint=sharable_prefix_len(prompts)))
             self.batcher.block_size = self.engine.policy.block_size
-        started_s = time.perf_counter()
+        started_s, before = time.perf_counter(), self.engine.stats.as_dict()
         results = self.engine.generate(prompts, seed=list(seeds), **settings.generate_kwargs())
-        stats = self.engine.stats
-        hlog(
-            f"FlexGen: batch of {len(prompts)} prompts (x{settings.num_completions} completions, "
-            f"{settings.max_new_tokens} new tokens) in {time.perf_counter() - started_s:.2f} s; engine so far: "
-            f"{stats.sequences} sequences in {stats.blocks} blocks, {stats.prefill_tokens} prompt tokens computed "
-            f"(+{stats.prefix_tokens} in {stats.prefixes_computed} shared prefixes, reused {stats.prefixes_reused}x), "
-            f"{stats.decode_rows} decode rows, {stats.prefill_s:.1f} s prefill, {stats.decode_s:.1f} s decode"
-        )
+        what = f"{len(prompts)} prompts (x{settings.num_completions}, {settings.max_new_tokens} new tokens)"
+        PROGRESS.get(self.key).batch_done(len(prompts), what, time.perf_counter() - started_s, before,
+                                          self.engine.stats.as_dict())
         return results
 
     def close(self) -> None:
@@ -176,6 +176,31 @@ class EngineRegistry:
 
 ENGINES = EngineRegistry()
 atexit.register(ENGINES.close_all)  # releases the engines' offload files
+
+
+class ProgressRegistry:
+    """One RunProgress per engine key, made without loading the engine (cache hits count too)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._progress: dict[EngineKey, RunProgress] = {}
+
+    def get(self, key: EngineKey, deployment: str | None = None) -> RunProgress:
+        """The progress of `key`'s requests, named after the deployment that first asks for it."""
+        with self._lock:
+            if key not in self._progress:
+                self._progress[key] = RunProgress(deployment or os.path.basename(key.model_path.rstrip("/")), hlog)
+            return self._progress[key]
+
+    def flush_all(self) -> None:
+        with self._lock:
+            progress = list(self._progress.values())
+        for item in progress:
+            item.flush()
+
+
+PROGRESS = ProgressRegistry()
+atexit.register(PROGRESS.flush_all)  # registered after ENGINES.close_all: runs before it
 
 
 _SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache")
@@ -227,8 +252,36 @@ def _parse_policy(policy: Any) -> Policy | str:
 
 
 def _failure(message: str, retriable: bool = True, fatal: bool = True) -> RequestResult:
-    flags = None if retriable else ErrorFlags(is_retriable=False, is_fatal=fatal)
+    """A failed result. HELM retries a retriable one (5 attempts, backing off from 5 s); once it
+    stops, a fatal failure ends the run entry and a non-fatal one counts as an empty completion."""
+    flags = ErrorFlags(is_retriable=retriable, is_fatal=fatal)
     return RequestResult(success=False, cached=False, error=message, error_flags=flags, completions=[], embedding=[])
+
+
+# OSError numbers a retry may get past: space or memory freed meanwhile, an interrupted or busy call,
+# a stalled network filesystem. Others (a missing file, no permission, a read-only filesystem) repeat.
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EBUSY,
+                              errno.EIO, errno.ETIMEDOUT, errno.ESTALE})
+
+
+def _failure_for(error: Exception) -> RequestResult:
+    """The failed result for an exception from computing a request: whether HELM should retry it and
+    whether it ends the run entry."""
+    if isinstance(error, RequestRejected):
+        return _failure(f"FlexGen: {error}", retriable=False, fatal=False)
+    if isinstance(error, ConfigurationError):
+        return _failure(f"FlexGen: {error}", retriable=False, fatal=True)
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):  # may pass in another batch: HELM retries
+        hexception(error)
+        return _failure(f"FlexGen: out of memory: {error}")
+    if isinstance(error, NonFiniteError):  # corrupt weights: every later request would fail as well
+        return _failure(f"FlexGen: {error}", retriable=False, fatal=True)
+    if isinstance(error, PolicyDoesNotFit):  # memory or disk short now (other processes): only this batch fails
+        return _failure(f"FlexGen: {error}", retriable=True, fatal=False)
+    if isinstance(error, OSError):  # this batch fails; the engine serves the next ones
+        return _failure(f"FlexGen: {error}", retriable=error.errno in TRANSIENT_ERRNOS, fatal=False)
+    hexception(error)  # a bug, not bad luck: retrying would only repeat it
+    return _failure(f"FlexGen error: {type(error).__name__}: {error}", retriable=False, fatal=True)
 
 
 def request_digest(cache_key: Mapping[str, Any]) -> str:
@@ -302,6 +355,9 @@ class FlexGenClient(CachingClient):
                 raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
             if batch_wait_s < 0:
                 raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
+            missing = unavailable_reason(self._model_path, "checkpoint")
+            if missing is not None:
+                raise ValueError(missing)
             offload = os.path.expanduser(offload_dir or os.path.join("~", ".cache", "flexgen-helm", "offload"))
             self._engine_key = EngineKey(
                 self._model_path, _parse_policy(policy), offload, device, dtype, float(batch_wait_s)
@@ -335,18 +391,17 @@ class FlexGenClient(CachingClient):
 
         raw_request = self._raw_request(request)
         cache_key = CachingClient.make_cache_key(raw_request, request)
+        progress = PROGRESS.get(self._engine_key, request.model_deployment)
+        progress.request_seen()
         try:
             response, cached = self.cache.get(cache_key, lambda: self._compute(raw_request, cache_key))
-        except RequestRejected as error:
-            return _failure(f"FlexGen: {error}", retriable=False, fatal=False)
-        except ConfigurationError as error:
-            return _failure(f"FlexGen: {error}", retriable=False, fatal=True)
-        except (MemoryError, torch.OutOfMemoryError) as error:  # may pass in another batch: HELM retries
-            hexception(error)
-            return _failure(f"FlexGen: out of memory: {error}")
-        except Exception as error:  # a bug, not bad luck: retrying would only repeat it
-            hexception(error)
-            return _failure(f"FlexGen error: {type(error).__name__}: {error}", retriable=False, fatal=True)
+        except Exception as error:
+            progress.request_failed()
+            return _failure_for(error)
+        if cached:
+            progress.answered_from_cache()
+        elif "batch_size" not in response:  # nothing to generate or score: answered without a batch
+            progress.request_computed()
 
         completions = [
             GeneratedOutput(

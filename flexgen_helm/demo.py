@@ -56,6 +56,7 @@ class RunRow:
     requests: int
     mean_batch_size: float | None
     wall_s: float
+    cached: int = 0  # requests answered from HELM's cache (an earlier run of the same requests)
 
 
 def model_dir(deployment_name: str) -> Path:
@@ -126,11 +127,27 @@ HELM_RUN = (sys.executable, "-m", "helm.benchmark.run")
 HELM_SUMMARIZE = (sys.executable, "-m", "helm.benchmark.presentation.summarize")
 
 
-def _run_step(command: Sequence[str], what: str, env: dict[str, str]) -> float:
+def _run_step(command: Sequence[str], what: str, env: dict[str, str], log_path: Path,
+              say: Callable[[str], None]) -> float:
+    """Run one HELM command with its output appended to `log_path`; FlexGen's own lines (progress,
+    policy, summaries) are shown as they come, without HELM's timestamps."""
     started_s = time.perf_counter()
-    completed = subprocess.run(list(command), env=env)
-    if completed.returncode != 0:
-        raise DemoError(f"{what} failed with exit code {completed.returncode} (its output is above)")
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, errors="replace")
+        assert process.stdout is not None
+        tail: list[str] = []
+        for line in process.stdout:
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-15:]
+            if "FlexGen:" in line:
+                say("    " + line[line.index("FlexGen:"):].rstrip())
+        code = process.wait()
+    if code != 0:
+        last = "\n".join("    " + line for line in tail)
+        raise DemoError(f"{what} failed with exit code {code}; its last lines:\n{last}\nthe whole output: {log_path}")
     return time.perf_counter() - started_s
 
 
@@ -166,7 +183,8 @@ def summarize_run(run_dir: Path, wall_s: float) -> RunRow:
     value = candidates[0]["mean"] if candidates else None
     batch_sizes = [state["result"]["batch_size"] for state in states if state["result"].get("batch_size")]
     mean_batch_size = sum(batch_sizes) / len(batch_sizes) if batch_sizes else None
-    return RunRow(run_dir.name, metric, value, len(states), mean_batch_size, wall_s)
+    cached = sum(1 for state in states if state["result"].get("cached"))
+    return RunRow(run_dir.name, metric, value, len(states), mean_batch_size, wall_s, cached)
 
 
 def format_table(rows: Sequence[RunRow]) -> str:
@@ -217,6 +235,10 @@ def run_demo(
             say(f"Wrote the demo's MMLU-style questions under {output_path / 'scenarios' / 'mmlu'}")
 
     entries = read_run_entries(conf)
+    log_dir = output_path / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{suite}.log"
+    say(f"HELM's own output goes to {log_path}")
     rows = []
     for index, entry in enumerate(entries, start=1):
         say(f"[2/3] helm-run {index}/{len(entries)}: {entry}")
@@ -229,12 +251,12 @@ def run_demo(
             "-n", str(num_threads),
             "--exit-on-error",
         ]
-        wall_s = _run_step(command, f"helm-run on {entry!r}", env)
+        wall_s = _run_step(command, f"helm-run on {entry!r}", env, log_path, say)
         rows.append(summarize_run(_run_dir(output_path, suite, entry), wall_s))
 
     say(f"[3/3] helm-summarize --suite {suite}")
     summarize = [*HELM_SUMMARIZE, "--suite", suite, "--output-path", str(output_path)]
-    _run_step(summarize, "helm-summarize", env)
+    _run_step(summarize, "helm-summarize", env, log_path, say)
 
     say("")
     if random_model:
@@ -244,6 +266,16 @@ def run_demo(
             "a 135M model: expect modest scores)")
     say(format_table(rows))
     say("")
+    from flexgen_core import Policy
+    from flexgen_helm.client import describe_policy
+
+    policy = configs.packaged_deployment(deployment)["client_spec"]["args"].get("policy", "auto")
+    say(f"Policy: {describe_policy(Policy.from_dict(policy) if isinstance(policy, dict) else policy)}.")
+    say("mean batch size: over requests, the number of prompts in the engine call each request was part of. "
+        "wall time: the whole helm-run, including its start-up and the model load (several seconds).")
+    cached = [f"{_scenario_part(row.run)} ({row.cached} of {row.requests})" for row in rows if row.cached]
+    say("From HELM's cache (computed by an earlier run): " + (", ".join(cached) if cached else "nothing") + ".")
+    say(f"HELM's output: {log_path}")
     say(f"Results: {output_path / 'runs' / suite}")
     say(f"Browse them: helm-server --output-path {output_path} --suite {suite}")
     return rows

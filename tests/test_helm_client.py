@@ -11,6 +11,7 @@ and failures that must not be retried.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,7 @@ BAD_POLICY_DEPLOYMENT = "local-flexgen-bad-policy/tiny"
 BAD_LOG_DEPLOYMENT = "local-flexgen-bad-log/tiny"
 MISSING_MODEL_DEPLOYMENT = "local-flexgen-missing/tiny"
 AUTO_DEPLOYMENT = "local-flexgen-auto/tiny"  # policy: auto, planned at the first batch
+FAULT_DEPLOYMENT = "local-flexgen-faults/tiny"  # an engine of its own, for injected faults
 
 PROMPTS = [
     "def parse(self, text):\n    return",
@@ -102,6 +104,7 @@ def env(tmp_path_factory):
         _flexgen_deployment(MISSING_MODEL_DEPLOYMENT, root / "no-such-checkpoint", offload),
         _flexgen_deployment(BAD_LOG_DEPLOYMENT, checkpoint, offload, request_log=str(root / "a-folder")),
         _flexgen_deployment(AUTO_DEPLOYMENT, checkpoint, offload, policy="auto", batch_wait_s=0.5),
+        _flexgen_deployment(FAULT_DEPLOYMENT, checkpoint, offload, batch_wait_s=0.02),
     ]
     (root / "a-folder").mkdir()
     prod_env = write_prod_env(root / "prod_env", checkpoint, PRESETS["tiny"].max_positions, extra_deployments=extra)
@@ -423,6 +426,90 @@ def test_bad_configuration_is_fatal_and_not_retried(env, deployment, message):
     result = client.make_request(_request(deployment))
     assert not result.success and message in result.error, result.error
     assert result.error_flags.is_retriable is False and result.error_flags.is_fatal is True
+
+
+def _fault_engine():
+    return next(h.engine for k, h in client_module.ENGINES._handles.items() if k.batch_wait_s == 0.02)
+
+
+def test_corrupt_weights_fail_the_run_entry_and_nothing_is_cached(env):
+    """NaN bytes in an offload weight file: a fatal, non-retriable failure naming the layer and the
+    file; HELM's cache keeps nothing of it, so the request is computed again once the file is good."""
+    client = _client(env, FAULT_DEPLOYMENT, cache="cache_faults")
+    _ok(client.make_request(_request(FAULT_DEPLOYMENT, prompt="warm up", max_tokens=1)))
+    engine = _fault_engine()
+    layer_idx = next(i for i, f in enumerate(engine.weights.disk_files) if f is not None and i > 0)
+    path = engine.weights.disk_files[layer_idx].path
+    with open(path, "r+b") as f:
+        original = f.read(64)
+        f.seek(0)
+        f.write(b"\xff" * 64)
+    request = _request(FAULT_DEPLOYMENT, prompt=PROMPTS[2], max_tokens=4)
+    try:
+        failed = client.make_request(request)
+    finally:
+        with open(path, "r+b") as f:
+            f.write(original)
+    assert not failed.success and f"offload file {path}" in failed.error and "NaN" in failed.error
+    assert failed.error_flags.is_retriable is False and failed.error_flags.is_fatal is True
+    again = _ok(client.make_request(request))
+    assert not again.cached
+    _assert_same(again, _ok(_client(env, FLEXGEN_DEPLOYMENT).make_request(replace(request, model_deployment=FLEXGEN_DEPLOYMENT))))
+
+
+def test_a_transient_os_error_fails_only_its_batch(env, monkeypatch):
+    """The disk full for a moment (ENOSPC on an offload write): that batch's requests fail, retriable
+    and not fatal for the run entry; the engine serves the next batch. A missing file (ENOENT) is
+    not worth a retry."""
+    import errno
+
+    from flexgen_core.runtime import storage
+
+    client = _client(env, FAULT_DEPLOYMENT)
+    request = _request(FAULT_DEPLOYMENT, prompt=PROMPTS[3], max_tokens=4)
+    expected = _ok(client.make_request(request))
+    real = os.pwrite
+    for code, retriable in ((errno.ENOSPC, True), (errno.ENOENT, False)):
+        def failing(fd, data, offset, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(storage.os, "pwrite", failing)
+        failed = client.make_request(request)
+        monkeypatch.setattr(storage.os, "pwrite", real)
+        assert not failed.success and "offload file" in failed.error and os.strerror(code) in failed.error
+        assert failed.error_flags.is_retriable is retriable and failed.error_flags.is_fatal is False
+        _assert_same(_ok(client.make_request(request)), expected)
+
+
+def test_progress_per_batch_and_a_summary_per_burst(env, caplog):
+    """A line per batch (requests done of those seen, ETA for the waiting ones) and, once requests stop
+    coming, one summary: computed vs from HELM's cache, batches and their sizes, prefill/decode seconds."""
+    import logging
+
+    client = _client(env, PATIENT_DEPLOYMENT, cache="cache_progress")
+    requests = [_request(PATIENT_DEPLOYMENT, prompt=prompt, max_tokens=3) for prompt in PROMPTS]
+    _ok(client.make_request(requests[0]))  # cached from now on
+    progress = client_module.PROGRESS.get(client._engine_key)
+    progress.flush()  # a clean slate: what follows is one burst
+    caplog.set_level(logging.INFO, logger="helm")
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        results = [_ok(r) for r in pool.map(client.make_request, requests)]
+    deadline_s = time.monotonic() + 10 * progress.quiet_s
+    mine = f"requests to {PATIENT_DEPLOYMENT} in"
+    while not any(mine in r.getMessage() for r in caplog.records) and time.monotonic() < deadline_s:
+        time.sleep(0.05)
+    lines = [r.getMessage().strip() for r in caplog.records if "FlexGen:" in r.getMessage()]
+    batches = [line for line in lines if line.startswith("FlexGen: [") and f"requests to {PATIENT_DEPLOYMENT}]" in line]
+    computed = sum(not r.cached for r in results)
+    assert computed == len(PROMPTS) - 1 and sum(r.cached for r in results) == 1
+    sizes = sorted({r.batch_size for r in results if not r.cached})
+    assert batches and all(re.match(rf"FlexGen: \[\d+/6 requests to {PATIENT_DEPLOYMENT}\] batch of \d+ prompts", b)
+                           for b in batches)
+    assert batches[-1].startswith(f"FlexGen: [6/6 requests to {PATIENT_DEPLOYMENT}]") and batches[-1].endswith("none waiting")
+    (summary,) = [line for line in lines if mine in line]
+    assert re.match(rf"FlexGen: 6 requests to {PATIENT_DEPLOYMENT} in [0-9.]+ s: {computed} computed in "
+                    rf"{len(batches)} batches \(mean [0-9.]+, largest {max(sizes)} requests\); 1 from HELM's cache; "
+                    r"prefill [0-9.]+ s, decode [0-9.]+ s, \d+ tokens generated", summary), summary
 
 
 def test_chat_messages_are_rejected(env):

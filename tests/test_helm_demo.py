@@ -52,7 +52,8 @@ def demo_run(tmp_path_factory):
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:
-    table = out[out.index("main metric") - 200:]
+    """The demo's table: from its header to the first blank line."""
+    table = out[out.rindex("\n", 0, out.index("main metric")) + 1:].split("\n\n")[0]
     rows = {}
     for line in table.splitlines():
         cells = line.split()
@@ -76,6 +77,13 @@ def test_demo_runs_the_real_model_and_prints_its_table(demo_run):
         # one request per instance; separate_original scores each of the 4 options apart
         assert int(cells[2]) == (24 if "separate" in run else 6)
         assert float(cells[3]) > 1 and cells[5] == "s"
+    # HELM's own output is in the log; ours (progress per batch, a summary per run entry) on screen.
+    log = demo_run["workdir"] / "benchmark_output" / "logs" / "flexgen-demo.log"
+    assert f"HELM's own output goes to {log}" in out and log.is_file() and "Looking in path" in log.read_text()
+    assert "Looking in path" not in out and "INFO" not in out and out.count("\n") < 80
+    assert "    FlexGen: [6/6 requests to flexgen/smollm2-135m-instruct] batch of" in out and "requests to flexgen/smollm2-135m-instruct in" in out
+    assert "Policy: 16x2 blocks, percent 40 40 100 0 100 0" in out and "mean batch size: over requests" in out
+    assert "From HELM's cache (computed by an earlier run): nothing." in out
     link = demo_run["home"] / ".cache" / "flexgen-helm" / "demo" / "smollm2-135m-instruct"
     assert (link / "config.json").is_file() and link.resolve() == real_checkpoint().resolve()
     data = demo_run["workdir"] / "benchmark_output" / "scenarios" / "mmlu" / "data" / "test"
@@ -315,3 +323,70 @@ print(len(specs), sorted({s.adapter_spec.model_deployment for s in specs}))
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip().splitlines()[-1] == "7 ['flexgen/opt-iml-30b', 'flexgen/opt-iml-30b-long']"
+
+
+def _helm_run_packaged(tmp_path, deployment: str, model: str, prod_env: Path | None = None):
+    from helm_support import write_mmlu
+
+    output = tmp_path / "out"
+    write_mmlu(output, "college_mathematics", num_test=4)
+    command = [helm_bin("helm-run"), "--run-entries",
+               f"mmlu:subject=college_mathematics,method=multiple_choice_joint,model={model},model_deployment={deployment}",
+               "--suite", "preflight", "--output-path", str(output), "--max-eval-instances", "4", "-n", "4"]
+    if prod_env is not None:
+        command += ["--local-path", str(prod_env)]
+    started_s = time.perf_counter()
+    completed = subprocess.run(command, env=offline_env(tmp_path), capture_output=True, text=True, timeout=300,
+                               cwd=tmp_path)
+    return completed, time.perf_counter() - started_s, completed.stdout + completed.stderr
+
+
+def test_a_tokenizer_that_cannot_be_had_fails_the_run_entry_at_once(tmp_path):
+    """Offline with an empty Hugging Face cache, the paper's OPT tokenizer cannot be loaded: one line
+    naming it and how to get it, no traceback per prompt, no run directory."""
+    completed, seconds, out = _helm_run_packaged(tmp_path, "flexgen/opt-1.3b", "meta/opt-1.3b")
+    line = ("tokenizer 'facebook/opt-66b' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: get it with "
+            "`hf download facebook/opt-66b`")
+    assert line in out, out[-3000:]
+    assert "Failed to tokenize" not in out
+    assert not (tmp_path / "out" / "runs" / "preflight" /
+                "mmlu:subject=college_mathematics,method=multiple_choice_joint,model=meta_opt-1.3b").exists()
+    print(f"helm-run failed in {seconds:.1f} s with {out.count(chr(10))} lines of output")
+
+
+def test_a_checkpoint_that_cannot_be_had_fails_in_one_line(tmp_path):
+    """The tokenizer is here (a local folder) but the checkpoint is not: the client's first request
+    fails fatally, naming the checkpoint."""
+    from flexgen_core.testing import build_checkpoint
+
+    prod_env = tmp_path / "prod_env"
+    prod_env.mkdir()
+    tokenizer = {"tokenizer_configs": [{
+        "name": "local/preflight",
+        "tokenizer_spec": {"class_name": "flexgen_helm.tokenizer.CheckedHuggingFaceTokenizer",
+                           "args": {"pretrained_model_name_or_path": str(build_checkpoint("tiny"))}},
+        "end_of_text_token": "</s>", "prefix_token": "</s>"}]}
+    deployment = {"model_deployments": [{
+        "name": "flexgen/opt-1.3b", "model_name": "meta/opt-1.3b", "tokenizer_name": "local/preflight",
+        "max_sequence_length": 2047,
+        "client_spec": {"class_name": "flexgen_helm.client.FlexGenClient",
+                        "args": {"pretrained_model_name_or_path": "facebook/opt-1.3b"}}}]}
+    (prod_env / "tokenizer_configs.yaml").write_text(yaml.safe_dump(tokenizer))
+    (prod_env / "model_deployments.yaml").write_text(yaml.safe_dump(deployment))
+    completed, seconds, out = _helm_run_packaged(tmp_path, "flexgen/opt-1.3b", "meta/opt-1.3b", prod_env)
+    assert ("checkpoint 'facebook/opt-1.3b' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: get it "
+            "with `hf download facebook/opt-1.3b`") in out, out[-3000:]
+    # Each of the -n 4 requests in flight fails once (fatal: no retries), then HELM reports the run.
+    assert out.count("is not in the Hugging Face cache") <= 8 and "Retrying" not in out
+
+
+def test_packaged_confs_by_name(tmp_path):
+    """`flexgen-helm conf NAME` prints a packaged conf's path: helm-run --conf-paths works from any folder."""
+    out = subprocess.run([helm_bin("flexgen-helm"), "conf", "flexgen"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip())
+    assert path.is_file() and path.read_text() == (REPO / "run_specs" / "flexgen.conf").read_text()
+    listing = subprocess.run([helm_bin("flexgen-helm"), "conf"], capture_output=True, text=True, cwd=tmp_path)
+    assert {Path(line).stem for line in listing.stdout.split()} == {"flexgen", "flexgen_demo", "flexgen_demo_random"}
+    bad = subprocess.run([helm_bin("flexgen-helm"), "conf", "nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: no packaged conf 'nope'; packaged: flexgen")
