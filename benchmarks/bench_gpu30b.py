@@ -20,7 +20,7 @@ Baselines run one batch per batch size (batch b on the first b prompts): `genera
 independently, so more batches would repeat the same rate for a long time (a 30B forward pass that streams
 its weights over PCIe takes seconds).
 
-Without CUDA the suite says why and exits 0. Needs ~60 GB of free disk for the checkpoint and ~100 GiB of RAM.
+Without CUDA the suite says why and exits 3 (skipped: nothing measured). Needs ~60 GB of free disk for the checkpoint and ~100 GiB of RAM.
 
     python benchmarks/bench_gpu30b.py --checkpoint-dir /data/opt-30b-random
     python benchmarks/bench_gpu30b.py --systems engine accelerate --num-prompts 32   # a part, a smaller block
@@ -45,6 +45,7 @@ from roofline import ModelFacts, Rates, load_or_measure  # noqa: E402
 from systems import run_accelerate, run_deepspeed, run_engine, skipped  # noqa: E402
 
 from flexgen_core import Policy, memory  # noqa: E402
+from flexgen_core.bench_cli import SKIPPED_EXIT  # noqa: E402
 from flexgen_core.plan.hardware import format_size, parse_size  # noqa: E402
 
 GiB = 2**30
@@ -266,8 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.shapes:
         raise SystemExit("error: gpu-30b takes no --shapes: the planner chooses the engine's blocks")
-    run_suite(args)
-    return 0
+    return 0 if run_suite(args) is not None else SKIPPED_EXIT
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 the machine allows for that run) and the cost model's prediction marked on the same axis.
 
     python benchmarks/plot.py results/cpu-small.json            # redraw a suite's PNG from its JSON
-    python benchmarks/plot.py results/helm_bench.json --helm    # the helm suite's wall times
+    python benchmarks/plot.py results/helm-real.json --helm     # the helm suite's wall times
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def helm_plot(result: dict, path: str | Path) -> Path:
     ax.set_xlabel("helm-run wall time (s), lower is better")
     entries = ", ".join(e.split(":")[0] for e in result.get("entries", [result.get("scenario", "?")]))
     speedup = result.get("speedups", {}).get("vs_fastest_hf", result.get("speedup", "?"))
-    ax.set_title(f"helm-run {entries}, {result['instances']} instances: speedup of FlexGenClient over "
-                 f"the fastest HuggingFaceClient run {speedup}x", fontsize=9)
+    title = (f"helm-run {entries}, {result['instances']} instances: speedup of FlexGenClient over "
+             f"the fastest HuggingFaceClient run {speedup}x")
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -2,21 +2,27 @@
 
 The suites are scripts in `benchmarks/` (not an installed package), found next to this package: `flexgen
 bench` works from a repository checkout installed with `pip install -e .`. Each suite runs its systems
-side by side in one process and writes `<out>/<suite>.md`, `.json` and `.png` (default
-`benchmarks/results/`). The suite scripts take a few more options than these (`python
+side by side in one process and writes `<out>/<suite>.md`, `.json` and `.png`, by default into a scratch
+folder (`$TMPDIR/flexgen-bench/`): the checkout's committed `benchmarks/results/` changes only with
+`--out benchmarks/results`. The suite scripts take a few more options than these (`python
 benchmarks/<script> --help`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRATCH_OUT = Path(tempfile.gettempdir()) / "flexgen-bench"
+# A suite script that ran but could not measure (gpu-30b without CUDA) exits with this code.
+SKIPPED_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, help="prompts (helm: eval instances)")
     p.add_argument("--prompt-len", type=int, help="tokens per prompt (not for helm: its scenario sets them)")
     p.add_argument("--gen-len", type=int, help="tokens generated per prompt (not for helm)")
-    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/)")
+    p.add_argument("--out", type=Path, help=f"results folder (default {SCRATCH_OUT}; the committed figures: "
+                                            "benchmarks/results)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes to check the suite end to end ({SMOKE['num_prompts']} prompts of "
                         f"{SMOKE['prompt_len']} tokens, {SMOKE['gen_len']} generated, unless given; quick profile)")
@@ -78,6 +85,10 @@ def suite_command(args) -> list[str]:
         raise ValueError(f"benchmark scripts not found at {BENCHMARKS_DIR}: `flexgen bench` runs from a repository "
                          "checkout installed with `pip install -e .`")
     suite = SUITES[args.suite]
+    for shape in args.shapes or ():
+        if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", shape):
+            raise ValueError(f"--shapes takes GPU batch x batches per block, e.g. 16x1 4x4; got {shape!r}")
+    out = args.out if args.out is not None else SCRATCH_OUT
     sizes = {name: getattr(args, name) for name in SMOKE}
     if args.smoke:
         sizes = {name: value if value is not None else SMOKE[name] for name, value in sizes.items()}
@@ -91,16 +102,14 @@ def suite_command(args) -> list[str]:
                              "generation lengths; --num-prompts sets the number of eval instances)")
         if sizes["num_prompts"] is not None:
             command += ["--instances", str(sizes["num_prompts"]), "--threads", str(sizes["num_prompts"])]
-        if args.out is not None:
-            command += ["--out", str(args.out / "helm_bench")]
+        command += ["--out", str(out / "helm")]
     else:
         for name, value in sizes.items():
             if value is not None:
                 command += [f"--{name.replace('_', '-')}", str(value)]
         if args.smoke:
             command += ["--quick-profile"] + (["--batch1-prompts", "1"] if "--batch1-prompts" not in passed else [])
-        if args.out is not None:
-            command += ["--out", str(args.out)]
+        command += ["--out", str(out)]
         for flag, value in passed.items():
             if flag == "--budget" and args.suite == "cpu-small":
                 raise ValueError("--budget does not apply to cpu-small (weights all in RAM or all on disk)")
@@ -118,14 +127,19 @@ def _dest(flag: str) -> str:
 
 def run_bench(args) -> int:
     command = suite_command(args)
+    out = args.out if args.out is not None else SCRATCH_OUT
     print("running: " + " ".join(command), flush=True)
     started = time.time()
     code = subprocess.run(command, cwd=BENCHMARKS_DIR.parent).returncode
     if args.suite == "helm":
-        result = (args.out or BENCHMARKS_DIR / "results") / "helm_bench.json"
+        result = out / "helm.json"
         # bench_helm.py writes the table and JSON (also when the speedup target is missed: exit code 1);
         # the plot is drawn from this run's JSON.
         if result.is_file() and result.stat().st_mtime >= started:
             subprocess.run([sys.executable, str(BENCHMARKS_DIR / "plot.py"), str(result), "--helm"],
                            cwd=BENCHMARKS_DIR.parent, check=False)
+    if code == SKIPPED_EXIT:
+        print(f"error: the {args.suite} suite was skipped (see above); nothing was measured", file=sys.stderr)
+    elif code == 0:
+        print(f"results in {out}")
     return code

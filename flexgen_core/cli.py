@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
+from pathlib import Path
 
 from flexgen_core.bench_cli import add_bench_parser
 from flexgen_core.memory import DTYPE_BYTES
@@ -47,25 +50,60 @@ def policy_flags(policy: Policy) -> str:
     return " ".join(flags + [flag for flag, on in switches if on])
 
 
+def _prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    try:
+        text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
+    except OSError as e:
+        raise ValueError(f"cannot read --prompt-file {args.prompt_file!r}: {e.strerror}") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompt-file {args.prompt_file!r} holds no prompt (one per line)")
+    return prompts
+
+
 def _generate(args) -> int:
+    import time
+
     from transformers import AutoTokenizer
 
-    from flexgen_core.engine import Engine
+    from flexgen_core.engine import Engine, read_model
     from flexgen_core.runtime import checkpoint
 
     policy = _policy(args)
+    prompts = _prompts(args)
+    if any(not stop for stop in args.stop):
+        raise ValueError("--stop needs a non-empty text")
     folder = checkpoint.resolve(args.model)
+    read_model(folder)  # config.json checked before anything else reads it
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers raises several kinds; one line for the user whichever it is
         raise ValueError(f"cannot load a tokenizer from {str(folder)!r}: {str(e).splitlines()[0]}") from None
-    prompt_ids = tokenizer(args.prompt)["input_ids"]
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    stop_ids = [tokenizer(stop, add_special_tokens=False)["input_ids"] for stop in args.stop]
     with Engine.from_pretrained(folder, policy=policy, offload_dir=args.offload_dir, device=args.device,
                                 dtype=args.dtype) as engine:
-        result = engine.generate([prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, seed=args.seed)[0]
-    completion = result.completions[0]
-    print(args.prompt + tokenizer.decode(completion.token_ids, skip_special_tokens=True))
+        started_s = time.perf_counter()
+        results = engine.generate(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, num_completions=args.num_completions, stop=stop_ids or None,
+                                  seed=args.seed)
+        elapsed_s, stats = time.perf_counter() - started_s, engine.stats
+    many = len(prompts) > 1 or args.num_completions > 1
+    for p_idx, (prompt, result) in enumerate(zip(prompts, results)):
+        for c_idx, completion in enumerate(result.completions):
+            text = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            cuts = [text.find(stop) for stop in args.stop if stop in text]
+            if cuts:  # a stop can end inside a token: the text ends where the stop text starts
+                text = text[:min(cuts)]
+            if many:
+                print(f"--- prompt {p_idx + 1}, completion {c_idx + 1} ({completion.finish_reason})")
+            print(prompt + text)
+    tokens = sum(len(c.token_ids) for r in results for c in r.completions)
+    print(f"{tokens} tokens for {len(prompts)} prompt(s) in {elapsed_s:.2f} s: {tokens / elapsed_s:.1f} tokens/s; "
+          f"first token after {stats.prefill_s:.2f} s (the prompt pass), decode {stats.decode_s:.2f} s",
+          file=sys.stderr)
     return 0
 
 
@@ -89,6 +127,9 @@ def _plan(args) -> int:
         raise ValueError(f"--shared-prefix-len must be in [0, --prompt-len={args.prompt_len}) (each prompt keeps "
                          f"at least one token of its own), got {args.shared_prefix_len}")
     model = shapes.load_model(args.model)
+    if args.prompt_len + args.gen_len > model.shape.max_positions:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds {model.name}'s context "
+                         f"of {model.shape.max_positions} positions")
     dtype = args.dtype or profile.dtype
     options = planner.PlanOptions(compress_weight=_SWITCH[args.compress_weight],
                                   compress_cache=_SWITCH[args.compress_cache],
@@ -129,6 +170,7 @@ def _plan_table(result, dtype: str) -> str:
         f"  flags          {policy_flags(p)}",
         "",
         f"  throughput     {best.throughput:.4g} tokens/s",
+        _tie_note(result),
         f"  prefill        {_seconds(best.prefill_s)} per block",
         f"  decode         {_seconds(best.decode_s)} per block ({_seconds(best.decode_token_s)} per token)",
     ]
@@ -154,6 +196,17 @@ def _plan_table(result, dtype: str) -> str:
     return "\n".join(lines)
 
 
+def _tie_note(result) -> str:
+    """Why the chosen policy may not be the fastest predicted: the planner's tie rule."""
+    fastest, tol = result.fastest, result.tie_tolerance
+    rule = (f"the least offloading, then the smallest block, of the policies predicted within {tol:.0%} of the "
+            "fastest (the cost model is not more accurate than that)")
+    if fastest.throughput <= result.best.throughput:
+        return f"  chosen as      the fastest predicted; ties go to {rule}"
+    return (f"  chosen as      {rule}: the fastest predicted, {fastest.throughput:.4g} tokens/s, is "
+            f"{fastest.policy.gpu_batch_size}x{fastest.policy.num_gpu_batches} {' '.join(map(str, fastest.policy.percent))}")
+
+
 def _seconds(value: float) -> str:
     if value < 1:
         return f"{value * 1e3:.3g} ms"
@@ -175,7 +228,8 @@ def _plot(result, path: str) -> None:
     best = result.best
     ax.plot([best.policy.block_size], [best.throughput], "r*", markersize=16,
             label=f"chosen: {best.policy.gpu_batch_size}x{best.policy.num_gpu_batches}, "
-                  f"{' '.join(map(str, best.policy.percent))}")
+                  f"{' '.join(map(str, best.policy.percent))}\n(least offloading, then smallest block, within "
+                  f"{result.tie_tolerance:.0%} of the fastest)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("effective batch size (sequences per block)")
     ax.set_ylabel("predicted generation throughput (tokens/s)")
@@ -195,7 +249,13 @@ def _profile(args) -> int:
     from flexgen_core.runtime.storage import Devices
 
     device = Devices(args.device).compute.type
-    out = args.out or measured_profile_path(device)
+    out = Path(args.out or measured_profile_path(device)).expanduser()
+    try:  # before minutes of measuring
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir() or not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise OSError(errno.EACCES, "not a writable file")
+    except OSError as e:
+        raise ValueError(f"cannot write the profile to {str(out)!r}: {e.strerror}") from None
     profile = measure(device=args.device, offload_dir=args.offload_dir, quick=args.quick, dtype=args.dtype)
     path = profile.save(out)
     d = profile.to_dict()
@@ -212,12 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    gen = sub.add_parser("generate", help="generate completions for a prompt or a file of prompts; the "
+                         "throughput and time to first token go to stderr")
     gen.add_argument("--model", required=True, help="hub name or local checkpoint folder")
-    gen.add_argument("--prompt", required=True)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-file", help="prompts, one per line ('-': standard input), generated as one call")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--num-completions", type=int, default=1, help="completions per prompt")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="end a completion where this text appears (repeatable)")
     gen.add_argument("--seed", type=int, default=None)
     _add_policy_args(gen)
     gen.set_defaults(run=_generate)
@@ -225,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="choose a policy for a model, a machine and a workload (cost model + LP)")
     pl.add_argument("--model", required=True, help="hub name, local checkpoint folder, or a known model name")
     pl.add_argument("--hardware", required=True, help="built-in profile name (t4-gcp) or a profile JSON file")
-    pl.add_argument("--gpu-mem", help="override the profile's GPU memory, e.g. 16GiB (GB = 1e9, GiB = 2**30)")
-    pl.add_argument("--cpu-mem", help="override the profile's CPU memory, e.g. 200GiB")
+    pl.add_argument("--gpu-mem", help="override the profile's GPU memory, e.g. 16GB (a unit is required; "
+                    "GB = GiB = 2**30 bytes, as in the profiles)")
+    pl.add_argument("--cpu-mem", help="override the profile's CPU memory, e.g. 200GB")
     pl.add_argument("--disk-mem", help="override the profile's disk space, e.g. 1.5TB")
     pl.add_argument("--prompt-len", type=int, default=512)
     pl.add_argument("--gen-len", type=int, default=32)

@@ -4,10 +4,12 @@ cases, block shapes, targets, and the command `flexgen bench` builds for each su
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 roofline = pytest.importorskip("roofline")
@@ -90,16 +92,20 @@ def test_bench_command_for_each_suite(tmp_path):
                                                   "--out", str(tmp_path)))
     assert command[1].endswith("bench_cpu.py") and command[2] == "cpu-offload"
     assert command[3:] == ["--num-prompts", "8", "--out", str(tmp_path), "--budget", "128MiB"]
+    # Without --out the results go to a scratch folder, never into the checkout's committed ones.
     smoke = bench_cli.suite_command(_bench_args("cpu-small", "--smoke"))
     assert smoke[3:] == ["--num-prompts", "2", "--prompt-len", "32", "--gen-len", "4", "--quick-profile",
-                         "--batch1-prompts", "1"]
+                         "--batch1-prompts", "1", "--out", str(bench_cli.SCRATCH_OUT)]
+    assert bench_cli.BENCHMARKS_DIR not in bench_cli.SCRATCH_OUT.parents
+    # helm: the script's --out is the stem of its .json/.md, which run_bench plots from.
     helm = bench_cli.suite_command(_bench_args("helm", "--num-prompts", "4", "--out", str(tmp_path)))
     assert helm[1].endswith("bench_helm.py")
-    assert helm[2:] == ["--instances", "4", "--threads", "4", "--out", str(tmp_path / "helm_bench")]
+    assert helm[2:] == ["--instances", "4", "--threads", "4", "--out", str(tmp_path / "helm")]
 
 
 @pytest.mark.parametrize("argv", [("helm", "--gen-len", "4"), ("cpu-small", "--budget", "1GiB"),
-                                  ("cpu-offload", "--checkpoint-dir", "/x"), ("gpu-30b", "--shapes", "4x1")])
+                                  ("cpu-offload", "--checkpoint-dir", "/x"), ("gpu-30b", "--shapes", "4x1"),
+                                  ("cpu-small", "--shapes", "4by4")])
 def test_bench_rejects_options_a_suite_does_not_take(argv):
     with pytest.raises(ValueError):
         bench_cli.suite_command(_bench_args(*argv))
@@ -110,3 +116,12 @@ def test_bench_outside_a_checkout_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_cli, "BENCHMARKS_DIR", tmp_path / "site-packages" / "benchmarks")
     with pytest.raises(ValueError, match="repository checkout"):
         bench_cli.suite_command(_bench_args("cpu-small", "--smoke"))
+
+
+def test_gpu_30b_without_cuda_exits_non_zero():
+    """A suite that measured nothing must not look like a success to a script running it."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the suite would run for real")
+    out = subprocess.run([sys.executable, "-m", "flexgen_core.cli", "bench", "gpu-30b"], capture_output=True, text=True)
+    assert out.returncode == bench_cli.SKIPPED_EXIT
+    assert "gpu-30b skipped: no CUDA device" in out.stdout and "nothing was measured" in out.stderr

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,37 @@ def test_cli_generate_prints_completion():
                "--percent", "0", "50", "0", "100", "100", "0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("import os") and len(out.stdout.strip()) > len("import os")
+
+
+def test_cli_generate_prompt_file_completions_stop_and_throughput(tmp_path):
+    """Prompts from a file in one call, several completions each, a stop text; the throughput and
+    time to first token on stderr. The texts are the engine's own (checked against the API)."""
+    from transformers import AutoTokenizer
+
+    path = build_checkpoint("odd")
+    prompts = ["import os", "def parse(self):"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    out = _cli("generate", "--model", str(path), "--prompt-file", str(tmp_path / "prompts.txt"), "--max-new-tokens",
+               "6", "--num-completions", "2", "--temperature", "1", "--seed", "3", "--stop", "e")
+    assert out.returncode == 0, out.stderr
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with Engine.from_pretrained(path, offload_dir=tmp_path / "offload") as engine:
+        results = engine.generate([tokenizer(p)["input_ids"] for p in prompts], max_new_tokens=6, temperature=1.0,
+                                  num_completions=2, seed=3, stop=[tokenizer("e", add_special_tokens=False)["input_ids"]])
+    expected = []
+    for p_idx, (prompt, result) in enumerate(zip(prompts, results)):
+        for c_idx, completion in enumerate(result.completions):
+            text = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+            expected += [f"--- prompt {p_idx + 1}, completion {c_idx + 1} ({completion.finish_reason})",
+                         prompt + text.split("e")[0]]
+    assert out.stdout.splitlines() == expected
+    tokens = sum(len(c.token_ids) for r in results for c in r.completions)
+    assert re.fullmatch(rf"{tokens} tokens for 2 prompt\(s\) in [0-9.]+ s: [0-9.]+ tokens/s; first token after "
+                        r"[0-9.]+ s \(the prompt pass\), decode [0-9.]+ s\n", out.stderr), out.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    bad = _cli("generate", "--model", str(path), "--prompt-file", str(empty))
+    assert bad.returncode == 2 and bad.stderr == f"error: --prompt-file {str(empty)!r} holds no prompt (one per line)\n"
 
 
 def test_policy_exceeding_a_tier_is_rejected_before_loading(tmp_path, monkeypatch):

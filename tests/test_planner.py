@@ -311,6 +311,32 @@ def test_plan_command_infeasible_exits_with_one_line(capsys):
     assert code == 2 and err.startswith("error: no policy fits") and err.count("\n") == 1
 
 
+def test_a_prompt_past_the_context_is_named(capsys):
+    code = main(["plan", "--model", "facebook/opt-1.3b", "--hardware", "t4-gcp", "--prompt-len", "100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("error: --prompt-len 100000 + --gen-len 32 exceeds facebook/opt-1.3b's context "
+                                 "of 2048 positions\n")
+
+
+def test_sizes_need_a_unit_and_gb_means_two_to_the_thirty(capsys):
+    """One convention, the profiles' and the paper's: GB = GiB = 2**30 bytes; a bare number is refused."""
+    assert parse_size("16GB") == parse_size("16GiB") == 16 * 2**30 and parse_size("1.5TB") == int(1.5 * 2**40)
+    assert parse_size("900mib") == 900 * 2**20
+    code = main(["plan", "--model", "facebook/opt-1.3b", "--hardware", "t4-gcp", "--gpu-mem", "16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: memory size '16' needs a unit: e.g. 16GB (GB = GiB = 2**30 bytes)\n"
+
+
+def test_profile_to_an_unwritable_place_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    from flexgen_core.plan import profiler
+
+    monkeypatch.setattr(profiler, "measure", lambda **kw: pytest.fail("measured before checking --out"))
+    (tmp_path / "a-file").write_text("")
+    code = main(["profile", "--device", "cpu", "--out", str(tmp_path / "a-file" / "me.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: cannot write the profile to '{tmp_path / 'a-file' / 'me.json'}'")
+
+
 def test_profile_command_measures_this_machine(tmp_path, capsys):
     out = tmp_path / "me.json"
     code = main(["profile", "--quick", "--device", "cpu", "--out", str(out), "--offload-dir", str(tmp_path)])

@@ -1,8 +1,8 @@
 """Hardware profiles: memory per tier, bandwidths between tiers, compute rates (FlexGen paper, Sec. 4.3).
 
 A profile is a JSON file in the layout of the paper's fitted constants (`profiles/t4-gcp.json`, the
-built-in `t4-gcp`): sizes in GB, bandwidths in GB/s, where GB means 2**30 bytes, and compute in TFLOP/s
-(1e12). `flexgen profile` measures one for this machine (`profiler.py`). In memory, a `HardwareProfile`
+built-in `t4-gcp`): sizes in GB, bandwidths in GB/s, where GB means 2**30 bytes (the one convention
+of the whole project: `flexgen plan --gpu-mem 16GB` means the same), and compute in TFLOP/s (1e12). `flexgen profile` measures one for this machine (`profiler.py`). In memory, a `HardwareProfile`
 holds bytes, bytes/s and flop/s.
 
 "gpu" is the compute device. On a CPU-only host (`compute_device: "cpu"`) it is the CPU itself: the
@@ -227,18 +227,21 @@ def load_profile(name_or_file: str | os.PathLike) -> HardwareProfile:
     return HardwareProfile.from_dict(data, source=str(path))
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
+# One convention in the whole project, the FlexGen paper's and its profiles': GB = GiB = 2**30 bytes.
+_UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """'16GiB' -> bytes. KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; no unit = bytes."""
+    """'16GiB' -> bytes. GB and GiB both mean 2**30 bytes (as in the profiles and the paper), likewise
+    KB/MB/TB; a unit is required, so a bare '16' is not read as 16 bytes."""
     match = _SIZE.match(str(text))
     if not match:
-        raise ValueError(f"cannot read memory size {text!r}; write e.g. 16GiB, 200GB or 1.5TB")
+        raise ValueError(f"cannot read memory size {text!r}; write e.g. 16GB, 200GiB or 1.5TB (GB = GiB = 2**30 bytes)")
     number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "B").lower()])
+    if unit is None:
+        raise ValueError(f"memory size {text!r} needs a unit: e.g. {number}GB (GB = GiB = 2**30 bytes)")
+    return int(float(number) * _UNITS[unit.lower()])
 
 
 def format_size(nbytes: float) -> str:

@@ -141,6 +141,14 @@ class Plan:
     usable: dict[str, int]        # bytes per tier the plan may use
     best: Estimate
     candidates: list[Candidate] = field(default_factory=list)
+    tie_tolerance: float = 0.05  # the chosen policy is within this of the fastest evaluated (see _choose)
+
+    @property
+    def fastest(self) -> Estimate:
+        """The highest predicted throughput of the policies evaluated exactly (the chosen one may be
+        up to `tie_tolerance` slower: it offloads less, or has a smaller block)."""
+        evaluated = [c.estimate for c in self.candidates if c.estimate is not None] + [self.best]
+        return max(evaluated, key=lambda e: e.throughput)
 
     @property
     def policy(self) -> Policy:
@@ -459,7 +467,7 @@ def plan(model: PlanModel, workload: Workload, hardware: HardwareProfile, dtype_
     if evaluator.over(best):
         raise AssertionError(f"planned policy {best.policy} exceeds a tier: {best.peak_memory} > {usable}")
     log.info("planned %s for %s on %s: %.3g tokens/s", best.policy, model.name, hardware.name, best.throughput)
-    return Plan(model, workload, hardware, dtype_bytes, usable, best, candidates)
+    return Plan(model, workload, hardware, dtype_bytes, usable, best, candidates, options.tie_tolerance)
 
 
 def _search(cost: CostModel, workload: Workload, options: PlanOptions, usable: dict[str, int],
