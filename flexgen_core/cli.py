@@ -72,6 +72,12 @@ def _generate(args) -> int:
     from flexgen_core.runtime import checkpoint
 
     policy = _policy(args)
+    if args.policy == "auto":
+        given = [flag for flag, value, default in (("--percent", args.percent, [100, 0, 100, 0, 100, 0]),
+                                                  ("--gpu-batch-size", args.gpu_batch_size, 1),
+                                                  ("--num-gpu-batches", args.num_gpu_batches, 1)) if value != default]
+        if given:
+            raise ValueError(f"--policy auto plans {', '.join(given)} itself: give one or the other")
     prompts = _prompts(args)
     if any(not stop for stop in args.stop):
         raise ValueError("--stop needs a non-empty text")
@@ -83,8 +89,17 @@ def _generate(args) -> int:
         raise ValueError(f"cannot load a tokenizer from {str(folder)!r}: {str(e).splitlines()[0]}") from None
     prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     stop_ids = [tokenizer(stop, add_special_tokens=False)["input_ids"] for stop in args.stop]
+    extra = {}
+    if args.policy == "auto":  # planned for this call's shape; the compression flags force it on
+        policy = "auto"
+        extra = dict(prompt_len_hint=max(map(len, prompt_ids)), gen_len_hint=max(1, args.max_new_tokens),
+                     num_prompts_hint=len(prompt_ids) * args.num_completions,
+                     compress_weight=True if args.compress_weight else None,
+                     compress_cache=True if args.compress_cache else None)
     with Engine.from_pretrained(folder, policy=policy, offload_dir=args.offload_dir, device=args.device,
-                                dtype=args.dtype) as engine:
+                                dtype=args.dtype, **extra) as engine:
+        if args.policy == "auto":
+            print(f"policy auto: {policy_flags(engine.policy)}", file=sys.stderr)
         started_s = time.perf_counter()
         results = engine.generate(prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, num_completions=args.num_completions, stop=stop_ids or None,
@@ -285,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="end a completion where this text appears (repeatable)")
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--policy", choices=["auto"], help="plan the policy for this call (flexgen plan's search on "
+                     "this machine's profile) instead of the flags below; --compress-weight/--compress-cache force "
+                     "compression on, else the planner decides")
     _add_policy_args(gen)
     gen.set_defaults(run=_generate)
 

@@ -170,6 +170,22 @@ def test_cli_generate_prompt_file_completions_stop_and_throughput(tmp_path):
     assert bad.returncode == 2 and bad.stderr == f"error: --prompt-file {str(empty)!r} holds no prompt (one per line)\n"
 
 
+def test_cli_generate_policy_auto_plans_and_its_flags_replay(tmp_path, monkeypatch):
+    """`--policy auto` plans for the call and prints the plan's flags; those flags give the same text."""
+    from test_planner import cpu_host
+
+    monkeypatch.setenv("FLEXGEN_HARDWARE", str(cpu_host().save(tmp_path / "host.json")))
+    path = build_checkpoint("odd")
+    args = ["generate", "--model", str(path), "--prompt", "import os", "--max-new-tokens", "5"]
+    auto = _cli(*args, "--policy", "auto")
+    assert auto.returncode == 0, auto.stderr
+    flags = next(line for line in auto.stderr.splitlines() if line.startswith("policy auto: ")).split(": ", 1)[1]
+    replay = _cli(*args, *flags.split())
+    assert replay.returncode == 0 and replay.stdout == auto.stdout
+    both = _cli(*args, "--policy", "auto", "--gpu-batch-size", "4")
+    assert both.returncode == 2 and "--policy auto plans --gpu-batch-size itself" in both.stderr
+
+
 def test_policy_exceeding_a_tier_is_rejected_before_loading(tmp_path, monkeypatch):
     """The exact accounting is checked against what each tier has free (here: a nearly full disk)."""
     from flexgen_core.runtime import capacity
