@@ -30,7 +30,7 @@ from flexgen_core import Engine, Policy
 from flexgen_core.runtime import capacity
 from flexgen_core.runtime.decoding import NonFiniteError
 from flexgen_core.testing import build_checkpoint, sample_prompts
-from test_errors import _cli, _start_holder
+from test_errors import _HOLD_ENGINE, _cli
 
 REPO = Path(__file__).resolve().parents[1]
 ON_DISK = Policy(w_gpu_percent=0, w_cpu_percent=0)  # every weight in offload files
@@ -252,8 +252,17 @@ def test_a_dead_owners_folder_is_removed_even_when_its_pid_is_alive(tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == [engine.offload.path.name]
 
 
+def _default_signals() -> None:
+    """In the child: SIGHUP and SIGTERM as in a fresh terminal session. (Under `nohup`, as CI may run,
+    SIGHUP is inherited as ignored, and a process that ignores it rightly keeps running.)"""
+    for signum in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def test_sighup_removes_offload_files(tmp_path):
-    proc = _start_holder(build_checkpoint("odd"), tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_ENGINE, str(build_checkpoint("odd")), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    assert proc.stdout.readline().strip() == "ready"
     assert len(list(tmp_path.iterdir())) == 1
     proc.send_signal(signal.SIGHUP)
     assert proc.wait(timeout=30) == 128 + signal.SIGHUP
@@ -279,7 +288,7 @@ def test_signals_clean_up_an_engine_made_in_a_worker_thread(tmp_path, signum):
     """As in helm-run: the plugin (imported in the main thread) installs the handlers that a worker
     thread cannot."""
     proc = subprocess.Popen([sys.executable, "-c", _HELM_LIKE, str(build_checkpoint("odd")), str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, text=True, env=_env(), preexec_fn=_default_signals)
     assert proc.stdout.readline().strip() == "ready"
     assert len(list(tmp_path.iterdir())) == 1
     proc.send_signal(signum)
