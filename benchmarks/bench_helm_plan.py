@@ -39,6 +39,7 @@ from flexgen_core.plan.hardware import format_size, load_profile  # noqa: E402
 from flexgen_core.plan.search import PlanOptions, overflows, plan, usable_memory  # noqa: E402
 from flexgen_core.plan.shapes import load_model  # noqa: E402
 from flexgen_core.policy import Policy  # noqa: E402
+from flexgen_helm.suite_plan import STATED, EntryWorkload  # noqa: E402
 
 MODEL = "facebook/opt-30b"  # the shape of the paper's facebook/opt-iml-30b (model-shapes.json: identical)
 HARDWARE = "t4-gcp"
@@ -50,75 +51,30 @@ PAPER_TOTAL_MIN = 1249  # the sum of the paper's HELM table: "about 21 hours"
 _PAPER_PERCENT = [20, 80, 0, 100, 0, 100]
 _PAPER_LONG_PERCENT = [0, 100, 0, 100, 0, 100]
 
-MEASURED = "measured: helm-workload.md (helm-run --dry-run, HELM 0.5.16)"
-PAPER = "paper: flexgen-paper.md, HELM table"
-
-
 @dataclass(frozen=True)
-class Scenario:
-    run_entry: str
-    paper_batch: tuple[int, int]   # GPU batch x batches per block
-    paper_percent: list[int]
-    paper_minutes: int
-    instances: int
-    instances_source: str
-    versions: int                  # requests per instance (data augmentation)
-    versions_source: str
-    sequences_per_request: int     # sequences the engine computes per request
-    sequences_source: str
-    prompt_len: int
-    prompt_source: str
-    prefix_len: int
-    prefix_source: str
-    gen_len: int
-    gen_source: str
+class Scenario(EntryWorkload):
+    """A sub-scenario of the paper's run: its workload as stated in flexgen_helm.suite_plan (with where
+    each figure came from), and the paper's policy and time for it."""
 
-    @property
-    def sequences(self) -> int:
-        return self.instances * self.versions * self.sequences_per_request
+    run_entry: str = ""
+    paper_batch: tuple[int, int] = (1, 1)   # GPU batch x batches per block
+    paper_percent: tuple[int, ...] = ()
+    paper_minutes: int = 0
 
 
-_WIKIFACT_OUTPUTS = ("HELM get_wikifact_spec: num_outputs=k=5 at temperature 1.0; the engine samples each "
-                     "completion as a sequence of its own")
-_GREEDY_ONE = "HELM run spec: one output"
-_MMLU_OUTPUTS = ("HELM get_multiple_choice_adapter_spec: num_outputs=5 at temperature 0; the engine computes one "
-                 "greedy completion and copies it")
-_CANONICAL = ("stated, an upper bound: data_augmentation=canonical adds 4 perturbed copies of each instance "
-              "(mild_mix, dialect, gender, person_name; HELM run_expander), dropping those it leaves unchanged")
-_MMLU_LENGTHS = ("measured for mmlu college_mathematics (5-shot, multiple_choice_joint); stated for this subject, "
-                 "whose prompts are built the same way (the paper's padding figure implies ~384 real of 512)")
+def _scenario(entry: str, paper_batch: tuple[int, int], paper_percent: list[int], paper_minutes: int) -> Scenario:
+    return Scenario(**asdict(STATED[entry]), run_entry=entry, paper_batch=paper_batch,
+                    paper_percent=tuple(paper_percent), paper_minutes=paper_minutes)
+
 
 SCENARIOS = [
-    Scenario("wikifact:k=5,subject=plaintiff", (96, 3), _PAPER_PERCENT, 10,
-             96, PAPER, 1, "no data augmentation", 5, _WIKIFACT_OUTPUTS,
-             79, MEASURED, 72, MEASURED, 8, "HELM run spec: max_tokens=8 (stop at a newline)"),
-    Scenario("wikifact:k=5,subject=instance_of", (96, 3), _PAPER_PERCENT, 55,
-             850, PAPER, 1, "no data augmentation", 5, _WIKIFACT_OUTPUTS,
-             79, "stated: wikifact plaintiff's measurement (same adapter, 5 in-context facts)",
-             72, "stated: wikifact plaintiff's measurement",
-             8, "HELM run spec: max_tokens=8 (stop at a newline)"),
-    Scenario("mmlu:subject=abstract_algebra,data_augmentation=canonical", (48, 3), _PAPER_PERCENT, 31,
-             100, PAPER, 5, _CANONICAL, 1, _MMLU_OUTPUTS,
-             297, _MMLU_LENGTHS, 261, _MMLU_LENGTHS, 1, "HELM run spec: max_tokens=1"),
-    Scenario("mmlu:subject=us_foreign_policy,data_augmentation=canonical", (48, 3), _PAPER_PERCENT, 33,
-             100, PAPER, 5, _CANONICAL, 1, _MMLU_OUTPUTS,
-             297, _MMLU_LENGTHS, 261, _MMLU_LENGTHS, 1, "HELM run spec: max_tokens=1"),
-    Scenario("synthetic_reasoning:mode=pattern_match", (36, 4), _PAPER_PERCENT, 118,
-             515, PAPER, 1, "no data augmentation", 1, _GREEDY_ONE,
-             230, MEASURED, 197, MEASURED,
-             50, "HELM run spec: max_tokens=50; costed in full (measured mean completion 18.7 with stop \\n, "
-                 "but a block decodes until its longest)"),
-    Scenario("synthetic_reasoning_natural:difficulty=easy", (36, 4), _PAPER_PERCENT, 100,
-             515, PAPER, 1, "no data augmentation", 1, _GREEDY_ONE,
-             390, MEASURED, 302, MEASURED, 20, "HELM run spec: max_tokens=20"),
-    Scenario("summarization_xsum_sampled:temperature=0.3,device=cpu", (8, 4), _PAPER_LONG_PERCENT, 902,
-             518, PAPER, 1, "no data augmentation", 1, "HELM run spec: one output at temperature 0.3",
-             1550, "stated, not measured: the paper's padded input of 1,984 at its 78.7% padding efficiency "
-                   "(0.787 x (1,984 + 64) - 64)",
-             850, "stated, not measured: the 5 in-context examples (HELM keeps train articles of 50-150 words, "
-                  "each with a one-sentence summary: ~170 tokens each), which always fit beside an article "
-                  "truncated to 512 words",
-             64, "paper (1,984 in, 64 out); HELM run spec: max_tokens=64"),
+    _scenario("wikifact:k=5,subject=plaintiff", (96, 3), _PAPER_PERCENT, 10),
+    _scenario("wikifact:k=5,subject=instance_of", (96, 3), _PAPER_PERCENT, 55),
+    _scenario("mmlu:subject=abstract_algebra,data_augmentation=canonical", (48, 3), _PAPER_PERCENT, 31),
+    _scenario("mmlu:subject=us_foreign_policy,data_augmentation=canonical", (48, 3), _PAPER_PERCENT, 33),
+    _scenario("synthetic_reasoning:mode=pattern_match", (36, 4), _PAPER_PERCENT, 118),
+    _scenario("synthetic_reasoning_natural:difficulty=easy", (36, 4), _PAPER_PERCENT, 100),
+    _scenario("summarization_xsum_sampled:temperature=0.3,device=cpu", (8, 4), _PAPER_LONG_PERCENT, 902),
 ]
 
 
@@ -159,7 +115,7 @@ def run(model, hardware, scenarios: list[Scenario]) -> list[dict]:
         off, off_s = _planned(model, unshared, hardware, n)
         on, on_s = _planned(model, shared, hardware, n)
         gpu_batch_size, num_gpu_batches = sc.paper_batch
-        paper_policy = Policy.from_percent(sc.paper_percent, gpu_batch_size=gpu_batch_size,
+        paper_policy = Policy.from_percent(list(sc.paper_percent), gpu_batch_size=gpu_batch_size,
                                            num_gpu_batches=num_gpu_batches, cpu_cache_compute=True)
         paper = CostModel(model, unshared, hardware, DTYPE_BYTES).estimate(paper_policy, full_memory=True)
         paper_over = overflows(paper.memory, usable, hardware.unified)

@@ -7,6 +7,7 @@ Errors print one line, `error: ...`, and exit non-zero; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -53,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--markdown", type=Path, help="also write the table as markdown")
     cmp.add_argument("--csv", type=Path, help="also write the table as CSV")
     cmp.add_argument("--plot", type=Path, help="also plot ours against the reference (PNG)")
+    pl = commands.add_parser(
+        "plan", help="predict a HELM conf's wall time through FlexGen (a dry run, then the planner per run entry)",
+        description="Run helm-run --dry-run on the conf(s) in a scratch folder to collect each run entry's "
+                    "requests (instances, prompt lengths, the shared prefix, max_tokens, num_completions), plan a "
+                    "policy per entry with the cost model and print the predicted time per entry and in total. "
+                    "Entries whose data or tokenizer cannot be had here use the lengths stated for the FlexGen "
+                    "paper's sub-scenarios, and say so.")
+    pl.add_argument("--conf-paths", nargs="+", required=True, help="HELM conf files (e.g. $(flexgen-helm conf flexgen))")
+    pl.add_argument("--hardware", required=True, help="a built-in profile (t4-gcp) or a profile JSON")
+    pl.add_argument("--model", help="the model whose shape is planned (default: each deployment's checkpoint)")
+    pl.add_argument("--max-eval-instances", type=int, default=1000, help="as for helm-run (default 1000, as the README's paper run)")
+    pl.add_argument("--local-path", help="as for helm-run: a prod_env/ folder with deployments of your own")
+    pl.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the profile's")
     conf = commands.add_parser(
         "conf", help="print the path of a packaged run-spec conf, e.g. helm-run --conf-paths $(flexgen-helm conf flexgen)",
         description="Print the path of a run-spec conf shipped with the package (without NAME: all of them, "
@@ -108,6 +122,52 @@ def _compare(args) -> None:
         compare.plot(rows, args.plot)
 
 
+def _plan(args) -> None:
+    from helm.benchmark.config_registry import register_builtin_configs_from_helm_package, register_configs_from_directory
+    from helm.benchmark.model_deployment_registry import get_model_deployment
+    from helm.benchmark.run import load_entry_point_plugins
+    from helm.benchmark.tokenizer_config_registry import get_tokenizer_config
+
+    from flexgen_core.memory import DTYPE_BYTES
+    from flexgen_core.plan.hardware import load_profile
+    from flexgen_core.plan.shapes import load_model
+    from flexgen_helm import suite_plan
+    from flexgen_helm.demo import read_run_entries
+
+    for path in args.conf_paths:
+        if not Path(path).is_file():
+            raise ValueError(f"no conf file {path!r}")
+    hardware = load_profile(args.hardware)  # before the dry run: a bad profile fails at once
+    dtype = args.dtype or hardware.dtype
+    register_builtin_configs_from_helm_package()
+    if args.local_path:
+        register_configs_from_directory(args.local_path)
+    load_entry_point_plugins()
+    descriptions = [d for path in args.conf_paths for d in read_run_entries(Path(path))]
+
+    def deployment_of(description: str):
+        name = next(p.split("=", 1)[1] for p in description.split(",") if p.startswith("model_deployment="))
+        return get_model_deployment(name)
+
+    def tokenizer_for(description: str):
+        from transformers import AutoTokenizer
+
+        config = get_tokenizer_config(deployment_of(description).tokenizer_name)
+        spec_args = config.tokenizer_spec.args or {}
+        return AutoTokenizer.from_pretrained(os.path.expanduser(spec_args.get("pretrained_model_name_or_path")
+                                                                or config.name))
+
+    checkpoints = {args.model} if args.model else {
+        deployment_of(d).client_spec.args.get("pretrained_model_name_or_path") for d in descriptions}
+    if len(checkpoints) != 1:
+        raise ValueError(f"the conf's entries use several checkpoints {sorted(checkpoints)}: name one with --model")
+    model = load_model(os.path.expanduser(checkpoints.pop()))
+    workloads = suite_plan.collect(descriptions, args.conf_paths, args.max_eval_instances, args.local_path,
+                                   tokenizer_for)
+    plans = suite_plan.plan_suite(descriptions, workloads, model, hardware, DTYPE_BYTES[dtype])
+    print(suite_plan.format_plans(plans, model.name, hardware.name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -115,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _conf(args.name)
         elif args.command == "compare":
             _compare(args)
+        elif args.command == "plan":
+            _plan(args)
         elif args.command == "demo":
             from flexgen_helm.demo import run_demo
 
