@@ -247,9 +247,14 @@ def test_a_dead_owners_folder_is_removed_even_when_its_pid_is_alive(tmp_path):
     dead_pid = 2**22 + 17  # above the kernel's largest PID: no such process
     legacy = tmp_path / f"engine-{dead_pid}-cafe"
     legacy.mkdir()
+    died_making = tmp_path / f".making-engine-{dead_pid}-beef"  # locked, then its owner died
+    died_making.mkdir()
+    (died_making / "owner.lock").touch()
+    being_made = tmp_path / f".making-engine-{dead_pid}-f00d"  # no lock yet: never judged by its PID
+    being_made.mkdir()
     with Engine.from_pretrained(build_checkpoint("odd"), policy=ON_DISK, offload_dir=tmp_path) as engine:
-        assert sorted(engine.offload.stale_removed) == sorted([reused, legacy])
-        assert [p.name for p in tmp_path.iterdir()] == [engine.offload.path.name]
+        assert sorted(engine.offload.stale_removed) == sorted([reused, legacy, died_making])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([engine.offload.path.name, being_made.name])
 
 
 def _default_signals() -> None:

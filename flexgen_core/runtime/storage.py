@@ -183,7 +183,7 @@ class DiskFile:
             self._fd = -1
 
 
-_SUBDIR = re.compile(r"^engine-(\d+)-")
+_SUBDIR = re.compile(r"^(?:\.making-)?engine-(\d+)-")  # ".making-": one that died while being made
 LOCK_NAME = "owner.lock"  # in each engine's folder, flock()ed for the engine's life
 
 
@@ -280,8 +280,8 @@ def _remove_stale(base: Path) -> list[Path]:
                 shutil.rmtree(child, ignore_errors=True)
             finally:
                 os.close(fd)
-        elif _pid_alive(int(match.group(1))):
-            continue
+        elif child.name.startswith(".making-") or _pid_alive(int(match.group(1))):
+            continue  # a folder being made has no lock for an instant: never judged by its PID
         else:
             shutil.rmtree(child, ignore_errors=True)
         removed.append(child)
