@@ -214,12 +214,13 @@ def _plan_table(result, dtype: str) -> str:
 def _tie_note(result) -> str:
     """Why the chosen policy may not be the fastest predicted: the planner's tie rule."""
     fastest, tol = result.fastest, result.tie_tolerance
-    rule = (f"the least offloading, then the smallest block, of the policies predicted within {tol:.0%} of the "
-            "fastest (the cost model is not more accurate than that)")
+    rule = (f"  chosen as      the least offloading, then the smallest block, of the policies predicted within\n"
+            f"                 {tol:.0%} of the fastest (the cost model is not more accurate than that)")
     if fastest.throughput <= result.best.throughput:
-        return f"  chosen as      the fastest predicted; ties go to {rule}"
-    return (f"  chosen as      {rule}: the fastest predicted, {fastest.throughput:.4g} tokens/s, is "
-            f"{fastest.policy.gpu_batch_size}x{fastest.policy.num_gpu_batches} {' '.join(map(str, fastest.policy.percent))}")
+        return rule + ": this is the fastest"
+    p = fastest.policy
+    return (rule + f"; the fastest,\n                 {fastest.throughput:.4g} tokens/s, is {p.gpu_batch_size}x"
+            f"{p.num_gpu_batches} {' '.join(map(str, p.percent))}")
 
 
 def _seconds(value: float) -> str:

@@ -311,6 +311,22 @@ def test_plan_command_infeasible_exits_with_one_line(capsys):
     assert code == 2 and err.startswith("error: no policy fits") and err.count("\n") == 1
 
 
+def test_plan_says_why_the_chosen_policy_is_not_the_fastest(capsys):
+    """The 5% tie rule is stated, and the fastest policy named when it is another one."""
+    result = plan(load_model("facebook/opt-6.7b"), Workload(512, 32), T4, 2)
+    fastest = result.fastest
+    assert result.best.throughput <= fastest.throughput <= result.best.throughput / 0.95
+    assert main(["plan", "--model", "facebook/opt-6.7b", "--hardware", "t4-gcp", "--prompt-len", "512",
+                 "--gen-len", "32"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "chosen as the least offloading, then the smallest block, of the policies predicted within 5% of the " \
+           "fastest" in out
+    if fastest.policy != result.best.policy:
+        p = fastest.policy
+        assert (f"the fastest, {fastest.throughput:.4g} tokens/s, is {p.gpu_batch_size}x{p.num_gpu_batches} "
+                f"{' '.join(map(str, p.percent))}") in out
+
+
 def test_a_prompt_past_the_context_is_named(capsys):
     code = main(["plan", "--model", "facebook/opt-1.3b", "--hardware", "t4-gcp", "--prompt-len", "100000"])
     err = capsys.readouterr().err
