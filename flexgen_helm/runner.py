@@ -1,4 +1,4 @@
-"""HELM's MultiGPURunner and SlurmRunner, able to run `flexgen/...` deployments.
+"""HELM's MultiGPURunner, able to run `flexgen/...` deployments (SlurmRunner: flexgen_helm/slurm_runner.py).
 
     HELM_MAX_CONCURRENT_WORKERS=2 helm-run --conf-paths $(flexgen-helm conf flexgen) --suite S \
         --runner-class-name flexgen_helm.runner.MultiGPURunner
@@ -13,14 +13,6 @@ Each worker builds its own engine (HELM caches clients per process), with its ow
 On GPUs HELM pins a worker to one device (`CUDA_VISIBLE_DEVICES`), and `policy: auto` plans for the
 device the worker got. On a CPU-only host the workers share the cores: each engine computes with
 `cores // workers` threads, so two workers on a 2-core host do not fight over both cores.
-
-    helm-run ... --runner-class-name flexgen_helm.runner.SlurmRunner --local-path prod_env
-
-HELM's `SlurmRunner` submits one Slurm job per run spec (its `sbatch` arguments from
-`prod_env/runner_config.yaml`, `slurm_args`), each running HELM's worker entry point, which does not
-load the plugins either; this subclass's jobs run `flexgen_helm.slurm_worker`, which does, then HELM's.
-Each job builds its own engine with its own offload subfolder; jobs on one node share HELM's sqlite
-cache files in `prod_env/cache/`.
 """
 
 from __future__ import annotations
@@ -29,9 +21,7 @@ import os
 import traceback
 
 from helm.benchmark.multi_gpu_runner import MultiGPURunner as HelmMultiGPURunner
-from helm.benchmark import slurm_runner as helm_slurm_runner
 from helm.benchmark.runner import RunSpec
-from helm.benchmark.slurm_runner import SlurmRunner as HelmSlurmRunner
 from helm.common.hierarchical_logger import hlog
 
 
@@ -74,25 +64,3 @@ def _prepare_worker(workers: int, local_path: str | None) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
     _PREPARED.add(os.getpid())
 
-
-_HELM_WORKER = f" -m {helm_slurm_runner.__name__} "
-_OUR_WORKER = " -m flexgen_helm.slurm_worker "
-
-
-class SlurmRunner(HelmSlurmRunner):
-    def _submit_slurm_job_for_run_spec(self, run_spec: RunSpec) -> int:
-        """HELM's submission, with the job's command pointed at our worker entry point. HELM builds the
-        command inside this method and hands it to its module's `submit_slurm_job`; that one name is
-        replaced for the call (the manager submits from one thread) and restored after."""
-        submit = helm_slurm_runner.submit_slurm_job
-
-        def submit_ours(command: str, slurm_args):
-            if _HELM_WORKER not in command:
-                raise RuntimeError(f"unexpected worker command from HELM's SlurmRunner: {command}")
-            return submit(command.replace(_HELM_WORKER, _OUR_WORKER), slurm_args)
-
-        helm_slurm_runner.submit_slurm_job = submit_ours
-        try:
-            return super()._submit_slurm_job_for_run_spec(run_spec)
-        finally:
-            helm_slurm_runner.submit_slurm_job = submit

@@ -1,4 +1,4 @@
-"""HELM's SlurmRunner over FlexGen deployments (`flexgen_helm.runner.SlurmRunner`), against a real
+"""HELM's SlurmRunner over FlexGen deployments (`flexgen_helm.slurm_runner.SlurmRunner`), against a real
 Slurm: the random demo conf's two run entries as two jobs running at once on one node give the same
 stats as a plain `helm-run`; their offload folders are gone afterwards.
 
@@ -65,7 +65,7 @@ def runs(tmp_path_factory):
     env = offline_env(home) | {"HELM_MAX_CONCURRENT_WORKER_SLURM_JOBS": "2"}
     started = datetime.now()
     slurm = subprocess.run([helm_bin("helm-run"), *common, "--suite", "slurm", "--runner-class-name",
-                            "flexgen_helm.runner.SlurmRunner"], env=env, capture_output=True, text=True,
+                            "flexgen_helm.slurm_runner.SlurmRunner"], env=env, capture_output=True, text=True,
                            timeout=1200, cwd=home)
     return {"home": home, "output_path": output_path, "slurm": slurm, "started": started}
 
