@@ -114,7 +114,7 @@ class OffloadSpaceError(OSError):
 def _reserve(fd: int, nbytes: int) -> None:
     """Allocate a file's blocks now (posix_fallocate), so a full disk is met when the file is made,
     not at a write mid-run. Where the filesystem cannot (no fallocate and glibc's fallback refused,
-    e.g. some network filesystems: EOPNOTSUPP/EINVAL) the file stays sparse: logged once per folder."""
+    e.g. some network filesystems: EOPNOTSUPP/EINVAL) the file stays sparse: logged once per process."""
     try:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError as e:
