@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from flexgen_core.engine import common_prefix_len
+from flexgen_helm.compare import split_run_name
+
 MEASURED = "measured: helm-workload.md (helm-run --dry-run, HELM 0.5.16)"
 PAPER = "paper: flexgen-paper.md, HELM table"
 _WIKIFACT_OUTPUTS = ("HELM get_wikifact_spec: num_outputs=k=5 at temperature 1.0; the engine samples each "
@@ -95,7 +98,7 @@ STATED = {
 
 def entry_key(description: str) -> str:
     """A run entry without its model arguments (`model=`, `model_deployment=`)."""
-    return ",".join(p for p in description.split(",") if not p.startswith(("model=", "model_deployment=")))
+    return split_run_name(description)[0]
 
 
 def _run_dir_for(description: str, run_dirs: Sequence[Path]) -> Path | None:
@@ -108,15 +111,6 @@ def _run_dir_for(description: str, run_dirs: Sequence[Path]) -> Path | None:
     return None
 
 
-def _common_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
-    first = prompts[0]
-    n = min(len(p) for p in prompts)
-    for i in range(n):
-        if any(p[i] != first[i] for p in prompts):
-            return i
-    return n
-
-
 def workload_from_dry_run(run_dir: Path, tokenizer) -> EntryWorkload:
     """The requests of a `helm-run --dry-run` folder, tokenised as the engine will see them. Counted per
     request (data augmentation and multiple-choice-separate requests included)."""
@@ -127,7 +121,7 @@ def workload_from_dry_run(run_dir: Path, tokenizer) -> EntryWorkload:
     per_request = [s["request"]["num_completions"] if s["request"]["temperature"] > 0 else 1 for s in states]
     instances = len({s["instance"]["id"] for s in states})
     lengths = [len(p) for p in prompts]
-    prefix = min(_common_prefix_len(prompts), min(lengths) - 1)  # each prompt keeps a token of its own
+    prefix = common_prefix_len(prompts)  # the engine's own rule: each prompt keeps a token of its own
     return EntryWorkload(
         len(states), f"dry run: {len(states)} requests for {instances} instances", 1, "counted per request",
         round(sum(per_request) / len(states)), "dry run: num_completions at temperature > 0, else 1",

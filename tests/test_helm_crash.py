@@ -93,6 +93,16 @@ def _stats(run_dir: Path) -> dict[tuple, float]:
     return means
 
 
+def assert_same_stats(expected_runs: dict[str, Path], got_runs: dict[str, Path], entries: int) -> None:
+    """Two suites' runs (run_dirs) hold the same run entries with the same non-timing stats."""
+    assert set(expected_runs) == set(got_runs) and len(expected_runs) == entries
+    for entry in expected_runs:
+        expected, got = _stats(expected_runs[entry]), _stats(got_runs[entry])
+        assert set(expected) == set(got) and len(expected) > 5
+        for key, mean in expected.items():
+            assert got[key] == pytest.approx(mean, abs=STAT_TOLERANCE), (entry, key)
+
+
 @pytest.fixture(scope="module")
 def crash_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("helm_crash")

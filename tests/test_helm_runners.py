@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from helm_support import helm_bin, offline_env, run_dirs
-from test_helm_crash import _stats
+from test_helm_crash import assert_same_stats
 
 from flexgen_helm import demo
 
@@ -44,13 +44,7 @@ def runs(tmp_path_factory):
 def test_multi_gpu_runner_gives_the_plain_runs_stats(runs):
     multi = runs["multi"]
     assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
-    plain, parallel = run_dirs(runs["output_path"], "plain"), run_dirs(runs["output_path"], "multi")
-    assert set(plain) == set(parallel) and len(plain) == 2
-    for entry in plain:
-        expected, got = _stats(plain[entry]), _stats(parallel[entry])
-        assert set(expected) == set(got) and len(expected) > 5
-        for key, mean in expected.items():
-            assert got[key] == pytest.approx(mean, abs=1e-5), (entry, key)
+    assert_same_stats(run_dirs(runs["output_path"], "plain"), run_dirs(runs["output_path"], "multi"), 2)
 
 
 def test_helms_own_multi_gpu_runner_cannot_find_the_deployments(runs):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helm_support import helm_bin, offline_env, run_dirs
-from test_helm_crash import _stats
+from test_helm_crash import assert_same_stats
 
 from flexgen_helm import demo
 
@@ -79,13 +79,7 @@ def _log_span(log: Path) -> tuple[datetime, datetime]:
 def test_slurm_jobs_give_the_plain_runs_stats(runs):
     slurm = runs["slurm"]
     assert slurm.returncode == 0, slurm.stdout[-3000:] + slurm.stderr[-3000:]
-    plain, jobs = run_dirs(runs["output_path"], "plain"), run_dirs(runs["output_path"], "slurm")
-    assert set(plain) == set(jobs) and len(plain) == 2
-    for entry in plain:
-        expected, got = _stats(plain[entry]), _stats(jobs[entry])
-        assert set(expected) == set(got) and len(expected) > 5
-        for key, mean in expected.items():
-            assert got[key] == pytest.approx(mean, abs=1e-5), (entry, key)
+    assert_same_stats(run_dirs(runs["output_path"], "plain"), run_dirs(runs["output_path"], "slurm"), 2)
 
 
 def test_the_two_jobs_ran_at_once_and_left_no_offload_files(runs):
