@@ -264,7 +264,7 @@ def _profile(args) -> int:
     from flexgen_core.plan.profiler import measure, measured_profile_path
     from flexgen_core.runtime.storage import Devices
 
-    device = Devices(args.device).compute.type
+    device = Devices(args.device).profile_device
     out = Path(args.out or measured_profile_path(device)).expanduser()
     try:  # before minutes of measuring
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import os
@@ -32,6 +33,15 @@ from flexgen_core.runtime.storage import TORCH_DTYPES, Devices, OffloadDir
 from flexgen_core.runtime.weights import WeightStore
 
 log = logging.getLogger(__name__)
+
+
+def _on_device(method):
+    """Run an engine method with the engine's device active (the simulated GPU's tensors; see Devices)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.devices.active():
+            return method(self, *args, **kwargs)
+    return run
 
 
 def _as_policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
@@ -90,31 +100,33 @@ class Engine:
         if auto:
             from flexgen_core.plan.search import plan_for_engine
 
-            policy = plan_for_engine(str(folder), config, layers, devices.compute.type, TORCH_DTYPES[dtype].itemsize,
+            policy = plan_for_engine(str(folder), config, layers, devices.profile_device, TORCH_DTYPES[dtype].itemsize,
                                      hardware, offload_dir, prompt_len_hint, gen_len_hint, num_prompts_hint,
                                      compress_weight, compress_cache, shared_prefix_len_hint)
         files = checkpoint.weight_files(folder)
         sources = _match_checkpoint(layers, checkpoint.checkpoint_keys(files), folder)
 
         offload = OffloadDir(offload_dir)
-        try:
-            needs = memory.MemoryReport()
-            memory.add_weight_terms(needs, layers, policy, TORCH_DTYPES[dtype].itemsize, devices.split)
-            check_fits(_sum_terms(needs, ("weights", "weight_staging")), devices, offload.path, policy, "the weights")
-            weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
-            for key, tensor in checkpoint.iter_tensors(files, set(sources)):
-                for layer_idx, name in sources[key]:
-                    weights.put(layer_idx, name, tensor, source=f"checkpoint tensor {key!r}")
-                del tensor
-            engine = cls(folder, config, RunContext(layers, weights, config, policy, devices, TORCH_DTYPES[dtype], offload))
-        except BaseException:
-            offload.close()
-            raise
+        with devices.active():
+            try:
+                needs = memory.MemoryReport()
+                memory.add_weight_terms(needs, layers, policy, TORCH_DTYPES[dtype].itemsize, devices.split)
+                check_fits(_sum_terms(needs, ("weights", "weight_staging")), devices, offload.path, policy, "the weights")
+                weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
+                for key, tensor in checkpoint.iter_tensors(files, set(sources)):
+                    for layer_idx, name in sources[key]:
+                        weights.put(layer_idx, name, tensor, source=f"checkpoint tensor {key!r}")
+                    del tensor
+                engine = cls(folder, config, RunContext(layers, weights, config, policy, devices, TORCH_DTYPES[dtype], offload))
+            except BaseException:
+                offload.close()
+                raise
         log.info("loaded %s (%s, %d layers) with policy %s on %s", folder, config.family, config.num_layers,
                  policy.percent, devices.compute)
         return engine
 
     # ---- generation -------------------------------------------------------------------------------
+    @_on_device
     def generate(self, prompts: Seq[Seq[int]], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, num_completions: int = 1, stop: Seq[Seq[int]] | None = None,
                  echo_prompt: bool = False, top_k_logprobs: int = 0,
@@ -302,6 +314,7 @@ class Engine:
                               self.devices.split, echo_prompt)
 
     # ---- lifetime -----------------------------------------------------------------------------
+    @_on_device
     def close(self) -> None:
         if not self._closed:
             self._closed = True

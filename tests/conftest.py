@@ -7,6 +7,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
+    # `pytest -m cuda_sim`: every test that runs the engine on the simulated GPU, by a "simulated"
+    # parameter (the parity suites' DEVICES) or marked so by hand.
+    cuda_sim = pytest.mark.cuda_sim
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(value == "simulated" for value in params.values()):
+            item.add_marker(cuda_sim)
     try:
         import torch
 

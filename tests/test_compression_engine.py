@@ -88,7 +88,7 @@ class CacheRecorder:
 
         def recording_store(cache, attn_idx, batch_idx, start, rows):
             if cache.layouts[0].compressed:
-                dense = [r.detach().clone().numpy() for r in rows]  # before the store may reuse the buffer
+                dense = [r.detach().cpu().clone().numpy() for r in rows]  # before the store may reuse the buffer
                 block = recorder.blocks[-1]
                 members = None if block["batches"] is None else block["batches"][batch_idx]
                 block["stores"].append(dict(cache=id(cache), attn=attn_idx, batch=batch_idx, start=start,
@@ -165,7 +165,7 @@ def _read_rows(layout, home, start: int, count: int, batch: int) -> dict[str, np
             part.read_into(start * row_bytes, buf)
             rows[name] = view_as(buf, 0, dtype, (count, *shape[1:])).numpy().copy()
         else:
-            rows[name] = part[start:start + count].numpy().copy()
+            rows[name] = part[start:start + count].cpu().numpy().copy()
     return rows
 
 

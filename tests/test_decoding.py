@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 import torch
 from reference import check_result, reference_logprobs
-from test_parity_opt import LOGPROB_TOL, TIE_TOL
+from test_parity_opt import DEVICES, LOGPROB_TOL, TIE_TOL
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
@@ -26,11 +26,14 @@ NUM_SAMPLES = 400
 POLICY = Policy(gpu_batch_size=100, num_gpu_batches=2, w_gpu_percent=50, w_cpu_percent=50)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=DEVICES)
+def setup(tmp_path_factory, request):
+    """Sampling, stops and finish reasons on the CPU and on the simulated GPU (its logits on the device,
+    its random generators on the host)."""
     path = build_checkpoint("tiny")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    engine = Engine.from_pretrained(path, policy=POLICY, offload_dir=tmp_path_factory.mktemp("offload"), device="cpu")
+    engine = Engine.from_pretrained(path, policy=POLICY, offload_dir=tmp_path_factory.mktemp("offload"),
+                                    device=request.param)
     prompt = sample_prompts(path, 1, 12, 12, seed=11)[0]
     yield path, hf, engine, prompt
     engine.close()

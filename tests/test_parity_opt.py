@@ -112,6 +112,7 @@ def test_forced_tokens_score_a_continuation(tmp_path):
         assert max(abs(a - b) for a, b in zip(result.completions[0].logprobs, expected)) <= LOGPROB_TOL
 
 
+@pytest.mark.cuda_sim
 def test_simulated_device_takes_the_gpu_host_paths(tmp_path):
     """On "simulated", off-device weights and cache are staged on the compute tier by copies, and
     off-device cache attends on the CPU; on a plain CPU neither happens. So the simulated runs of
@@ -129,6 +130,7 @@ def test_simulated_device_takes_the_gpu_host_paths(tmp_path):
     assert attention["cpu"] == {"gpu"} and attention["simulated"] == {"gpu", "cpu"}
 
 
+@pytest.mark.cuda_sim
 def test_parity_under_long_copy_stalls(tmp_path, monkeypatch):
     """Every third simulated copy stalls for up to 50 ms, so copies land long after later work on the
     other stream: a staging slot reused before the store reading it has finished is overwritten."""

@@ -69,6 +69,7 @@ def test_engine_matches_transformers(real, name, device, tmp_path):
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=3)
 
 
+@pytest.mark.cuda_sim
 def test_shared_few_shot_prefix_matches_transformers(real, tmp_path):
     path, tokenizer, hf = real
     shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a + b}\n\n" for a, b in ((2, 3), (10, 4), (7, 8)))
@@ -81,6 +82,7 @@ def test_shared_few_shot_prefix_matches_transformers(real, tmp_path):
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True)
 
 
+@pytest.mark.cuda_sim
 def test_compressed_weights_match_quantised_reference(real, tmp_path):
     path, tokenizer, hf = real
     reference = quantised_weights_model(hf)

@@ -77,6 +77,7 @@ def _assert_close(a, b):
             assert max(abs(p - q) for p, q in zip(x.prompt_logprobs[1:], y.prompt_logprobs[1:])) <= LOGPROB_TOL
 
 
+@pytest.mark.cuda_sim
 def test_results_do_not_depend_on_sharing(tmp_path):
     """Greedy, stops, echo and seeded sampling with several completions: the same with sharing off.
     (With compress_cache, decode reads 4-bit rows quantised from K/V computed in other batch shapes, so

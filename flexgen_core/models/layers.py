@@ -51,6 +51,30 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(batch, seq, num_heads, width // num_heads)  # (B, s, nh, hd)
 
 
+# Off the CPU, attention runs in chunks of queries whose (batch x heads x queries x keys) float32 scores
+# take at most this many bytes: a kernel that materialises its scores (PyTorch's math path, the matmul
+# path with a shared prefix) then never needs more on the GPU, whichever kernel CUDA picks.
+# memory.workspace_bound counts it.
+ATTENTION_CHUNK_BYTES = 64 * 2**20
+SCORE_BYTES = 4  # scores are bounded as float32, the widest dtype a kernel keeps them in
+
+
+def query_chunk(batch: int, num_heads: int, num_queries: int, num_keys: int) -> int:
+    """Queries per attention chunk on the compute device (all of them when their scores fit)."""
+    per_query = batch * num_heads * num_keys * SCORE_BYTES
+    return max(1, min(num_queries, ATTENTION_CHUNK_BYTES // max(per_query, 1)))
+
+
+def _in_query_chunks(fn, q: torch.Tensor, num_keys: int, masks: tuple[torch.Tensor | None, ...], *args):
+    """fn(q_chunk, *args, *mask_chunks) over chunks of queries (dim 1 of q, dim 2 of each mask)."""
+    batch, s_q, nh, _ = q.shape
+    step = s_q if q.device.type == "cpu" else query_chunk(batch, nh, s_q, num_keys)
+    if step >= s_q:
+        return fn(q, *args, *masks)
+    return torch.cat([fn(q[:, i:i + step], *args, *(m if m is None else m[:, :, i:i + step] for m in masks))
+                      for i in range(0, s_q, step)], dim=1)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention.
 
@@ -58,6 +82,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     token is one contiguous write); allowed: (B, 1, s_q, s_k) bool. nh may be a multiple of nkv
     (grouped-query attention). Returns (B, s_q, nh, hd).
     """
+    return _in_query_chunks(_attend, q, k.shape[0], (allowed,), k, v)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     q = q.transpose(1, 2)      # (B, nh, s_q, hd)
     k = k.permute(1, 2, 0, 3)  # (B, nkv, s_k, hd)
     v = v.permute(1, 2, 0, 3)
@@ -83,7 +111,8 @@ def attend_with_prefix(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.
         prefix_k, prefix_v, k, v = prefix_k.to(q.dtype), prefix_v.to(q.dtype), k.to(q.dtype), v.to(q.dtype)
     if q.device.type == "cpu" and prefix_allowed is None and _FLASH_CPU is not None:
         return _attend_with_prefix_merged(q, prefix_k, prefix_v, k, v, allowed)
-    return _attend_with_prefix_matmul(q, prefix_k, prefix_v, k, v, allowed, prefix_allowed)
+    return _in_query_chunks(_attend_with_prefix_matmul, q, prefix_k.shape[0] + k.shape[0], (allowed, prefix_allowed),
+                            prefix_k, prefix_v, k, v)
 
 
 def _query_rows(q: torch.Tensor, nkv: int) -> torch.Tensor:

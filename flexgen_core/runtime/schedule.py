@@ -47,7 +47,8 @@ class IOQueue:
 
     def __init__(self, overlap: bool, devices: Devices, name: str):
         self.devices = devices
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"flexgen-{name}") if overlap else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"flexgen-{name}",
+                                       initializer=devices.enter_thread) if overlap else None
         self.stream = devices.new_stream() if overlap else None
 
     def submit(self, fn: Callable, *args, waits: tuple[Future | None, ...] = ()) -> Future:
@@ -589,15 +590,21 @@ class _BlockPass:
                 kv[start].copy_(new_kv[0])
                 kv = kv[:key_len]
                 rows.append(buffers[seg_idx][start:start + 1])
-            device = self.ctx.devices.tier_device(seg.compute_on)
+            # Where this segment's attention runs: the prompt pass always attends on the compute device,
+            # where its fresh K/V are (FlexGen's prefill); decode steps where the policy says (CPU
+            # attention reads an off-device cache where it lies).
+            tier = "gpu" if step == 0 else seg.compute_on
+            device = self.ctx.devices.tier_device(tier)
             window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
-            mask = self._mask(step, batch_idx, start, length, key_len, seg.compute_on, window)
+            mask = self._mask(step, batch_idx, start, length, key_len, tier, window)
             q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
             if self.prefix_kv is None:
                 out = math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
             else:  # the shared prefix's rows (P, 2, 1, heads, hd), then this batch's own
+                if self.prefix_kv[seg_idx].device != device:  # loaded where decode attends: once per layer
+                    self.prefix_kv[seg_idx] = self.prefix_kv[seg_idx].to(device)
                 prefix_kv = self.prefix_kv[seg_idx]
-                prefix_mask = self._prefix_mask(step, batch_idx, start, length, seg.compute_on, window)
+                prefix_mask = self._prefix_mask(step, batch_idx, start, length, tier, window)
                 out = math.attend_with_prefix(q_seg, prefix_kv[:, 0, 0], prefix_kv[:, 1, 0], kv[:, 0], kv[:, 1],
                                               mask, prefix_mask)
             outputs.append(out.to(compute))

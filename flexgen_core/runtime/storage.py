@@ -8,6 +8,7 @@ positional reads and writes into reusable buffers, so resident memory is bounded
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import logging
@@ -23,6 +24,7 @@ import torch
 
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.runtime.signals import install_signal_handlers
+from flexgen_core.runtime.simulated_cuda import SIMULATED_DEVICE, enter_on_this_thread, simulated_cuda
 from flexgen_core.runtime.streams import CudaStream, SimulatedStream
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,12 @@ class Devices:
 
     `split` says whether the compute tier ("gpu") is memory of its own, reached from the host tier
     ("cpu") by explicit copies: true on CUDA and on the simulated device, false on a plain CPU, where
-    both tiers are the same RAM and no staging copies are made. The simulated device computes on the
-    CPU but keeps the tiers apart and runs every host <-> device copy asynchronously on a simulated
-    stream (streams.py), so every code path of a GPU host except the CUDA calls runs in CI.
+    both tiers are the same RAM and no staging copies are made. The simulated device is a GPU that
+    CPU-only hosts can run (simulated_cuda.py): its tensors report `cuda:0`, keep real values on the
+    CPU, raise CUDA's errors when mixed with host tensors and count the bytes CUDA would allocate;
+    every host <-> device copy runs asynchronously on a simulated stream (streams.py). So every code
+    path of a GPU host except the CUDA calls themselves runs in CI. Code that makes device tensors
+    runs under `active()` (the engine's entry points) or on a thread set up by `enter_thread()`.
     """
 
     def __init__(self, device: str = "auto"):
@@ -68,11 +73,22 @@ class Devices:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available on this host")
         self.simulated = device == "simulated"
-        self.compute = torch.device("cpu" if self.simulated else device)
-        self.cuda = self.compute.type == "cuda"
+        self.compute = SIMULATED_DEVICE if self.simulated else torch.device(device)
+        self.cuda = self.compute.type == "cuda" and not self.simulated  # CUDA's own API is there to call
         self.split = self.cuda or self.simulated
         self.host = torch.device("cpu")
+        # What the planner's hardware profiles call this machine: the simulated GPU runs at CPU speed.
+        self.profile_device = "cpu" if self.simulated else self.compute.type
         self._streams = 0
+
+    def active(self):
+        """A context in which `cuda` tensors are the simulated device's (a no-op elsewhere)."""
+        return simulated_cuda() if self.simulated else contextlib.nullcontext()
+
+    def enter_thread(self) -> None:
+        """Set up a worker thread that makes device tensors (a no-op except on the simulated device)."""
+        if self.simulated:
+            enter_on_this_thread()
 
     def tier_device(self, tier: str) -> torch.device:
         return self.compute if tier == "gpu" else self.host
@@ -90,7 +106,7 @@ class Devices:
             return CudaStream(self.compute)
         if self.simulated:
             self._streams += 1
-            return SimulatedStream(seed=self._streams)
+            return SimulatedStream(seed=self._streams, thread_setup=self.enter_thread)
         return None
 
     def record_event(self):

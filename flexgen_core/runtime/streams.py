@@ -62,7 +62,8 @@ class CudaStream:
 class SimulatedStream:
     """A copy lane: operations queued under `active()` run later, in order, on the lane's thread."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, thread_setup: Callable[[], None] = lambda: None):
+        self._thread_setup = thread_setup  # run first on the lane's thread
         self._rng = random.Random(seed)  # used by the lane thread only
         self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self._error: BaseException | None = None
@@ -70,6 +71,7 @@ class SimulatedStream:
         self._thread.start()
 
     def _work(self) -> None:
+        self._thread_setup()
         while True:
             job = self._jobs.get()
             try:
