@@ -29,6 +29,20 @@ ALIGN_BYTES = 64  # offsets of tensors packed into one buffer or file
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+# Attention runs in chunks of queries whose (batch x heads x queries x keys) scores, counted as float32
+# (the widest dtype a kernel keeps them in), take at most this many bytes (layers.attend): a kernel
+# that materialises its scores (PyTorch's math path, the matmul path with a shared prefix) never needs
+# more, whichever kernel CUDA picks; workspace_bound counts it.
+ATTENTION_CHUNK_BYTES = 64 * 2**20
+SCORE_BYTES = 4
+
+
+def query_chunk(batch: int, num_heads: int, num_queries: int, num_keys: int) -> int:
+    """Queries per attention chunk (all of them when their scores fit ATTENTION_CHUNK_BYTES)."""
+    per_query = batch * num_heads * num_keys * SCORE_BYTES
+    return max(1, min(num_queries, ATTENTION_CHUNK_BYTES // max(per_query, 1)))
+
+
 def align(nbytes: int) -> int:
     return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
 
@@ -281,12 +295,13 @@ def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_by
     tokens = batch * prompt_len
     hidden = tokens * shape.hidden_size * dtype_bytes
     kv = 2 * tokens * shape.kv_width * dtype_bytes
-    # input copy, normed input, q, attention output, projected output, layer output; scores of the
-    # unfused attention path; the mask.
-    scores = batch * shape.num_heads * prompt_len * prompt_len * max(dtype_bytes, 4)
-    if prefix_len:
-        scores = 3 * batch * shape.num_heads * prompt_len * (prefix_len + prompt_len) * max(dtype_bytes, 4)
-    attention = 6 * hidden + kv + scores + batch * prompt_len * (prefix_len + total_len)
+    # input copy, normed input, q, attention output, projected output, layer output; scores of one
+    # query chunk of the unfused attention path (scores, masked scores, softmax); the mask.
+    keys = prefix_len + prompt_len
+    chunk = query_chunk(batch, shape.num_heads, prompt_len, keys)
+    scores = 3 * batch * shape.num_heads * chunk * keys * SCORE_BYTES
+    prefix_kv = 2 * prefix_len * shape.kv_width * dtype_bytes  # brought to the device for CPU-attention heads
+    attention = 6 * hidden + kv + scores + prefix_kv + batch * prompt_len * (prefix_len + total_len)
     mlp = 4 * hidden + tokens * shape.ffn_size * dtype_bytes * 2
     logit_rows = tokens if echo_prompt else batch
     output = 2 * hidden + logit_rows * shape.vocab_size * (dtype_bytes + 4 + 4)  # logits, fp32 log-softmax

@@ -14,6 +14,8 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(value == "simulated" for value in params.values()):
             item.add_marker(cuda_sim)
+        if any(value == "cuda" for value in params.values()):
+            item.add_marker(pytest.mark.gpu)
     try:
         import torch
 

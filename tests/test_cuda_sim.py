@@ -83,21 +83,33 @@ def test_attention_scores_are_counted():
         assert MEMORY.peak_bytes - base >= scores
 
 
-def _peak_on_simulated_gpu(path, policy, prompts, gen_len, offload_dir) -> tuple[int, int]:
-    """(peak bytes of the simulated GPU over loading and generating, the accounted GPU peak)."""
+GPU_DEVICES = ("simulated",) + (("cuda",) if torch.cuda.is_available() else ())
+
+
+def _peak_on_gpu(device: str, path, policy, prompts, gen_len, offload_dir) -> tuple[int, int]:
+    """(peak bytes allocated on the GPU over loading and generating, the accounted GPU peak): the
+    simulated GPU's live tensors, or CUDA's own counter."""
     gc.collect()
-    MEMORY.reset_peak()
-    base = MEMORY.live_bytes
-    with Engine.from_pretrained(path, policy=policy, offload_dir=offload_dir, device="simulated") as engine:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        MEMORY.reset_peak()
+        base = MEMORY.live_bytes
+    with Engine.from_pretrained(path, policy=policy, offload_dir=offload_dir, device=device) as engine:
         engine.generate(prompts, max_new_tokens=gen_len, echo_prompt=True, top_k_logprobs=3)
         accounted = engine.memory(max(map(len, prompts)), gen_len, echo_prompt=True).peak["gpu"]
-    return MEMORY.peak_bytes - base, accounted
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else MEMORY.peak_bytes
+    return peak - base, accounted
 
 
+@pytest.mark.parametrize("device", GPU_DEVICES)
 @pytest.mark.parametrize("preset", ["odd", "llama"])
 @pytest.mark.parametrize("name", sorted(PLACEMENTS))
-def test_peak_is_within_the_accounting(preset, name, tmp_path):
+def test_peak_is_within_the_accounting(preset, name, device, tmp_path):
     path = build_checkpoint(preset)
     prompts = sample_prompts(path, 7, 3, 40, seed=1)
-    peak, accounted = _peak_on_simulated_gpu(path, PLACEMENTS[name], prompts, 8, tmp_path)
-    assert 0 < peak <= accounted, f"simulated GPU peak {peak} B > accounted {accounted} B"
+    peak, accounted = _peak_on_gpu(device, path, PLACEMENTS[name], prompts, 8, tmp_path)
+    assert 0 < peak <= accounted, f"{device} GPU peak {peak} B > accounted {accounted} B"

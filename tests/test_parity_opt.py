@@ -9,9 +9,11 @@ from flexgen_core import Engine, Policy
 from flexgen_core.memory import cache_segments
 from flexgen_core.testing import build_checkpoint, sample_prompts
 
-# "simulated": the compute tier kept apart from host RAM, every copy between them asynchronous on a
-# simulated stream (flexgen_core/streams.py), so the code paths of a GPU host run on this CPU.
-DEVICES = ("cpu", "simulated")
+# "simulated": a GPU that CPU-only hosts can run (flexgen_core/runtime/simulated_cuda.py): CUDA's device
+# rules and memory over real CPU values, every copy between the tiers asynchronous on a simulated stream,
+# so the code paths of a GPU host run on this CPU (`pytest -m cuda_sim`). "cuda" where there is a GPU
+# (`pytest -m gpu`): the same float32 suites on it.
+DEVICES = ("cpu", "simulated") + (("cuda",) if torch.cuda.is_available() else ())
 LOGPROB_TOL = 2e-4  # float32 on CPU: different matmul shapes (padding, batching) move logprobs ~1e-6
 TIE_TOL = 2e-4
 

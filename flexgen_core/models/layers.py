@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flexgen_core.memory import query_chunk
+
 ACTIVATIONS = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -51,24 +53,12 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.view(batch, seq, num_heads, width // num_heads)  # (B, s, nh, hd)
 
 
-# Off the CPU, attention runs in chunks of queries whose (batch x heads x queries x keys) float32 scores
-# take at most this many bytes: a kernel that materialises its scores (PyTorch's math path, the matmul
-# path with a shared prefix) then never needs more on the GPU, whichever kernel CUDA picks.
-# memory.workspace_bound counts it.
-ATTENTION_CHUNK_BYTES = 64 * 2**20
-SCORE_BYTES = 4  # scores are bounded as float32, the widest dtype a kernel keeps them in
-
-
-def query_chunk(batch: int, num_heads: int, num_queries: int, num_keys: int) -> int:
-    """Queries per attention chunk on the compute device (all of them when their scores fit)."""
-    per_query = batch * num_heads * num_keys * SCORE_BYTES
-    return max(1, min(num_queries, ATTENTION_CHUNK_BYTES // max(per_query, 1)))
-
-
 def _in_query_chunks(fn, q: torch.Tensor, num_keys: int, masks: tuple[torch.Tensor | None, ...], *args):
-    """fn(q_chunk, *args, *mask_chunks) over chunks of queries (dim 1 of q, dim 2 of each mask)."""
+    """fn(q_chunk, *args, *mask_chunks) over chunks of queries (dim 1 of q, dim 2 of each mask), so
+    that a kernel that materialises its scores never holds more than memory.ATTENTION_CHUNK_BYTES of
+    them, whichever kernel the device picks."""
     batch, s_q, nh, _ = q.shape
-    step = s_q if q.device.type == "cpu" else query_chunk(batch, nh, s_q, num_keys)
+    step = query_chunk(batch, nh, s_q, num_keys)
     if step >= s_q:
         return fn(q, *args, *masks)
     return torch.cat([fn(q[:, i:i + step], *args, *(m if m is None else m[:, :, i:i + step] for m in masks))
