@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
-# Shapes of OPT models (transformers' OPTConfig fields), from the facebook/opt-* config.json files.
+# Shapes of OPT models (transformers' OPTConfig fields), from the facebook/opt-* config.json files; `opt-tiny`
+# is no real model: OPT's layout at a size that runs a whole benchmark suite on a CPU in seconds (CI).
 OPT_SHAPES = {
     "opt-30b": dict(num_hidden_layers=48, hidden_size=7168, num_attention_heads=56, ffn_dim=28672),
     "opt-13b": dict(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40, ffn_dim=20480),
     "opt-6.7b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, ffn_dim=16384),
     "opt-1.3b": dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=32, ffn_dim=8192),
+    "opt-tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, ffn_dim=256),
 }
 OPT_COMMON = dict(vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=None, do_layer_norm_before=True,
                   activation_function="relu", enable_bias=True, pad_token_id=1, bos_token_id=2, eos_token_id=2,

@@ -27,6 +27,12 @@ MiB = 2**20
 COLUMNS = ["system", "batch", "weights", "weights_in_budget_mib", "prompts", "seconds", "tokens_per_s",
            "roofline_tokens_per_s", "pct_of_roofline", "bound", "achieved_gflops", "streamed_gbps",
            "predicted_tokens_per_s", "status"]
+# GPU memory of a system's process (systems run in processes of their own, `isolated.py`): what PyTorch
+# allocated and what its caching allocator reserved at the peak, and the engine's exact accounting
+# (`flexgen_core.memory.account`) of its policy's GPU peak, to compare with the first.
+MEMORY_COLUMNS = {"gpu_max_allocated_mib": "gpu_max_allocated_bytes", "gpu_max_reserved_mib": "gpu_max_reserved_bytes",
+                  "accounted_gpu_peak_mib": "accounted_gpu_peak_bytes"}
+GPU_COLUMNS = COLUMNS[:-1] + list(MEMORY_COLUMNS) + COLUMNS[-1:]
 
 
 def add_size_args(parser: argparse.ArgumentParser, num_prompts: int, prompt_len: int = 512, gen_len: int = 32,
@@ -84,6 +90,8 @@ def to_row(m: Measurement, model: ModelFacts, rates: Rates | None, profile, prom
     row = {"system": m.system if m.label == m.system else m.label, "batch": m.batch, "weights": m.weights,
            "weights_in_budget_mib": round(m.weights_resident_bytes / MiB, 1) if m.weights_resident_bytes is not None
            else "", "status": m.status}
+    row |= {column: round(m.extra["memory"][key] / MiB, 1) for column, key in MEMORY_COLUMNS.items()
+            if m.extra.get("memory", {}).get(key) is not None}
     if not m.ok:
         return row
     num_seqs = m.num_prompts
@@ -159,7 +167,7 @@ def ceiling_vs(engine: dict | None, other: dict | None) -> float | None:
 
 def versions() -> dict:
     out = {}
-    for package in ("torch", "transformers", "accelerate", "deepspeed", "crfm-helm"):
+    for package in ("torch", "transformers", "accelerate", "deepspeed", "flexgen", "cvxpy", "crfm-helm"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -168,14 +176,19 @@ def versions() -> dict:
 
 
 def write_suite(name: str, title: str, rows: list[dict], out_dir: Path, notes: str, targets: list[Target],
-                extra: dict) -> Path:
-    """<out>/<name>.md (table, targets, plot, notes), <out>/<name>.json, <out>/<name>.png."""
+                extra: dict, columns: list[str] = COLUMNS) -> Path:
+    """<out>/<name>.md (table, targets, plot, notes), <out>/<name>.json, <out>/<name>.png (the plot only where
+    matplotlib imports: a GPU machine without network may lack it; the markdown then says so)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = throughput_plot(rows, out_dir / f"{name}.png", title)
-    sections = [s for s in (targets_section(targets), f"![{name}]({png.name})") if s]
-    table_rows = [{k: v for k, v in r.items() if k in COLUMNS} for r in rows]
-    path = write_results(name, title, table_rows, COLUMNS, notes, out_dir=out_dir, sections=sections,
+    try:
+        png = throughput_plot(rows, out_dir / f"{name}.png", title)
+        plot = f"![{name}]({png.name})"
+    except ImportError as e:
+        plot = f"(No plot: {e}.)"
+    sections = [s for s in (targets_section(targets), plot) if s]
+    table_rows = [{k: v for k, v in r.items() if k in columns} for r in rows]
+    path = write_results(name, title, table_rows, columns, notes, out_dir=out_dir, sections=sections,
                          extra=extra | {"title": title, "versions": versions(),
                                         "targets": [t.to_dict() for t in targets]})
     # The JSON keeps each row's details (roofline terms, policy, device map) beside the table's columns.

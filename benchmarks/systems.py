@@ -95,7 +95,8 @@ def run_engine(path, prompts: list[list[int]], gen_len: int, policy, label: str,
     traffic = Traffic(blocks * gen_len, policy.num_gpu_batches, streamed)
     _free_memory()
     return Measurement("engine", label, batch, weights, seconds=t.seconds, tokens=tokens, num_prompts=len(prompts),
-                       weights_resident_bytes=resident, traffic=traffic, policy=policy)
+                       weights_resident_bytes=resident, traffic=traffic, policy=policy,
+                       extra={"memory": {"accounted_gpu_peak_bytes": report.peak["gpu"]}})
 
 
 def _percent_placement(policy) -> str:
@@ -177,9 +178,12 @@ def run_transformers(path, prompts: list[list[int]], gen_len: int, batches: list
 
 def run_accelerate(path, prompts: list[list[int]], gen_len: int, batches: list[int], max_memory: dict,
                    device: str = "cpu", dtype: str = "float32", offload_root: str | None = None,
-                   prompts_for_batch: dict[int, list[list[int]]] | None = None) -> list[Measurement]:
+                   prompts_for_batch: dict[int, list[list[int]]] | None = None,
+                   first_fit: bool = False) -> list[Measurement]:
     """Accelerate big-model inference under `max_memory` (accelerate's own keys: 0 for GPU 0, "cpu"); what
-    does not fit goes to disk. One load, then one timed run per batch size."""
+    does not fit goes to disk. One load, then one timed run per batch size; with `first_fit`, `batches` are
+    tried in order until one runs without running out of GPU memory, and only that one is reported (the
+    ones that ran out are listed in its row's `extra`)."""
     from transformers import AutoModelForCausalLM
 
     from flexgen_core.plan.hardware import format_size
@@ -203,6 +207,7 @@ def run_accelerate(path, prompts: list[list[int]], gen_len: int, batches: list[i
         resident = by_device.get(budgeted, 0)
         names = {"cuda": "GPU", "cpu": "CPU" if device != "cpu" else "RAM", "disk": "disk"}
         weights = _shares({names[k]: n for k, n in placed.items()})
+        out_of_memory: list[int] = []
         with torch.inference_mode():
             _warm_up(model, prompts, device)
             for batch in batches:
@@ -212,12 +217,19 @@ def run_accelerate(path, prompts: list[list[int]], gen_len: int, batches: list[i
                         tokens = _generate_batches(model, own, gen_len, batch, device, f"Accelerate batch {batch}")
                 except torch.cuda.OutOfMemoryError:
                     _free_memory()
-                    rows.append(skipped("Accelerate", label, "out of memory at this batch", str(batch), weights))
+                    out_of_memory.append(batch)
+                    if not first_fit:
+                        rows.append(skipped("Accelerate", label, "out of memory at this batch", str(batch), weights))
                     continue
                 traffic = Traffic(math.ceil(len(own) / batch) * gen_len, 1, streamed_tiers)
                 rows.append(Measurement("Accelerate", label, str(batch), weights, seconds=t.seconds, tokens=tokens,
                                         num_prompts=len(own), weights_resident_bytes=resident, traffic=traffic,
-                                        extra={"device_map": device_map}))
+                                        extra={"device_map": device_map, "out_of_memory_at_batch": out_of_memory}))
+                if first_fit:
+                    break
+        if first_fit and not rows:
+            rows.append(skipped("Accelerate", label, "out of memory at every batch tried: "
+                                + ", ".join(map(str, out_of_memory)), "/".join(map(str, batches)), weights))
         del model
         _free_memory()
     return rows

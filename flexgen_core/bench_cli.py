@@ -2,7 +2,8 @@
 
 The suites are scripts in `benchmarks/` (not an installed package), found next to this package: `flexgen
 bench` works from a repository checkout installed with `pip install -e .`. Each suite runs its systems
-side by side in one process and writes `<out>/<suite>.md`, `.json` and `.png`, by default into a scratch
+side by side (gpu-30b: each in a process of its own, under a time limit) and writes `<out>/<suite>.md`,
+`.json` and `.png` (gpu-30b with `--shape S`: `<out>/gpu-30b-S.*`), by default into a scratch
 folder (`$TMPDIR/flexgen-bench/`): the checkout's committed `benchmarks/results/` changes only with
 `--out benchmarks/results`. The suite scripts take a few more options than these (`python
 benchmarks/<script> --help`).
@@ -38,7 +39,8 @@ SUITES = {
     "cpu-offload": Suite("bench_cpu.py", ("cpu-offload",),
                          "a model 3.3x larger than a 256 MiB weights budget, vs Accelerate under the same budget"),
     "gpu-30b": Suite("bench_gpu30b.py", (),
-                     "OPT-30B shape, random weights, GPU capped at 16 GiB, fp16 and 4-bit (needs CUDA; ~60 GB disk)"),
+                     "OPT-30B shape (or --shape), random weights, GPU capped at 16 GiB, vs FlexGen 0.1.8 and "
+                     "Accelerate (needs CUDA; ~60 GB disk)"),
     "helm": Suite("bench_helm.py", (), "the same helm-run through FlexGenClient and HELM's HuggingFaceClient"),
 }
 # Options passed on to the suite scripts as given (none apply to the helm suite).
@@ -48,8 +50,13 @@ _PASSED = (
     ("--batch1-prompts", int, "batch-1 baselines run on the first N prompts (0 = all)"),
     ("--profile", str, "hardware profile JSON for the roofline and cost model instead of measuring now"),
     ("--offload-dir", str, "folder for offload files (default: the temp folder)"),
-    ("--checkpoint-dir", str, "gpu-30b: where the random OPT-30B-shaped checkpoint is built (~60 GB)"),
+    ("--checkpoint-dir", str, "gpu-30b: where the random checkpoint is built (~60 GB for OPT-30B's shape)"),
+    ("--shape", str, "gpu-30b: the OPT shape of the random checkpoint, e.g. opt-6.7b (default opt-30b)"),
+    ("--system-timeout", float, "gpu-30b: wall-clock limit of each system's process, seconds"),
+    ("--time-limit", float, "gpu-30b: the whole suite's wall-clock budget, seconds"),
 )
+# Options of the gpu-30b suite only.
+_GPU_30B_ONLY = ("--checkpoint-dir", "--shape", "--system-timeout", "--time-limit")
 # Tiny sizes that run every system of a suite end to end in a minute or two.
 SMOKE = {"num_prompts": 2, "prompt_len": 32, "gen_len": 4}
 
@@ -60,7 +67,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench", help="run a benchmark suite against the alternatives (table, JSON and plot)",
         description="Run a benchmark suite: our engine and the alternatives on the same model, prompts and "
-                    "memory budget, in one process; writes <out>/<suite>.md, .json and .png.",
+                    "memory budget (gpu-30b: each system in a process of its own); writes <out>/<suite>.md, "
+                    ".json and .png.",
         epilog=f"suites:\n{listing}\n\nRuns from a repository checkout (pip install -e .). The scripts in "
                "benchmarks/ take these options and a few more (python benchmarks/<script> --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,8 +121,8 @@ def suite_command(args) -> list[str]:
         for flag, value in passed.items():
             if flag == "--budget" and args.suite == "cpu-small":
                 raise ValueError("--budget does not apply to cpu-small (weights all in RAM or all on disk)")
-            if flag == "--checkpoint-dir" and args.suite != "gpu-30b":
-                raise ValueError(f"--checkpoint-dir applies to gpu-30b only, not {args.suite}")
+            if flag in _GPU_30B_ONLY and args.suite != "gpu-30b":
+                raise ValueError(f"{flag} applies to gpu-30b only, not {args.suite}")
             if flag == "--shapes" and args.suite == "gpu-30b":
                 raise ValueError("--shapes does not apply to gpu-30b: the planner chooses the engine's blocks")
             command += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]

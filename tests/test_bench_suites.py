@@ -4,6 +4,8 @@ cases, block shapes, targets, and the command `flexgen bench` builds for each su
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,9 +105,18 @@ def test_bench_command_for_each_suite(tmp_path):
     assert helm[2:] == ["--instances", "4", "--threads", "4", "--out", str(tmp_path / "helm")]
 
 
+def test_bench_passes_the_gpu_30b_shape_and_limits(tmp_path):
+    command = bench_cli.suite_command(_bench_args("gpu-30b", "--shape", "opt-6.7b", "--budget", "6GiB",
+                                                  "--system-timeout", "90", "--out", str(tmp_path)))
+    assert command[1].endswith("bench_gpu30b.py")
+    assert command[2:] == ["--out", str(tmp_path), "--budget", "6GiB", "--shape", "opt-6.7b",
+                           "--system-timeout", "90.0"]
+
+
 @pytest.mark.parametrize("argv", [("helm", "--gen-len", "4"), ("cpu-small", "--budget", "1GiB"),
                                   ("cpu-offload", "--checkpoint-dir", "/x"), ("gpu-30b", "--shapes", "4x1"),
-                                  ("cpu-small", "--shapes", "4by4")])
+                                  ("cpu-small", "--shapes", "4by4"), ("cpu-small", "--shape", "opt-6.7b"),
+                                  ("cpu-offload", "--system-timeout", "9")])
 def test_bench_rejects_options_a_suite_does_not_take(argv):
     with pytest.raises(ValueError):
         bench_cli.suite_command(_bench_args(*argv))
@@ -125,3 +136,52 @@ def test_gpu_30b_without_cuda_exits_non_zero():
     out = subprocess.run([sys.executable, "-m", "flexgen_core.cli", "bench", "gpu-30b"], capture_output=True, text=True)
     assert out.returncode == bench_cli.SKIPPED_EXIT
     assert "gpu-30b skipped: no CUDA device" in out.stdout and "nothing was measured" in out.stderr
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line():
+    """scripts/gpu_check.sh on a host without CUDA: one line, the benchmarks' skip code, nothing run."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the check would run for real")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                         env=os.environ | {"PYTHON": sys.executable}, timeout=120)
+    assert out.returncode == bench_cli.SKIPPED_EXIT, out.stdout + out.stderr
+    assert out.stdout.splitlines() == [out.stdout.strip()] and "gpu_check skipped: no CUDA device" in out.stdout
+    assert out.stderr == ""
+
+
+def test_gpu_30b_suite_end_to_end_on_a_tiny_shape(tmp_path):
+    """The gpu-30b suite's whole path on the CPU (its testing device) with a tiny OPT shape: every system in
+    a process of its own, one table. An injected crash and an injected timeout become those systems' rows and
+    the others still run; FlexGen 0.1.8 (not installed here, and CUDA-only) is a skipped row."""
+    from test_planner import cpu_host
+
+    profile = cpu_host(8).save(tmp_path / "cpu-profile.json")
+    out_dir = tmp_path / "results"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu30b.py"), "--device", "cpu", "--shape", "opt-tiny",
+               "--budget", "64MiB", "--num-prompts", "4", "--prompt-len", "16", "--gen-len", "4",
+               "--profile", str(profile), "--checkpoint-dir", str(tmp_path / "checkpoint"), "--out", str(out_dir),
+               "--offload-dir", str(tmp_path), "--logs", str(tmp_path / "logs"), "--system-timeout", "60",
+               "--systems", "transformers", "engine-paper", "engine", "engine-4bit", "flexgen-paper", "accelerate",
+               "--inject-failure", "transformers=crash", "--inject-failure", "engine-4bit=timeout"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (out_dir / "gpu-30b-opt-tiny.md").read_text()
+    assert table in done.stdout  # the one table, printed
+    rows = {row["system"]: row for row in json.loads((out_dir / "gpu-30b-opt-tiny.json").read_text())["rows"]}
+    paper = rows["engine: the paper's HELM policy for OPT-IML-30B"]
+    planner = rows["engine: planner's policy"]
+    for row in (paper, planner):
+        assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["accounted_gpu_peak_mib"] > 0
+        assert row["process"]["exit_code"] == 0
+    assert paper["policy"]["cpu_cache_compute"] and paper["batch"] == "4x1"
+    accelerate = next(row for name, row in rows.items() if name.startswith("Accelerate"))
+    assert accelerate["status"] == "ok" and accelerate["batch"] == "4"  # the largest of 16 8 4 2 1 <= 4 prompts
+    assert rows["transformers generate (whole model on the CPU)"]["status"].startswith("failed: InjectedCrash")
+    assert rows["engine: planner's policy, 4-bit weights and cache"]["status"] == "timed out after 2 s"
+    flexgen = rows["FlexGen 0.1.8: the paper's HELM policy for OPT-IML-30B"]
+    assert flexgen["status"].startswith("skipped: ")
+    for label in ("engine: the paper's HELM policy for OPT-IML-30B", "engine: planner's policy"):
+        assert any(line.startswith(f"| {label} | 4x1 |") and "| ok |" in line for line in table.splitlines())
