@@ -155,6 +155,11 @@ class SimulatedCudaTensor(torch.Tensor):
         return tree_map(wrap, out)
 
 
+def _wrap_new(out):
+    """Freshly made CPU tensors of a factory call, as tensors of the simulated device."""
+    return tree_map(lambda t: SimulatedCudaTensor(t) if type(t) is torch.Tensor else t, out)
+
+
 def _unwrap(t):
     return t.elem if isinstance(t, SimulatedCudaTensor) else t
 
@@ -231,8 +236,7 @@ class _SimulatedCudaMode(TorchFunctionMode):
         device = kwargs.get("device")
         if _is_cuda(device):
             kwargs["device"] = torch.device("cpu")
-            out = func(*args, **kwargs)  # this mode is off inside its own handler
-            return tree_map(lambda t: SimulatedCudaTensor(t) if type(t) is torch.Tensor else t, out)
+            return _wrap_new(func(*args, **kwargs))  # this mode is off inside its own handler
         try:
             return func(*args, **kwargs)
         except RuntimeError as e:
@@ -274,16 +278,8 @@ class _SimulatedCudaFactories(TorchDispatchMode):
         if _is_cuda(kwargs.get("device")):
             out = func(*args, **dict(kwargs, device=torch.device("cpu"), pin_memory=None)
                        if "pin_memory" in kwargs else dict(kwargs, device=torch.device("cpu")))
-            return tree_map(lambda t: SimulatedCudaTensor(t) if type(t) is torch.Tensor else t, out)
-        try:
-            return func(*args, **kwargs)
-        except RuntimeError as e:
-            # Some Python bindings (copy_, ...) call into CUDA's runtime before dispatching: go to the op.
-            name = getattr(func, "__name__", "")
-            op = getattr(torch.ops.aten, _DUNDER_OPS.get(name, name), None)
-            if "not linked with support for cuda" not in str(e) or op is None:
-                raise
-            return op(*args, **kwargs)
+            return _wrap_new(out)
+        return func(*args, **kwargs)
 
 
 _entered = threading.local()
