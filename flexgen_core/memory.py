@@ -43,6 +43,17 @@ def query_chunk(batch: int, num_heads: int, num_queries: int, num_keys: int) -> 
     return max(1, min(num_queries, ATTENTION_CHUNK_BYTES // max(per_query, 1)))
 
 
+# Position-wise layers (the MLP) run in chunks of positions whose intermediate activations, (batch x
+# positions x FFN width), take at most this many bytes each (layers.in_token_chunks).
+MLP_CHUNK_BYTES = 64 * 2**20
+
+
+def token_chunk(batch: int, num_tokens: int, width: int, dtype_bytes: int) -> int:
+    """Positions per MLP chunk (all of them when their intermediate fits MLP_CHUNK_BYTES)."""
+    per_position = batch * width * dtype_bytes
+    return max(1, min(num_tokens, MLP_CHUNK_BYTES // max(per_position, 1)))
+
+
 def align(nbytes: int) -> int:
     return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
 
@@ -289,20 +300,27 @@ def add_shared_prefix_terms(report: MemoryReport, layers, shape, policy, prefix_
 
 def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_bytes: int, echo_prompt: bool,
                     prefix_len: int = 0) -> int:
-    """Upper bound on one layer's transient tensors for one GPU batch (the prompt pass dominates). With
-    a shared prefix, the prompt's queries also score the prefix's keys: its scores, their concatenation
-    with the own keys' scores and the float32 softmax over both (layers.attend_with_prefix)."""
+    """Upper bound on the transient tensors on the compute device while one layer computes on one GPU
+    batch (the prompt pass dominates): the largest of the attention, MLP and output layers' own, plus
+    what the schedule keeps in flight beside them (the next batch's hidden states loading, the last
+    batch's output and new K/V still being stored). With a shared prefix, the prompt's queries also
+    score the prefix's keys (layers.attend_with_prefix)."""
     tokens = batch * prompt_len
     hidden = tokens * shape.hidden_size * dtype_bytes
     kv = 2 * tokens * shape.kv_width * dtype_bytes
-    # input copy, normed input, q, attention output, projected output, layer output; scores of one
-    # query chunk of the unfused attention path (scores, masked scores, softmax); the mask.
+    # Inputs, norms (RMSNorm works in float32: twice the bytes), q, attention output, projected output,
+    # layer output; scores of one query chunk of the unfused attention path (scores, masked scores,
+    # softmax); the mask; a shared prefix's K/V brought to the device for CPU-attention heads.
     keys = prefix_len + prompt_len
     chunk = query_chunk(batch, shape.num_heads, prompt_len, keys)
     scores = 3 * batch * shape.num_heads * chunk * keys * SCORE_BYTES
-    prefix_kv = 2 * prefix_len * shape.kv_width * dtype_bytes  # brought to the device for CPU-attention heads
-    attention = 6 * hidden + kv + scores + prefix_kv + batch * prompt_len * (prefix_len + total_len)
-    mlp = 4 * hidden + tokens * shape.ffn_size * dtype_bytes * 2
+    prefix_kv = 2 * prefix_len * shape.kv_width * dtype_bytes
+    attention = 8 * hidden + kv + scores + prefix_kv + batch * prompt_len * (prefix_len + total_len)
+    # Input, norm, each chunk's output and their concatenation; per chunk of positions up to three
+    # (B, chunk, FFN) intermediates (fc1 and its activation; gate, its activation and up).
+    positions = token_chunk(batch, prompt_len, shape.ffn_size, dtype_bytes)
+    mlp = 6 * hidden + 3 * batch * positions * shape.ffn_size * dtype_bytes
     logit_rows = tokens if echo_prompt else batch
     output = 2 * hidden + logit_rows * shape.vocab_size * (dtype_bytes + 4 + 4)  # logits, fp32 log-softmax
-    return max(attention, mlp, output)
+    in_flight = 2 * hidden + kv
+    return max(attention, mlp, output) + in_flight

@@ -14,7 +14,9 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
-from test_parity_opt import PLACEMENTS
+from reference import check_result
+from test_parity_opt import LOGPROB_TOL, PLACEMENTS, TIE_TOL
+from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, memory
 from flexgen_core.runtime.simulated_cuda import ALLOCATION_BLOCK_BYTES, MEMORY, SimulatedCudaTensor, simulated_cuda
@@ -86,9 +88,9 @@ def test_attention_scores_are_counted():
 GPU_DEVICES = ("simulated",) + (("cuda",) if torch.cuda.is_available() else ())
 
 
-def _peak_on_gpu(device: str, path, policy, prompts, gen_len, offload_dir) -> tuple[int, int]:
+def _peak_on_gpu(device: str, path, policy, prompts, gen_len, offload_dir, results=None) -> tuple[int, int]:
     """(peak bytes allocated on the GPU over loading and generating, the accounted GPU peak): the
-    simulated GPU's live tensors, or CUDA's own counter."""
+    simulated GPU's live tensors, or CUDA's own counter. The generated results go to `results`."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -99,8 +101,10 @@ def _peak_on_gpu(device: str, path, policy, prompts, gen_len, offload_dir) -> tu
         MEMORY.reset_peak()
         base = MEMORY.live_bytes
     with Engine.from_pretrained(path, policy=policy, offload_dir=offload_dir, device=device) as engine:
-        engine.generate(prompts, max_new_tokens=gen_len, echo_prompt=True, top_k_logprobs=3)
+        out = engine.generate(prompts, max_new_tokens=gen_len, echo_prompt=True, top_k_logprobs=3)
         accounted = engine.memory(max(map(len, prompts)), gen_len, echo_prompt=True).peak["gpu"]
+    if results is not None:
+        results.extend(out)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else MEMORY.peak_bytes
     return peak - base, accounted
 
@@ -113,3 +117,27 @@ def test_peak_is_within_the_accounting(preset, name, device, tmp_path):
     prompts = sample_prompts(path, 7, 3, 40, seed=1)
     peak, accounted = _peak_on_gpu(device, path, PLACEMENTS[name], prompts, 8, tmp_path)
     assert 0 < peak <= accounted, f"{device} GPU peak {peak} B > accounted {accounted} B"
+
+
+@pytest.mark.parametrize("name", ["mixed-three-tiers", "cache-split-cpu-attention"])
+@pytest.mark.parametrize("preset", ["odd", "llama"])
+def test_chunked_attention_and_mlp(preset, name, tmp_path, monkeypatch):
+    """With chunks of a few KiB, attention runs query chunk by query chunk and the MLP position chunk
+    by position chunk (as they do at full size on a GPU): the results still match transformers, and the
+    peak stays within the accounting, which counts one chunk."""
+    monkeypatch.setattr(memory, "ATTENTION_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(memory, "MLP_CHUNK_BYTES", 4096)
+    path = build_checkpoint(preset)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = sample_prompts(path, 5, 12, 40, seed=3)
+    results = []
+    peak, accounted = _peak_on_gpu("simulated", path, PLACEMENTS[name], prompts, 6, tmp_path, results)
+    assert 0 < peak <= accounted
+    for prompt, result in zip(prompts, results):
+        check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=3)
+
+
+def test_chunks_are_taken_where_the_bound_says():
+    assert memory.query_chunk(48, 32, 512, 512) == 21  # 3 MiB of float32 scores a query: 21 in 64 MiB
+    assert memory.token_chunk(48, 512, 16384, 2) == 42  # 1.5 MiB of fp16 FFN activations a position
+    assert memory.query_chunk(2, 4, 1, 40) == 1 and memory.token_chunk(2, 40, 64, 4) == 40

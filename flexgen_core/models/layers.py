@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flexgen_core.memory import query_chunk
+from flexgen_core.memory import query_chunk, token_chunk
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -63,6 +63,16 @@ def _in_query_chunks(fn, q: torch.Tensor, num_keys: int, masks: tuple[torch.Tens
         return fn(q, *args, *masks)
     return torch.cat([fn(q[:, i:i + step], *args, *(m if m is None else m[:, :, i:i + step] for m in masks))
                       for i in range(0, s_q, step)], dim=1)
+
+
+def in_token_chunks(fn, x: torch.Tensor, width: int) -> torch.Tensor:
+    """A position-wise layer `fn` (B, s, H) -> (B, s, H) over chunks of positions, so that its
+    intermediate activations, `width` wide, never take more than memory.MLP_CHUNK_BYTES at once."""
+    batch, num_tokens, _ = x.shape
+    step = token_chunk(batch, num_tokens, width, x.element_size())
+    if step >= num_tokens:
+        return fn(x)
+    return torch.cat([fn(x[:, i:i + step]) for i in range(0, num_tokens, step)], dim=1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -557,8 +557,9 @@ class _BlockPass:
             hidden = layer.forward(weights, tokens, self._positions(step, batch_idx, start, length))
         elif layer.kind is LayerKind.ATTENTION:
             hidden = self._attention(layer, layer_idx, batch_idx, weights, step, start, length)
-        elif layer.kind is LayerKind.MLP:
-            hidden = layer.forward(weights, self._hidden(batch_idx))
+        elif layer.kind is LayerKind.MLP:  # position-wise: in chunks of positions (memory.MLP_CHUNK_BYTES)
+            hidden = math.in_token_chunks(lambda part: layer.forward(weights, part), self._hidden(batch_idx),
+                                          self.ctx.shape.ffn_size)
         else:
             self._output(layer, batch_idx, weights, step)
             return
