@@ -310,12 +310,16 @@ def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_by
     kv = 2 * tokens * shape.kv_width * dtype_bytes
     # Inputs, norms (RMSNorm works in float32: twice the bytes), q, attention output, projected output,
     # layer output; scores of one query chunk of the unfused attention path (scores, masked scores,
-    # softmax); the mask; a shared prefix's K/V brought to the device for CPU-attention heads.
+    # softmax); the mask, as booleans and as the additive float masks a fused kernel makes of it (one
+    # converted, one padded); the fused kernel's log-sum-exp rows; a shared prefix's K/V brought to the
+    # device for CPU-attention heads.
     keys = prefix_len + prompt_len
     chunk = query_chunk(batch, shape.num_heads, prompt_len, keys)
     scores = 3 * batch * shape.num_heads * chunk * keys * SCORE_BYTES
+    mask = batch * prompt_len * (prefix_len + total_len + 16) * (1 + 2 * SCORE_BYTES)
+    lse = batch * shape.num_heads * (prompt_len + 32) * SCORE_BYTES
     prefix_kv = 2 * prefix_len * shape.kv_width * dtype_bytes
-    attention = 8 * hidden + kv + scores + prefix_kv + batch * prompt_len * (prefix_len + total_len)
+    attention = 8 * hidden + kv + scores + mask + lse + prefix_kv
     # Input, norm, each chunk's output and their concatenation; per chunk of positions up to three
     # (B, chunk, FFN) intermediates (fc1 and its activation; gate, its activation and up).
     positions = token_chunk(batch, prompt_len, shape.ffn_size, dtype_bytes)

@@ -22,7 +22,6 @@ from flexgen_core.testing import build_checkpoint, sample_prompts
 PRESETS = ["tiny", "odd", "proj", "llama", "llama3", "mistral", "qwen2"]
 RATIO, SLACK = 1.25, 1e-3
 TOP_K = 3
-HALF_DEVICES = DEVICES + (("cuda",) if torch.cuda.is_available() else ())
 
 
 def _logprobs(model, ids: list[int], device) -> torch.Tensor:
@@ -44,7 +43,7 @@ def _half_transformers(path, device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16).to(hf_device).eval(), hf_device
 
 
-@pytest.mark.parametrize("device", HALF_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 def test_float16_error_is_no_larger_than_transformers(models, device, tmp_path):
     path, truth = models
     half, hf_device = _half_transformers(path, device)

@@ -77,9 +77,13 @@ def paper_plan(model, compressed: bool = False):
 
 def test_opt_6_7b_plans_everything_on_the_gpu(opt_6_7b):
     result = paper_plan(opt_6_7b)
-    assert result.policy.percent == (100, 0, 100, 0, 100, 0)
-    # The paper ran 2x1 (25.26 tokens/s); with the engine's exact accounting a block of 4 fits in 95% of
-    # the 15 GB, and the model predicts more for it. Tolerance: between the paper's figure and twice it.
+    percent = result.policy.percent
+    # Weights and activations all on the GPU, and (nearly) all the cache: a block of 4 fits in 95% of the
+    # 15 GB with a head or so of the cache in RAM, once the workspace counts what a GPU's kernels and the
+    # overlapped copies hold beside the compute (memory.workspace_bound).
+    assert percent[0] == percent[4] == 100 and percent[2] >= 90, percent
+    # The paper ran 2x1 (25.26 tokens/s); the model predicts more for the larger block. Tolerance: between
+    # the paper's figure and twice it.
     assert result.policy.block_size >= 2
     assert 25.26 <= result.throughput <= 2 * 25.26
     # The paper's own policy (2x1, no overlap) is predicted within 25% of its measured 25.26.
@@ -417,7 +421,7 @@ def test_policy_auto_compresses_where_the_cost_model_says_it_pays(tmp_path, monk
     path = build_checkpoint("tiny")
     model = load_model(path)
     weights = sum(s.numel for layer in model.layers for s in layer.specs) * 4
-    hw = dataclasses.replace(cpu_host().with_memory(gpu=int(0.9 * weights), cpu=int(0.9 * weights)),
+    hw = dataclasses.replace(cpu_host().with_memory(gpu=int(0.95 * weights), cpu=int(0.95 * weights)),
                              disk_to_cpu=50e6, disk_to_cpu_cached=None)
     monkeypatch.setenv("FLEXGEN_HARDWARE", str(hw.save(tmp_path / "host.json")))
     workload = Workload(16, 4)

@@ -128,9 +128,21 @@ class Devices:
 def _expandable_segments() -> None:
     """Let PyTorch's CUDA caching allocator grow segments in place instead of keeping blocks it cannot
     reuse for another size: on an H200 capped at 6 GiB the engine's transients left 0.9-1.7 GiB reserved
-    but unallocated without it. A user's own PYTORCH_CUDA_ALLOC_CONF is left as it is."""
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    but unallocated without it. Only before this process has reserved any GPU memory, and never over the
+    user's own PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF."""
+    if _ALLOCATOR_SET or "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    _ALLOCATOR_SET.append(True)
+    if torch.cuda.is_initialized() and torch.cuda.memory_reserved() > 0:
+        return
+    setting = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    try:
+        setting("expandable_segments:True")
+    except RuntimeError as e:  # a build or platform without them: fragmentation is then the planner's margin
+        log.info("CUDA expandable segments are not available here: %s", e)
+
+
+_ALLOCATOR_SET: list[bool] = []
 
 
 class OffloadSpaceError(OSError):
