@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flexgen_core.bench_cli import add_bench_parser
 from flexgen_core.memory import DTYPE_BYTES
-from flexgen_core.policy import Policy
+from flexgen_core.policy import COMPRESS_CHOICES, Policy
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +93,7 @@ def _generate(args) -> int:
     if args.policy == "auto":  # planned for this call's shape; the compression flags force it on
         policy = "auto"
         extra = dict(prompt_len_hint=max(map(len, prompt_ids)), gen_len_hint=max(1, args.max_new_tokens),
-                     num_prompts_hint=len(prompt_ids) * args.num_completions,
+                     num_prompts_hint=len(prompt_ids) * args.num_completions, compress=args.compress,
                      compress_weight=True if args.compress_weight else None,
                      compress_cache=True if args.compress_cache else None)
     with Engine.from_pretrained(folder, policy=policy, offload_dir=args.offload_dir, device=args.device,
@@ -302,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="end a completion where this text appears (repeatable)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--policy", choices=["auto"], help="plan the policy for this call (flexgen plan's search on "
-                     "this machine's profile) instead of the flags below; --compress-weight/--compress-cache force "
-                     "compression on, else the planner decides")
+                     "this machine's profile) instead of the flags below; exact policies only unless --compress "
+                     "allow; --compress-weight/--compress-cache force compression on")
+    gen.add_argument("--compress", choices=COMPRESS_CHOICES, default="never",
+                     help="with --policy auto: 'allow' lets the planner choose 4-bit weights or cache where it pays "
+                          "(lossy: results change); default never")
     _add_policy_args(gen)
     gen.set_defaults(run=_generate)
 

@@ -18,7 +18,7 @@ import torch
 
 from flexgen_core import memory
 from flexgen_core.models.registry import family_for
-from flexgen_core.policy import Policy
+from flexgen_core.policy import Policy, auto_compression
 from flexgen_core.runtime import checkpoint
 from flexgen_core.runtime.capacity import PolicyDoesNotFit, check_fits, out_of_memory_error
 from flexgen_core.runtime.decoding import (
@@ -80,17 +80,20 @@ class Engine:
                         offload_dir: str | os.PathLike | None = None, device: str = "auto",
                         dtype: str = "float32", hardware=None, prompt_len_hint: int = 512, gen_len_hint: int = 32,
                         num_prompts_hint: int | None = None, compress_weight: bool | None = None,
-                        compress_cache: bool | None = None, shared_prefix_len_hint: int = 0) -> "Engine":
+                        compress_cache: bool | None = None, shared_prefix_len_hint: int = 0,
+                        compress: str = "never") -> "Engine":
         """`policy="auto"` plans the policy (plan/search.py) for prompts of `prompt_len_hint` tokens
         (the first `shared_prefix_len_hint` of them shared by all prompts, as HELM's few-shot prompts are)
         generating `gen_len_hint`, at most `num_prompts_hint` sequences per block, on `hardware`: a
         HardwareProfile, a built-in profile name or a profile file; by default `$FLEXGEN_HARDWARE` or this
-        machine's measured profile (measured once and kept, see plan.profiler.resolve). The planner
-        decides 4-bit compression of weights and cache unless `compress_weight` / `compress_cache` fix it
-        (those two go with `policy="auto"` only; a given policy carries its own switches)."""
+        machine's measured profile (measured once and kept, see plan.profiler.resolve). It plans exact
+        policies only, unless `compress="allow"` lets it choose 4-bit weights or cache where its cost
+        model says they pay (a lossy change, logged as such); `compress_weight` / `compress_cache` fix
+        either switch. Those three go with `policy="auto"` only: a given policy carries its own switches."""
         auto = isinstance(policy, str) and policy == "auto"
-        if not auto and (compress_weight is not None or compress_cache is not None):
-            raise ValueError("compress_weight / compress_cache go with policy='auto'; set them in the Policy instead")
+        if not auto and (compress_weight is not None or compress_cache is not None or compress != "never"):
+            raise ValueError("compress, compress_weight and compress_cache go with policy='auto'; "
+                             "set the switches in the Policy instead")
         policy = None if auto else _as_policy(policy)
         if dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
@@ -100,6 +103,7 @@ class Engine:
         if auto:
             from flexgen_core.plan.search import plan_for_engine
 
+            compress_weight, compress_cache = auto_compression(compress, compress_weight, compress_cache)
             policy = plan_for_engine(str(folder), config, layers, devices.profile_device, TORCH_DTYPES[dtype].itemsize,
                                      hardware, offload_dir, prompt_len_hint, gen_len_hint, num_prompts_hint,
                                      compress_weight, compress_cache, shared_prefix_len_hint)

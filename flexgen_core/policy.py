@@ -18,6 +18,22 @@ _PERCENT_PAIRS = (
 )
 _SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache", "pin_weight", "share_prefix")
 
+# What `policy="auto"` may do about 4-bit compression, a lossy change of the model's computation:
+# "never" (the default: exact policies only) or "allow" (where the cost model says it pays; the choice
+# is logged as lossy).
+COMPRESS_CHOICES = ("never", "allow")
+
+
+def auto_compression(compress: str, compress_weight: bool | None = None,
+                     compress_cache: bool | None = None) -> tuple[bool | None, bool | None]:
+    """The planner's compression switches for `policy="auto"`: each as fixed by the caller, else off,
+    or the planner's choice (None) where `compress="allow"`."""
+    if compress not in COMPRESS_CHOICES:
+        raise ValueError(f"compress must be one of {', '.join(COMPRESS_CHOICES)}, got {compress!r}")
+    free = None if compress == "allow" else False
+    return (free if compress_weight is None else bool(compress_weight),
+            free if compress_cache is None else bool(compress_cache))
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -70,6 +86,11 @@ class Policy:
     @property
     def act_disk_percent(self) -> int:
         return 100 - self.act_gpu_percent - self.act_cpu_percent
+
+    @property
+    def lossy(self) -> list[str]:
+        """What is stored in 4 bits (a lossy change of the model's computation): [] when exact."""
+        return [name for name, on in (("weights", self.compress_weight), ("KV cache", self.compress_cache)) if on]
 
     @property
     def block_size(self) -> int:

@@ -56,6 +56,7 @@ from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from helm.tokenizers.tokenizer import Tokenizer
 
 from flexgen_core import Policy
+from flexgen_core.policy import auto_compression
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.runtime.capacity import PolicyDoesNotFit
 from flexgen_core.runtime.decoding import NonFiniteError
@@ -89,6 +90,7 @@ class EngineKey:
     device: str
     dtype: str
     batch_wait_s: float
+    compress: str = "never"  # with policy "auto": may it choose 4-bit weights or cache (COMPRESS_CHOICES)
 
 
 class EngineHandle:
@@ -128,7 +130,7 @@ class EngineHandle:
         results = self.engine.generate(prompts, seed=list(seeds), **settings.generate_kwargs())
         what = f"{len(prompts)} prompts (x{settings.num_completions}, {settings.max_new_tokens} new tokens)"
         PROGRESS.get(self.key).batch_done(len(prompts), what, time.perf_counter() - started_s, before,
-                                          self.engine.stats.as_dict())
+                                          self.engine.stats.as_dict(), lossy=self.engine.policy.lossy)
         return results
 
     def close(self) -> None:
@@ -221,14 +223,17 @@ def _load_engine(key: EngineKey, hints: Mapping[str, int] | None = None) -> Any:
     description = f"{key.model_path} (policy {describe_policy(key.policy)}; device {key.device}, {key.dtype})"
     with htrack_block(f"FlexGen: loading {description}"):
         try:
+            auto = {"compress": key.compress} if key.policy == "auto" else {}
             engine = Engine.from_pretrained(
                 key.model_path, policy=key.policy, offload_dir=key.offload_dir, device=key.device, dtype=key.dtype,
-                **(hints or {}),
+                **auto, **(hints or {}),
             )
         except (OSError, ValueError, TypeError) as error:
             raise ConfigurationError(f"cannot load {key.model_path!r}: {error}") from error
         if key.policy == "auto":
-            hlog(f"FlexGen: policy auto planned {describe_policy(engine.policy)} for {hints}")
+            lossy = engine.policy.lossy
+            note = f"; LOSSY: 4-bit {' and '.join(lossy)} (compress: allow)" if lossy else "; exact"
+            hlog(f"FlexGen: policy auto planned {describe_policy(engine.policy)} for {hints}{note}")
         return engine
 
 
@@ -334,6 +339,7 @@ class FlexGenClient(CachingClient):
         batch_wait_s: float = 0.05,
         request_log: str | None = None,
         apply_chat_template: bool | None = None,
+        compress: str = "never",
     ) -> None:
         super().__init__(cache_config=cache_config)
         self._tokenizer = tokenizer
@@ -359,8 +365,12 @@ class FlexGenClient(CachingClient):
             if missing is not None:
                 raise ValueError(missing)
             offload = os.path.expanduser(offload_dir or os.path.join("~", ".cache", "flexgen-helm", "offload"))
+            parsed = _parse_policy(policy)
+            auto_compression(compress)  # a bad value is named here, before any work
+            if compress != "never" and parsed != "auto":
+                raise ValueError("compress goes with policy: auto (a given policy carries its own switches)")
             self._engine_key = EngineKey(
-                self._model_path, _parse_policy(policy), offload, device, dtype, float(batch_wait_s)
+                self._model_path, parsed, offload, device, dtype, float(batch_wait_s), compress
             )
             if request_log is not None:
                 self._request_log = RequestLog(os.path.expanduser(request_log))
@@ -434,7 +444,9 @@ class FlexGenClient(CachingClient):
             "model_path": self._model_path,
             "dtype": self._engine_key.dtype,
             # Compression changes results; the other policy fields only move tensors around.
-            "compression": "auto" if policy == "auto" else [policy.compress_weight, policy.compress_cache],
+            # Exact policies all compute the same model; "auto" may compress only where allowed.
+            "compression": ("auto" if self._engine_key.compress == "allow" else [False, False]) if policy == "auto"
+            else [policy.compress_weight, policy.compress_cache],
             "prompt": self._prompt(request),
             "temperature": request.temperature,
             "num_completions": request.num_completions,

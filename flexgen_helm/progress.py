@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 
 @dataclass
@@ -30,6 +30,7 @@ class _Burst:
     compute_s: float = 0.0
     stats_before: Mapping[str, Any] | None = None
     stats_after: Mapping[str, Any] | None = None
+    lossy: tuple[str, ...] = ()  # what the engine stored in 4 bits for this burst's batches
 
 
 class RunProgress:
@@ -63,11 +64,12 @@ class RunProgress:
             self._touch().computed += 1
 
     def batch_done(self, prompts: int, what: str, batch_s: float, stats_before: Mapping[str, Any],
-                   stats_after: Mapping[str, Any]) -> None:
+                   stats_after: Mapping[str, Any], lossy: Sequence[str] = ()) -> None:
         """An engine batch of `prompts` requests finished; `stats_*` are the engine's counters
-        (RunStats.as_dict()) around it."""
+        (RunStats.as_dict()) around it; `lossy`: what its policy stores in 4 bits (Policy.lossy)."""
         with self._lock:
             burst = self._touch()
+            burst.lossy = tuple(sorted(set(burst.lossy) | set(lossy)))
             burst.computed += prompts
             burst.batch_sizes.append(prompts)
             burst.compute_s += batch_s
@@ -124,6 +126,9 @@ class RunProgress:
             parts[0] += (f" in {len(sizes)} batches (mean {sum(sizes) / len(sizes):.1f}, largest {max(sizes)} "
                          "requests)")
         parts.append(f"{burst.cached} from HELM's cache")
+        if burst.batch_sizes:
+            parts.append(f"LOSSY results: 4-bit {' and '.join(burst.lossy)}" if burst.lossy
+                         else "exact results (no compression)")
         if burst.failed:
             parts.append(f"{burst.failed} failed")
         if burst.stats_before is not None and burst.stats_after is not None:

@@ -51,6 +51,7 @@ SMALL_DEPLOYMENT = "local-flexgen-small/tiny"  # blocks of 2 sequences
 PATIENT_DEPLOYMENT = "local-flexgen-patient/tiny"
 BAD_POLICY_DEPLOYMENT = "local-flexgen-bad-policy/tiny"
 BAD_LOG_DEPLOYMENT = "local-flexgen-bad-log/tiny"
+BAD_COMPRESS_DEPLOYMENT = "local-flexgen-bad-compress/tiny"  # compress: allow beside a fixed policy
 MISSING_MODEL_DEPLOYMENT = "local-flexgen-missing/tiny"
 AUTO_DEPLOYMENT = "local-flexgen-auto/tiny"  # policy: auto, planned at the first batch
 FAULT_DEPLOYMENT = "local-flexgen-faults/tiny"  # an engine of its own, for injected faults
@@ -103,6 +104,7 @@ def env(tmp_path_factory):
         _flexgen_deployment(BAD_POLICY_DEPLOYMENT, checkpoint, offload, policy={"gpu_batch_size": 2, "w_gpu_pct": 50}),
         _flexgen_deployment(MISSING_MODEL_DEPLOYMENT, root / "no-such-checkpoint", offload),
         _flexgen_deployment(BAD_LOG_DEPLOYMENT, checkpoint, offload, request_log=str(root / "a-folder")),
+        _flexgen_deployment(BAD_COMPRESS_DEPLOYMENT, checkpoint, offload, compress="allow"),
         _flexgen_deployment(AUTO_DEPLOYMENT, checkpoint, offload, policy="auto", batch_wait_s=0.5),
         _flexgen_deployment(FAULT_DEPLOYMENT, checkpoint, offload, batch_wait_s=0.02),
     ]
@@ -419,6 +421,7 @@ def test_prompt_too_long_is_not_retried_and_not_fatal(env):
         (BAD_POLICY_DEPLOYMENT, "w_gpu_pct"),
         (MISSING_MODEL_DEPLOYMENT, "no-such-checkpoint"),
         (BAD_LOG_DEPLOYMENT, "a-folder"),
+        (BAD_COMPRESS_DEPLOYMENT, "compress goes with policy: auto"),
     ],
 )
 def test_bad_configuration_is_fatal_and_not_retried(env, deployment, message):
@@ -509,7 +512,7 @@ def test_progress_per_batch_and_a_summary_per_burst(env, caplog):
     (summary,) = [line for line in lines if mine in line]
     assert re.match(rf"FlexGen: 6 requests to {PATIENT_DEPLOYMENT} in [0-9.]+ s: {computed} computed in "
                     rf"{len(batches)} batches \(mean [0-9.]+, largest {max(sizes)} requests\); 1 from HELM's cache; "
-                    r"prefill [0-9.]+ s, decode [0-9.]+ s, \d+ tokens generated", summary), summary
+                    r"exact results \(no compression\); prefill [0-9.]+ s, decode [0-9.]+ s, \d+ tokens generated", summary), summary
 
 
 def test_chat_messages_are_rejected(env):
@@ -548,6 +551,7 @@ def test_policy_auto_is_planned_for_the_first_batch(env, tmp_path, monkeypatch):
     common = next(i for i in range(min(map(len, ids))) if len({tuple(t[:i + 1]) for t in ids}) > 1)
     assert hints["prompt_len_hint"] == max(map(len, ids)) and hints["gen_len_hint"] == 5
     assert hints["num_prompts_hint"] == len(requests) and hints["shared_prefix_len_hint"] == common > 16
+    assert hints["compress"] == "never"  # exact unless the deployment says `compress: allow`
     assert max(r.batch_size for r in results) == len(requests)  # the first batch took everything waiting
 
 

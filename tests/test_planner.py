@@ -15,7 +15,7 @@ import pytest
 from flexgen_core import memory
 from flexgen_core.cli import main
 from flexgen_core.plan.cost_model import CostModel, Workload
-from flexgen_core.plan.hardware import GiB, HardwareProfile, load_profile, parse_size
+from flexgen_core.plan.hardware import GiB, HardwareProfile, builtin_profiles, load_profile, parse_size
 from flexgen_core.plan.search import (
     PlanInfeasible,
     PlanOptions,
@@ -411,10 +411,10 @@ def test_engine_plans_policy_auto(tmp_path, caplog, monkeypatch):
     assert host <= 0.95 * budget
 
 
-def test_policy_auto_compresses_where_the_cost_model_says_it_pays(tmp_path, monkeypatch):
-    """Left to choose, `policy="auto"` takes whichever compression setting the cost model predicts
-    faster; on a host whose RAM holds the 4-bit weights but not the dense ones, behind a slow disk,
-    that is compressed weights."""
+def test_policy_auto_compresses_only_when_allowed(tmp_path, monkeypatch, caplog):
+    """On a host whose RAM holds the 4-bit weights but not the dense ones, behind a slow disk, the cost
+    model predicts compressed weights faster. `policy="auto"` still plans an exact policy unless the
+    caller allows compression (`compress="allow"`): then it takes the faster, lossy one and says so."""
     from flexgen_core import Engine
     from flexgen_core.testing import build_checkpoint
 
@@ -428,12 +428,73 @@ def test_policy_auto_compresses_where_the_cost_model_says_it_pays(tmp_path, monk
     predicted = {cw: plan(model, workload, hw, 4, PlanOptions(compress_weight=cw, max_block_size=4)).best.throughput
                  for cw in (False, True)}
     assert predicted[True] > predicted[False]
-    with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, prompt_len_hint=16,
-                                gen_len_hint=4, num_prompts_hint=4) as engine:
-        assert engine.policy.compress_weight
-        engine.generate([[2, 5, 7]], max_new_tokens=2)
-    with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, prompt_len_hint=16,
-                                gen_len_hint=4, num_prompts_hint=4, compress_weight=False) as engine:
+    hints = dict(prompt_len_hint=16, gen_len_hint=4, num_prompts_hint=4)
+    with caplog.at_level("WARNING", logger="flexgen_core.plan.search"):
+        with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, **hints) as engine:
+            assert engine.policy.lossy == []  # exact unless asked
+            engine.generate([[2, 5, 7]], max_new_tokens=2)
+        assert "lossy" not in caplog.text
+        with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, compress="allow",
+                                    **hints) as engine:
+            assert engine.policy.compress_weight
+            engine.generate([[2, 5, 7]], max_new_tokens=2)
+        assert "chose 4-bit weights" in caplog.text and "results are lossy" in caplog.text
+    with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, compress="allow",
+                                compress_weight=False, **hints) as engine:
         assert not engine.policy.compress_weight  # an explicit switch is respected
     with pytest.raises(ValueError, match="policy='auto'"):
         Engine.from_pretrained(path, policy=Policy(), compress_weight=True)
+    with pytest.raises(ValueError, match="policy='auto'"):
+        Engine.from_pretrained(path, policy=Policy(), compress="allow")
+    with pytest.raises(ValueError, match="compress must be one of never, allow"):
+        Engine.from_pretrained(path, policy="auto", compress="yes", **hints)
+
+
+def _auto_deployments() -> list[str]:
+    """The hub models of the packaged HELM deployments whose policy is planned (`policy: auto`)."""
+    import yaml
+
+    from flexgen_helm import configs
+
+    deployments = yaml.safe_load((configs.config_dir() / "model_deployments.yaml").read_text())["model_deployments"]
+    return sorted({d["client_spec"]["args"]["pretrained_model_name_or_path"] for d in deployments
+                   if d["client_spec"]["args"].get("policy") == "auto"})
+
+
+def _hosts() -> list:
+    """Hosts from the packaged profiles, at their own size and with the GPU and RAM a quarter as large
+    (where offloading, and so compression, matters most)."""
+    hosts = []
+    for name in builtin_profiles():
+        profile = load_profile(name)
+        hosts += [profile, profile.with_memory(gpu=profile.gpu_bytes // 4, cpu=profile.cpu_bytes // 4)]
+    return hosts
+
+
+def test_policy_auto_is_exact_unless_compression_is_allowed(caplog):
+    """For every packaged deployment planned at load time and every packaged host: no compression
+    without the opt-in; with it, the planner may compress (it does somewhere here) and says it is lossy."""
+    from flexgen_core.plan.search import plan_for_engine
+    from flexgen_core.policy import auto_compression
+
+    names = _auto_deployments()
+    assert len(names) >= 6, names
+    compressed_when_allowed = 0
+    for name in names:
+        model = load_model(name)
+        for host in _hosts():
+            for compress in ("never", "allow"):
+                switches = auto_compression(compress)
+                caplog.clear()
+                with caplog.at_level("WARNING", logger="flexgen_core.plan.search"):
+                    try:
+                        policy = plan_for_engine(name, model.shape, model.layers, host.compute_device, 2, host,
+                                                 None, 512, 32, 64, *switches)
+                    except ValueError:  # nothing fits this host at all: no policy, exact or not
+                        continue
+                if compress == "never":
+                    assert policy.lossy == [], (name, host.name, policy)
+                else:
+                    compressed_when_allowed += bool(policy.lossy)
+                assert ("results are lossy" in caplog.text) == bool(policy.lossy)
+    assert compressed_when_allowed > 0

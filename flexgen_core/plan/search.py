@@ -616,7 +616,8 @@ def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: in
                     shared_prefix_len: int = 0) -> Policy:
     """`policy="auto"` of `Engine.from_pretrained`: plan for the engine's own layers on `hardware` (see
     `profiler.resolve`) and log the choice. Compression is the planner's choice where a switch is None
-    (the default: it compresses where the cost model says it pays), as given otherwise.
+    (see auto_compression: only when the caller allows it), as given otherwise; a compressed choice is
+    logged as lossy.
     `shared_prefix_len`: tokens at the start of every prompt that the engine will share (HELM's
     instructions and in-context examples); like the lengths, a hint, cut to leave each prompt a token."""
     from flexgen_core.plan.profiler import resolve
@@ -632,6 +633,9 @@ def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: in
     workload = Workload(prompt_len, gen_len, shared_prefix_len)
     result = plan(PlanModel(name, config, layers, "folder"), workload, profile, dtype_bytes, options)
     best = result.best
+    if best.policy.lossy:
+        log.warning("policy='auto' chose 4-bit %s: results are lossy (not the model's exact computation)",
+                    " and ".join(best.policy.lossy))
     log.info("policy='auto' on %s: batch %d x %d, percent %s, cpu_cache_compute=%s, compress weights %s, "
              "cache %s; predicted %.3g tokens/s (prefill %.3g s, decode %.3g s per block; shared prefix pass "
              "%.3g s once) for prompts of %d tokens (%d shared) generating %d", profile.name,
