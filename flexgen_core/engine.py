@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import operator
@@ -64,6 +65,7 @@ class Engine:
         self.runner = BlockRunner(ctx)
         self._prefixes: list[SharedPrefix] = []  # kept for later calls, most recently used last
         self._closed = False
+        self._planning: dict[str, Any] | None = None  # how policy="auto" planned it (for replan)
 
     # What the blocks share, read from the run context (defined once there).
     layers = property(lambda self: self.ctx.layers)
@@ -104,6 +106,8 @@ class Engine:
             from flexgen_core.plan.search import plan_for_engine
 
             compress_weight, compress_cache = auto_compression(compress, compress_weight, compress_cache)
+            planning = dict(hardware=hardware, offload_dir=offload_dir, compress_weight=compress_weight,
+                            compress_cache=compress_cache)
             policy = plan_for_engine(str(folder), config, layers, devices.profile_device, TORCH_DTYPES[dtype].itemsize,
                                      hardware, offload_dir, prompt_len_hint, gen_len_hint, num_prompts_hint,
                                      compress_weight, compress_cache, shared_prefix_len_hint)
@@ -127,7 +131,44 @@ class Engine:
                 raise
         log.info("loaded %s (%s, %d layers) with policy %s on %s", folder, config.family, config.num_layers,
                  policy.percent, devices.compute)
+        engine._planning = planning if auto else None
         return engine
+
+    # ---- re-planning --------------------------------------------------------------------------------
+    def replan(self, prompt_len_hint: int, gen_len_hint: int, num_prompts_hint: int | None = None,
+               shared_prefix_len_hint: int = 0) -> Policy:
+        """Plan again for calls of another shape (an engine loaded with policy="auto" only, with the same
+        hardware and compression settings). The plan keeps the loaded weights unless moving them is
+        faster by more than the planner's tie tolerance. A plan that keeps them is applied at once
+        (use_block_policy); one that moves them is returned for the caller to load anew."""
+        if self._planning is None:
+            raise ValueError("only an engine loaded with policy='auto' re-plans")
+        from flexgen_core.plan.search import keeps_weights, plan_for_engine
+
+        planning = self._planning
+        policy = plan_for_engine(str(self.folder), self.config, self.layers, self.devices.profile_device,
+                                 self.dtype.itemsize, planning["hardware"], planning["offload_dir"], prompt_len_hint,
+                                 gen_len_hint, num_prompts_hint, planning["compress_weight"],
+                                 planning["compress_cache"], shared_prefix_len_hint, current=self.policy)
+        if keeps_weights(policy, self.policy):
+            self.use_block_policy(policy)
+        return policy
+
+    def use_block_policy(self, policy: Policy) -> None:
+        """Run later calls under `policy`, on the weights as loaded: it may change the block's shape, the
+        KV cache's and activations' placement, CPU attention, cache compression and prefix sharing, not
+        the fields the loaded weights depend on (search.WEIGHT_FIELDS). Kept shared prefixes are let go
+        (their K/V lie where the old policy put them)."""
+        from flexgen_core.plan.search import WEIGHT_FIELDS
+
+        changed = [f for f in WEIGHT_FIELDS if getattr(policy, f) != getattr(self.policy, f)]
+        if changed:
+            raise ValueError(f"the loaded weights fix {', '.join(changed)}; load the engine anew for that policy")
+        if policy == self.policy:
+            return
+        self._drop_prefixes()
+        self.ctx = dataclasses.replace(self.ctx, policy=policy)
+        self.runner.ctx = self.ctx
 
     # ---- generation -------------------------------------------------------------------------------
     @_on_device

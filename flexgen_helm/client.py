@@ -102,6 +102,7 @@ class EngineHandle:
     def __init__(self, key: EngineKey) -> None:
         self.key = key
         self.engine: Any = None
+        self.planned_for: dict[str, int] = {}  # policy "auto": the shape hints of the current plan
         if key.policy == "auto":
             self.max_positions = _read_max_positions(key.model_path)
             block_size = UNPLANNED_BLOCK_SIZE
@@ -118,20 +119,40 @@ class EngineHandle:
         )
 
     def _run_batch(self, settings: BatchSettings, prompts: Sequence[Sequence[int]], seeds: Sequence[int | None]):
-        if self.engine is None:  # policy "auto": plan for what this first batch looks like
-            from flexgen_core.engine import sharable_prefix_len
-
-            self.engine = _load_engine(self.key, dict(
-                prompt_len_hint=max(map(len, prompts)), gen_len_hint=max(1, settings.max_new_tokens),
-                num_prompts_hint=len(prompts) * settings.num_completions,
-                shared_prefix_len_hint=sharable_prefix_len(prompts)))
-            self.batcher.block_size = self.engine.policy.block_size
+        if self.key.policy == "auto":
+            self._plan_for(settings, prompts)
         started_s, before = time.perf_counter(), self.engine.stats.as_dict()
         results = self.engine.generate(prompts, seed=list(seeds), **settings.generate_kwargs())
         what = f"{len(prompts)} prompts (x{settings.num_completions}, {settings.max_new_tokens} new tokens)"
         PROGRESS.get(self.key).batch_done(len(prompts), what, time.perf_counter() - started_s, before,
                                           self.engine.stats.as_dict(), lossy=self.engine.policy.lossy)
         return results
+
+    def _plan_for(self, settings: BatchSettings, prompts: Sequence[Sequence[int]]) -> None:
+        """policy "auto": plan for the first batch, then again whenever a batch's shape differs
+        materially from the one planned for (a new run entry: other prompt lengths, max_tokens or
+        more requests waiting), keeping the loaded weights unless the planner rates a move worth it."""
+        from flexgen_core.engine import sharable_prefix_len
+        from flexgen_core.plan.search import keeps_weights
+
+        hints = dict(prompt_len_hint=max(map(len, prompts)), gen_len_hint=max(1, settings.max_new_tokens),
+                     num_prompts_hint=len(prompts) * settings.num_completions,
+                     shared_prefix_len_hint=sharable_prefix_len(prompts))
+        if self.engine is None:
+            self.engine = _load_engine(self.key, hints)
+        elif _materially_different(hints, self.planned_for):
+            before = self.engine.policy
+            policy = self.engine.replan(**hints)
+            if keeps_weights(policy, before):
+                hlog(f"FlexGen: re-planned {describe_policy(policy)} for {hints} (weights kept as loaded)")
+            else:
+                self.engine.close()
+                self.engine = None
+                self.engine = _load_engine(self.key, hints)
+        else:
+            return
+        self.planned_for = hints
+        self.batcher.block_size = self.engine.policy.block_size
 
     def close(self) -> None:
         self.batcher.close()
@@ -206,6 +227,22 @@ atexit.register(PROGRESS.flush_all)  # registered after ENGINES.close_all: runs 
 
 
 _SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache")
+
+
+# policy "auto" plans again when a batch's prompts are this much longer or shorter than planned for,
+# or this many times as many sequences wait (fewer always fit the planned block), or max_tokens changed.
+REPLAN_LENGTH_RATIO = 1.25
+REPLAN_COUNT_RATIO = 2.0
+
+
+def _materially_different(hints: Mapping[str, int], planned: Mapping[str, int]) -> bool:
+    def ratio(a: int, b: int) -> float:
+        return max(a, b) / max(min(a, b), 1)
+
+    return (hints["gen_len_hint"] != planned["gen_len_hint"]
+            or ratio(hints["prompt_len_hint"], planned["prompt_len_hint"]) > REPLAN_LENGTH_RATIO
+            or ratio(hints["shared_prefix_len_hint"], planned["shared_prefix_len_hint"]) > REPLAN_LENGTH_RATIO
+            or hints["num_prompts_hint"] > REPLAN_COUNT_RATIO * planned["num_prompts_hint"])
 
 
 def describe_policy(policy: Policy | str) -> str:

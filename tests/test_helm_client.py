@@ -54,6 +54,7 @@ BAD_LOG_DEPLOYMENT = "local-flexgen-bad-log/tiny"
 BAD_COMPRESS_DEPLOYMENT = "local-flexgen-bad-compress/tiny"  # compress: allow beside a fixed policy
 MISSING_MODEL_DEPLOYMENT = "local-flexgen-missing/tiny"
 AUTO_DEPLOYMENT = "local-flexgen-auto/tiny"  # policy: auto, planned at the first batch
+REPLAN_DEPLOYMENT = "local-flexgen-replan/tiny"  # policy: auto, an engine of its own for the re-planning test
 FAULT_DEPLOYMENT = "local-flexgen-faults/tiny"  # an engine of its own, for injected faults
 
 PROMPTS = [
@@ -106,6 +107,7 @@ def env(tmp_path_factory):
         _flexgen_deployment(BAD_LOG_DEPLOYMENT, checkpoint, offload, request_log=str(root / "a-folder")),
         _flexgen_deployment(BAD_COMPRESS_DEPLOYMENT, checkpoint, offload, compress="allow"),
         _flexgen_deployment(AUTO_DEPLOYMENT, checkpoint, offload, policy="auto", batch_wait_s=0.5),
+        _flexgen_deployment(REPLAN_DEPLOYMENT, checkpoint, offload, policy="auto", batch_wait_s=0.4),
         _flexgen_deployment(FAULT_DEPLOYMENT, checkpoint, offload, batch_wait_s=0.02),
     ]
     (root / "a-folder").mkdir()
@@ -553,6 +555,41 @@ def test_policy_auto_is_planned_for_the_first_batch(env, tmp_path, monkeypatch):
     assert hints["num_prompts_hint"] == len(requests) and hints["shared_prefix_len_hint"] == common > 16
     assert hints["compress"] == "never"  # exact unless the deployment says `compress: allow`
     assert max(r.batch_size for r in results) == len(requests)  # the first batch took everything waiting
+
+
+def test_auto_plans_again_for_a_new_run_entry_on_the_loaded_weights(env, tmp_path, monkeypatch):
+    """Two run entries of other max_tokens: two plans, one load of the weights (their placement is
+    the same), and the second entry's results are the model's as a fixed policy computes them."""
+    import flexgen_core.plan.search as search
+    from flexgen_core import Engine
+    from test_planner import cpu_host
+
+    monkeypatch.setenv("FLEXGEN_HARDWARE", str(cpu_host().save(tmp_path / "host.json")))
+    loads, plans = [], []
+    from_pretrained, plan_for_engine = Engine.from_pretrained.__func__, search.plan_for_engine
+
+    def recording_load(cls, *args, **kwargs):
+        loads.append(kwargs)
+        return from_pretrained(cls, *args, **kwargs)
+
+    def recording_plan(*args, **kwargs):
+        plans.append(args[7:10])  # prompt_len, gen_len, num_prompts
+        return plan_for_engine(*args, **kwargs)
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(recording_load))
+    monkeypatch.setattr(search, "plan_for_engine", recording_plan)
+    client = _client(env, REPLAN_DEPLOYMENT)
+    answered = []
+    for max_tokens in (1, 12):
+        requests = [_request(REPLAN_DEPLOYMENT, prompt=p, max_tokens=max_tokens) for p in PROMPTS[:4]]
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            answered += zip(requests, [_ok(r) for r in pool.map(client.make_request, requests)])
+    assert [gen_len for _, gen_len, _ in plans] == [1, 12], plans
+    assert len([kwargs for kwargs in loads if kwargs.get("policy") == "auto"]) == 1
+    # (The fixed-policy client loads the same checkpoint, which unloads the idle auto engine: last.)
+    alone = _client(env, FLEXGEN_DEPLOYMENT)
+    for request, result in answered:
+        _assert_same(result, _ok(alone.make_request(replace(request, model_deployment=FLEXGEN_DEPLOYMENT))))
 
 
 def test_client_is_cheap_to_build(env):

@@ -498,3 +498,26 @@ def test_policy_auto_is_exact_unless_compression_is_allowed(caplog):
                     compressed_when_allowed += bool(policy.lossy)
                 assert ("results are lossy" in caplog.text) == bool(policy.lossy)
     assert compressed_when_allowed > 0
+
+
+def test_a_new_block_policy_runs_on_the_loaded_weights(tmp_path, monkeypatch):
+    """Engine.replan applies a plan that keeps the loaded weights at once (another block shape here);
+    the fields the weights depend on cannot change without a new load, and only planned engines re-plan."""
+    from flexgen_core import Engine
+    from flexgen_core.plan.search import WEIGHT_FIELDS
+    from flexgen_core.testing import build_checkpoint
+
+    monkeypatch.setenv("FLEXGEN_HARDWARE", str(cpu_host().save(tmp_path / "host.json")))
+    path = build_checkpoint("tiny")
+    with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, prompt_len_hint=8,
+                                gen_len_hint=1, num_prompts_hint=2) as engine:
+        first = engine.policy
+        replanned = engine.replan(prompt_len_hint=8, gen_len_hint=16, num_prompts_hint=64)
+        assert engine.policy == replanned and replanned.block_size > first.block_size
+        assert all(getattr(replanned, f) == getattr(first, f) for f in WEIGHT_FIELDS)
+        with pytest.raises(ValueError, match="w_gpu_percent"):
+            engine.use_block_policy(replanned.replace(w_gpu_percent=50, w_cpu_percent=50))
+        engine.generate([[2, 5, 7]] * 3, max_new_tokens=2)
+    with Engine.from_pretrained(path, policy=Policy(), device="cpu", offload_dir=tmp_path) as engine:
+        with pytest.raises(ValueError, match="only an engine loaded with policy='auto' re-plans"):
+            engine.replan(prompt_len_hint=8, gen_len_hint=16)

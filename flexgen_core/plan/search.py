@@ -610,10 +610,20 @@ def _explain(model: PlanModel, est: Estimate, over: dict[str, int], usable: dict
             + "; ".join(parts))
 
 
+# The policy fields fixed once an engine has loaded its weights: where they lie, how they are stored, and
+# the staging slots that overlap needs. Engine.use_block_policy may change the others between calls.
+WEIGHT_FIELDS = ("w_gpu_percent", "w_cpu_percent", "compress_weight", "pin_weight", "overlap")
+
+
+def keeps_weights(policy: Policy, current: Policy) -> bool:
+    """Whether `policy` can run on weights loaded under `current`."""
+    return all(getattr(policy, f) == getattr(current, f) for f in WEIGHT_FIELDS)
+
+
 def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: int, hardware, offload_dir,
                     prompt_len: int, gen_len: int, num_prompts: int | None,
                     compress_weight: bool | None = None, compress_cache: bool | None = None,
-                    shared_prefix_len: int = 0) -> Policy:
+                    shared_prefix_len: int = 0, current: Policy | None = None) -> Policy:
     """`policy="auto"` of `Engine.from_pretrained`: plan for the engine's own layers on `hardware` (see
     `profiler.resolve`) and log the choice. Compression is the planner's choice where a switch is None
     (see auto_compression: only when the caller allows it), as given otherwise; a compressed choice is
@@ -631,8 +641,20 @@ def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: in
     shared_prefix_len = min(shared_prefix_len, prompt_len - 1)  # a negative one is Workload's error
     options = PlanOptions(compress_weight=compress_weight, compress_cache=compress_cache, max_block_size=num_prompts)
     workload = Workload(prompt_len, gen_len, shared_prefix_len)
-    result = plan(PlanModel(name, config, layers, "folder"), workload, profile, dtype_bytes, options)
+    model = PlanModel(name, config, layers, "folder")
+    result = plan(model, workload, profile, dtype_bytes, options)
     best = result.best
+    if current is not None and not keeps_weights(best.policy, current):
+        # Weights already loaded elsewhere: keep them unless the new placement is faster by more than the
+        # planner's own tie tolerance (a reload costs a pass over the checkpoint).
+        kept = best.policy.replace(**{f: getattr(current, f) for f in WEIGHT_FIELDS})
+        evaluate = _Evaluator(CostModel(model, workload, profile, dtype_bytes),
+                              usable_memory(profile, options.memory_fraction))
+        estimate = evaluate(kept)
+        if not evaluate.over(estimate) and estimate.throughput * (1 + result.tie_tolerance) >= best.throughput:
+            log.info("re-planned on the loaded weights: %s predicted %.3g tokens/s against %.3g with a reload",
+                     kept.percent, estimate.throughput, best.throughput)
+            best = estimate
     if best.policy.lossy:
         log.warning("policy='auto' chose 4-bit %s: results are lossy (not the model's exact computation)",
                     " and ".join(best.policy.lossy))
