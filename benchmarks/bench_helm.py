@@ -116,6 +116,12 @@ def main() -> int:
     parser.add_argument("--hf-threads", type=int, nargs="*", default=[1, 2, 4],
                         help="more -n values for HELM's client, besides --threads (its fastest run counts)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per client, interleaved; the best counts")
+    parser.add_argument("--policies", nargs="+", default=[], metavar="GxK|auto",
+                        help="more FlexGenClient runs, each under a fixed all-in-RAM policy of G sequences per GPU "
+                             "batch and K batches per block, or `policy: auto` (exact, planned for each run entry "
+                             "on this machine's profile); table and speedups per policy")
+    parser.add_argument("--no-ablations", action="store_true",
+                        help="skip the share_prefix-off runs (all entries and MMLU alone)")
     parser.add_argument("--no-mmlu-ablation", action="store_true", help="skip the MMLU-alone sharing on/off pair")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "helm-real")
     args = parser.parse_args()
@@ -147,12 +153,15 @@ def main() -> int:
     in_ram = dict(gpu_batch_size=args.gpu_batch, num_gpu_batches=args.num_gpu_batches, w_gpu_percent=100, w_cpu_percent=0,
                   cache_gpu_percent=100, cache_cpu_percent=0, act_gpu_percent=100, act_cpu_percent=0)
     # (label, entries, deployment, -n, share_prefix)
-    plan = [("flexgen", entries, FLEXGEN_DEPLOYMENT, args.threads, True),
-            ("flexgen-no-sharing", entries, FLEXGEN_DEPLOYMENT, args.threads, False),
-            ("hf", entries, HF_DEPLOYMENT, args.threads, None)]
+    plan = [("flexgen", entries, FLEXGEN_DEPLOYMENT, args.threads, True)]
+    plan += [(f"flexgen-{spec}", entries, FLEXGEN_DEPLOYMENT, args.threads, True) for spec in args.policies]
+    if not args.no_ablations:
+        plan.append(("flexgen-no-sharing", entries, FLEXGEN_DEPLOYMENT, args.threads, False))
+    if args.threads in args.hf_threads or not args.policies:
+        plan.append(("hf", entries, HF_DEPLOYMENT, args.threads, None))
     plan += [(f"hf-n{n}", entries, HF_DEPLOYMENT, n, None) for n in args.hf_threads if n != args.threads]
     mmlu = [e for e in entries if e.startswith("mmlu:")]
-    if mmlu and len(entries) > 1 and not args.no_mmlu_ablation:
+    if mmlu and len(entries) > 1 and not args.no_mmlu_ablation and not args.no_ablations:
         plan += [("mmlu-flexgen", mmlu, FLEXGEN_DEPLOYMENT, args.threads, True),
                  ("mmlu-flexgen-no-sharing", mmlu, FLEXGEN_DEPLOYMENT, args.threads, False)]
     runs = []
@@ -164,7 +173,14 @@ def main() -> int:
                 print(f"helm-run {' '.join(run_entries)} via {label} (-n {threads}), repeat {repeat} ...", flush=True)
                 # A prod_env (so a cache) per run: no run may read another's results.
                 request_log = root / f"requests-{name}.jsonl"
-                policy = dict(in_ram, share_prefix=bool(share))
+                spec = label.removeprefix("flexgen-") if label.startswith("flexgen-") else ""
+                if spec == "auto":
+                    policy = "auto"
+                elif "x" in spec and spec.replace("x", "").isdigit():
+                    gpu_batch, num_batches = map(int, spec.split("x"))
+                    policy = dict(in_ram, gpu_batch_size=gpu_batch, num_gpu_batches=num_batches, share_prefix=True)
+                else:
+                    policy = dict(in_ram, share_prefix=bool(share))
                 flexgen_args = {"policy": policy, "request_log": str(request_log), **env_args["client_args"]}
                 prod_env = write_prod_env(root / f"prod_env-{name}", checkpoint, env_args["max_positions"],
                                           flexgen_args=flexgen_args,
@@ -193,8 +209,11 @@ def main() -> int:
             if diff or len(entry_texts) != len(reference.get(entry, [])):
                 mismatches[f"{run['label']}-{run['repeat']}:{entry}"] = diff
     hf_best = min((best(label) for label, *_ in plan if label.startswith("hf")), key=lambda r: r["wall_s"])
-    speedups = {"vs_fastest_hf": hf_best["wall_s"] / best("flexgen")["wall_s"],
-                "vs_no_sharing": best("flexgen-no-sharing")["wall_s"] / best("flexgen")["wall_s"]}
+    speedups = {"vs_fastest_hf": hf_best["wall_s"] / best("flexgen")["wall_s"]}
+    for spec in args.policies:
+        speedups[f"{spec}_vs_fastest_hf"] = hf_best["wall_s"] / best(f"flexgen-{spec}")["wall_s"]
+    if not args.no_ablations:
+        speedups["vs_no_sharing"] = best("flexgen-no-sharing")["wall_s"] / best("flexgen")["wall_s"]
     if any(label == "mmlu-flexgen" for label, *_ in plan):
         speedups["mmlu_vs_no_sharing"] = best("mmlu-flexgen-no-sharing")["wall_s"] / best("mmlu-flexgen")["wall_s"]
     params = _matmul_params(checkpoint)
@@ -220,6 +239,8 @@ def main() -> int:
     ]
     for run in runs:
         what = run["client"] + (" (share_prefix off)" if "no-sharing" in run["label"] else "")
+        if run["label"].startswith("flexgen-") and "no-sharing" not in run["label"]:
+            what += f" (policy {run['label'].removeprefix('flexgen-')})"
         scope = "MMLU only" if run["label"].startswith("mmlu") else "all"
         cells = [what, scope, run["threads"], run["repeat"], f"{run['wall_s']:.1f}", f"{run['cpu_s']:.1f}",
                  run["prompt_tokens_computed"], run["prefill_tflops"], run["requests"], run["load_average_1min_at_end"]]
@@ -228,7 +249,9 @@ def main() -> int:
         "",
         f"Greedy texts identical across all runs: **{not mismatches}**" + (f" (mismatches: {mismatches})" if mismatches else "") + ".",
         f"FlexGenClient vs HuggingFaceClient's fastest run ({hf_best['label']}), best of {args.repeats}: "
-        f"**{speedups['vs_fastest_hf']:.2f}x**; vs FlexGenClient with share_prefix off: **{speedups['vs_no_sharing']:.2f}x**"
+        f"**{speedups['vs_fastest_hf']:.2f}x**"
+        + "".join(f"; policy {spec}: **{speedups[f'{spec}_vs_fastest_hf']:.2f}x**" for spec in args.policies)
+        + (f"; vs FlexGenClient with share_prefix off: **{speedups['vs_no_sharing']:.2f}x**" if "vs_no_sharing" in speedups else "")
         + (f"; MMLU alone, sharing on vs off: **{speedups['mmlu_vs_no_sharing']:.2f}x**" if "mmlu_vs_no_sharing" in speedups else "")
         + ".",
         "",
