@@ -72,6 +72,9 @@ def _generate(args) -> int:
     from flexgen_core.runtime import checkpoint
 
     policy = _policy(args)
+    if args.compress != "never" and args.policy != "auto":
+        raise ValueError("--compress goes with --policy auto (a given policy is compressed with --compress-weight / "
+                         "--compress-cache)")
     if args.policy == "auto":
         given = [flag for flag, value, default in (("--percent", args.percent, [100, 0, 100, 0, 100, 0]),
                                                   ("--gpu-batch-size", args.gpu_batch_size, 1),

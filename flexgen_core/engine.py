@@ -157,8 +157,8 @@ class Engine:
     def use_block_policy(self, policy: Policy) -> None:
         """Run later calls under `policy`, on the weights as loaded: it may change the block's shape, the
         KV cache's and activations' placement, CPU attention, cache compression and prefix sharing, not
-        the fields the loaded weights depend on (search.WEIGHT_FIELDS). Kept shared prefixes are let go
-        (their K/V lie where the old policy put them)."""
+        the fields the loaded weights depend on (search.WEIGHT_FIELDS). Kept shared prefixes stay unless
+        the cache's placement or compression changes (their K/V lie where the old policy put them)."""
         from flexgen_core.plan.search import WEIGHT_FIELDS
 
         changed = [f for f in WEIGHT_FIELDS if getattr(policy, f) != getattr(self.policy, f)]
@@ -166,7 +166,9 @@ class Engine:
             raise ValueError(f"the loaded weights fix {', '.join(changed)}; load the engine anew for that policy")
         if policy == self.policy:
             return
-        self._drop_prefixes()
+        cache_layout = ("cache_gpu_percent", "cache_cpu_percent", "cpu_cache_compute", "compress_cache", "share_prefix")
+        if any(getattr(policy, f) != getattr(self.policy, f) for f in cache_layout):
+            self._drop_prefixes()
         self.ctx = dataclasses.replace(self.ctx, policy=policy)
         self.runner.ctx = self.ctx
 

@@ -96,8 +96,8 @@ class EngineKey:
 class EngineHandle:
     """An engine and the batcher that feeds it. With `policy: auto` the engine is planned and loaded
     at the first batch, for that batch's shape: its prompt and generation lengths, its number of
-    sequences and the prefix its prompts share (a HELM run entry's instructions and examples); until
-    then the batcher gathers everything that arrives together into that first batch."""
+    sequences and the prefix its prompts share (a HELM run entry's instructions and examples), and
+    planned again for later batches of another shape; each batch takes everything waiting."""
 
     def __init__(self, key: EngineKey) -> None:
         self.key = key
@@ -152,7 +152,6 @@ class EngineHandle:
         else:
             return
         self.planned_for = hints
-        self.batcher.block_size = self.engine.policy.block_size
 
     def close(self) -> None:
         self.batcher.close()
@@ -160,7 +159,8 @@ class EngineHandle:
             self.engine.close()
 
 
-# With policy "auto", the first batch takes every request waiting (up to this many sequences).
+# With policy "auto", a batch takes every request waiting (up to this many sequences): the plan is made
+# for what waits (HELM sends up to -n requests at once), and the engine runs them in blocks of its size.
 UNPLANNED_BLOCK_SIZE = 4096
 
 
@@ -229,8 +229,9 @@ atexit.register(PROGRESS.flush_all)  # registered after ENGINES.close_all: runs 
 _SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache")
 
 
-# policy "auto" plans again when a batch's prompts are this much longer or shorter than planned for,
-# or this many times as many sequences wait (fewer always fit the planned block), or max_tokens changed.
+# policy "auto" plans again for a batch whose max_tokens differ from those planned for, whose shared
+# prefix is this much longer or shorter (another run entry's instructions and examples), whose prompts
+# are this much longer (shorter ones fit the plan) or of which this many times as many sequences wait.
 REPLAN_LENGTH_RATIO = 1.25
 REPLAN_COUNT_RATIO = 2.0
 
@@ -240,7 +241,7 @@ def _materially_different(hints: Mapping[str, int], planned: Mapping[str, int]) 
         return max(a, b) / max(min(a, b), 1)
 
     return (hints["gen_len_hint"] != planned["gen_len_hint"]
-            or ratio(hints["prompt_len_hint"], planned["prompt_len_hint"]) > REPLAN_LENGTH_RATIO
+            or hints["prompt_len_hint"] > REPLAN_LENGTH_RATIO * planned["prompt_len_hint"]
             or ratio(hints["shared_prefix_len_hint"], planned["shared_prefix_len_hint"]) > REPLAN_LENGTH_RATIO
             or hints["num_prompts_hint"] > REPLAN_COUNT_RATIO * planned["num_prompts_hint"])
 

@@ -184,6 +184,9 @@ def test_cli_generate_policy_auto_plans_and_its_flags_replay(tmp_path, monkeypat
     assert replay.returncode == 0 and replay.stdout == auto.stdout
     both = _cli(*args, "--policy", "auto", "--gpu-batch-size", "4")
     assert both.returncode == 2 and "--policy auto plans --gpu-batch-size itself" in both.stderr
+    assert "compress" not in flags  # exact unless asked
+    stray = _cli(*args, "--compress", "allow")
+    assert stray.returncode == 2 and "--compress goes with --policy auto" in stray.stderr
 
 
 def test_policy_exceeding_a_tier_is_rejected_before_loading(tmp_path, monkeypatch):
