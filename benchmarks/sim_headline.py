@@ -49,8 +49,10 @@ def measure(path, policy: Policy, prompt_len: int, gen_len: int) -> dict:
             Engine.from_pretrained(path, policy=policy, offload_dir=offload, device="simulated") as engine:
         engine.generate(prompts, max_new_tokens=gen_len)
         report = engine.memory(prompt_len, gen_len)
-    return {"peak_mib": round((MEMORY.peak_bytes - base) / MiB, 1), "accounted_mib": round(report.peak["gpu"] / MiB, 1),
-            "workspace_bound_mib": round(report.workspace["gpu"] / MiB, 1), "seconds": round(time.perf_counter() - started, 1)}
+    return {"peak_mib": round((MEMORY.peak_bytes - base) / MiB, 1),
+            "accounted_mib": round(report.peak["gpu"] / MiB, 1),
+            "workspace_bound_mib": round(report.workspace["gpu"] / MiB, 1),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main(argv=None) -> int:
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
         write_results("sim-headline", f"Simulated GPU peak vs accounting: one layer of {args.shape}'s width, float32, "
                       f"prompt {args.prompt_len}, {args.gen_len} generated", rows,
                       ["policy", "batch", "peak_mib", "accounted_mib", "workspace_bound_mib", "within", "seconds"],
-                      notes="Peak: the simulated GPU's live bytes over loading and generating; accounted: memory.account.",
+                      notes="Peak: the simulated GPU's live bytes over loading and generating; "
+                            "accounted: memory.account.",
                       out_dir=args.out)
     return 0 if all(r["within"] for r in rows) else 1
 

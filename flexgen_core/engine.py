@@ -119,13 +119,15 @@ class Engine:
             try:
                 needs = memory.MemoryReport()
                 memory.add_weight_terms(needs, layers, policy, TORCH_DTYPES[dtype].itemsize, devices.split)
-                check_fits(_sum_terms(needs, ("weights", "weight_staging")), devices, offload.path, policy, "the weights")
+                check_fits(_sum_terms(needs, ("weights", "weight_staging")), devices, offload.path, policy,
+                           "the weights")
                 weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
                 for key, tensor in checkpoint.iter_tensors(files, set(sources)):
                     for layer_idx, name in sources[key]:
                         weights.put(layer_idx, name, tensor, source=f"checkpoint tensor {key!r}")
                     del tensor
-                engine = cls(folder, config, RunContext(layers, weights, config, policy, devices, TORCH_DTYPES[dtype], offload))
+                ctx = RunContext(layers, weights, config, policy, devices, TORCH_DTYPES[dtype], offload)
+                engine = cls(folder, config, ctx)
             except BaseException:
                 offload.close()
                 raise
