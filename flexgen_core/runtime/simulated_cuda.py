@@ -18,8 +18,9 @@ GPU host's code paths in CI with real numbers, and fail where a GPU would fail:
 - attention (`scaled_dot_product_attention`) runs PyTorch's math path on simulated tensors, its
   (queries x keys) scores materialised and counted: the most any CUDA kernel choice can spend.
 
-Not simulated: the caching allocator's reserved-but-unused memory (the planner keeps a margin for
-it, see memory.ALLOCATOR_MARGIN) and the kernels' own scratch space.
+Not simulated: the caching allocator's reserved-but-unused memory (on CUDA the engine turns on its
+expandable segments, storage._expandable_segments; the planner fills 95% of the GPU) and the kernels'
+own scratch space.
 """
 
 from __future__ import annotations
