@@ -205,7 +205,7 @@ def main() -> None:
     fits = [r["scenario"]["run_entry"].split(":")[0] for r in rows if not r["paper_policy"]["fits"]]
     notes = (
         f"Predicted by flexgen_core/plan (cost model + planner) for {MODEL} (the shape of the paper's "
-        f"facebook/opt-iml-30b) on the built-in `{HARDWARE}` profile, fp16, tiers filled to 95%; no model was "
+        f"facebook/opt-iml-30b) on the built-in `{HARDWARE}` profile, fp16, tiers filled to 95%, the GPU less the allocator reserve; no model was "
         "run. Policies: GPU batch x batches per block, then percent (weights, KV cache, activations on GPU / "
         "CPU; the rest on disk). 'planned, sharing off / on': the planner's best policy for each workload, "
         "planned separately, at most one run entry's sequences per block; a run entry = the shared prefix's "

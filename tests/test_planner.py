@@ -78,10 +78,14 @@ def paper_plan(model, compressed: bool = False):
 def test_opt_6_7b_plans_everything_on_the_gpu(opt_6_7b):
     result = paper_plan(opt_6_7b)
     percent = result.policy.percent
-    # Weights and activations all on the GPU, and (nearly) all the cache: a block of 4 fits in 95% of the
-    # 15 GB with a head or so of the cache in RAM, once the workspace counts what a GPU's kernels and the
-    # overlapped copies hold beside the compute (memory.workspace_bound).
-    assert percent[0] == percent[4] == 100 and percent[2] >= 90, percent
+    # Weights and activations (nearly) all on the GPU, and most of the cache: a block of 4 fits in the
+    # 15 GB less the allocator's reserve (0.88 GB) with a tensor of the weights and a few heads of the
+    # cache in RAM, once the workspace counts what a GPU's kernels and the overlapped copies hold beside
+    # the compute (memory.workspace_bound).
+    assert percent[0] >= 99 and percent[4] == 100 and percent[2] >= 80, percent
+    # The paper's run, everything on the GPU at 2x1, fits there too.
+    paper_run = CostModel(opt_6_7b, PAPER, T4, 2).estimate(Policy(gpu_batch_size=2), full_memory=True)
+    assert paper_run.peak_memory["gpu"] <= result.usable["gpu"] < T4.gpu_bytes - 0.8 * 2**30
     # The paper ran 2x1 (25.26 tokens/s); the model predicts more for the larger block. Tolerance: between
     # the paper's figure and twice it.
     assert result.policy.block_size >= 2
@@ -521,3 +525,26 @@ def test_a_new_block_policy_runs_on_the_loaded_weights(tmp_path, monkeypatch):
     with Engine.from_pretrained(path, policy=Policy(), device="cpu", offload_dir=tmp_path) as engine:
         with pytest.raises(ValueError, match="only an engine loaded with policy='auto' re-plans"):
             engine.replan(prompt_len_hint=8, gen_len_hint=16)
+
+
+def test_planner_leaves_the_allocators_reserve_free_on_a_gpu():
+    """The H200 measured 0.88 GiB reserved but unallocated by the caching allocator at a 6 GiB cap: the
+    planner keeps that free on a GPU of 6 GiB or more, the same share of a smaller one, none on a CPU."""
+    mib = 2**20
+    for size, reserve in (("15GiB", 0.88 * GiB), ("6GiB", 0.88 * GiB), ("80GiB", 0.88 * GiB), ("1GiB", 0.88 * GiB / 6)):
+        hw = T4.with_memory(gpu=parse_size(size))
+        assert hw.allocator_reserve() == pytest.approx(reserve, abs=1)
+        usable = usable_memory(hw, 0.95)["gpu"]
+        assert usable == min(int(0.95 * hw.gpu_bytes), hw.gpu_bytes - hw.allocator_reserve())
+    assert usable_memory(T4.with_memory(gpu=6 * GiB), 0.95)["gpu"] < 6 * GiB - 880 * mib
+    host = cpu_host(8)
+    assert host.allocator_reserve() == 0 and usable_memory(host, 0.95)["gpu"] == int(0.95 * host.gpu_bytes)
+    # A profile that measured its own reserve keeps it, through its JSON too.
+    measured = dataclasses.replace(T4, allocator_reserve_bytes=2 * GiB)
+    assert usable_memory(measured, 0.95)["gpu"] == 13 * GiB
+    again = HardwareProfile.from_dict(json.loads(json.dumps(measured.to_dict())))
+    assert again == measured and "allocator_reserve_GB" not in T4.to_dict()["memory"]
+    # And a plan made for 6 GiB stays within 6 GiB less the reserve.
+    result = plan(load_model("facebook/opt-1.3b"), Workload(512, 32), T4.with_memory(gpu=6 * GiB, cpu=64 * GiB), 2,
+                  PlanOptions(**SMALL_GRID))
+    assert result.best.peak_memory["gpu"] <= 6 * GiB - 0.88 * GiB

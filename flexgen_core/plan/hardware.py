@@ -15,6 +15,9 @@ Optional fields the paper's profile lacks (absent = not modelled):
 - `bandwidth_GBps.decompress`: dense bytes per second that decompressing 4-bit weights or cache
   writes on the compute device (else costed as memory traffic at `gpu_memory`);
 - `overhead_s.per_layer_batch`: fixed cost of computing one layer on one GPU batch (launches, Python);
+- `memory.allocator_reserve_GB`: GPU memory the caching allocator keeps reserved but unallocated at
+  peak, which the planner leaves free (default on CUDA: the H200's 0.88 measured at a 6 GB cap, and
+  the same share of a smaller GPU; none on a CPU);
 - `io_overlap`: how much the I/O threads overlap compute, 1 (default: copy engines and disk work
   beside the GPU) down to 0 (a CPU-only host whose copies and compute share the same cores);
 - `matmul_s_per_param`: measured seconds of a linear layer per weight parameter, by the number of rows
@@ -43,6 +46,12 @@ _BANDWIDTHS = ("cpu_to_gpu", "gpu_to_cpu_cache", "gpu_to_cpu_hidden", "disk_to_c
 _OPTIONAL_BANDWIDTHS = ("gpu_memory", "disk_to_cpu_cached", "cpu_to_disk_cached", "decompress")
 _FLOPS = ("gpu_matmul_prefill", "gpu_matmul_decode", "gpu_batched_matmul_prefill", "gpu_batched_matmul_decode")
 COMPUTE_DEVICES = ("cuda", "cpu")
+# Reserved but unallocated by PyTorch's CUDA caching allocator at the peak of a planned policy: 0.88 GiB,
+# measured on an H200 with OPT-6.7B's shape under a 6 GiB cap (reference/gpu-h200.md). Until a profile
+# measures its own (`memory.allocator_reserve_GB`), the planner keeps that much free on a GPU of 6 GiB or
+# more, and the same share of a smaller one, whose blocks and transients are smaller too.
+ALLOCATOR_RESERVE_BYTES = int(0.88 * GiB)
+ALLOCATOR_RESERVE_MEASURED_AT = 6 * GiB
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,9 @@ class HardwareProfile:
     physical_cpu_bytes: int = -1
     # (rows, seconds per weight parameter) pairs, rows ascending; None: use the roofline.
     matmul_s_per_param: tuple[tuple[int, float], ...] | None = None
+    # GPU memory PyTorch's caching allocator holds but has not handed out, at peak, as measured on this
+    # machine; None: the H200's figure (see `allocator_reserve`).
+    allocator_reserve_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.physical_cpu_bytes == -1:
@@ -91,6 +103,8 @@ class HardwareProfile:
                              f"got {self.compute_device!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "allocator_reserve_bytes" and value is None:
+                continue
             if f.name.endswith("_bytes") and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"profile {self.name!r}: {f.name} must be an integer >= 0, got {value!r}")
             if f.name in _BANDWIDTHS + _FLOPS + ("cpu_attention",) and not value > 0:
@@ -124,6 +138,14 @@ class HardwareProfile:
                 return params * math.exp((1 - w) * math.log(t0) + w * math.log(t1))
         raise AssertionError("unreachable")
 
+    def allocator_reserve(self) -> int:
+        """GPU bytes to leave for the caching allocator's reserve (none when the compute device is the CPU)."""
+        if self.unified:
+            return 0
+        if self.allocator_reserve_bytes is not None:
+            return self.allocator_reserve_bytes
+        return min(ALLOCATOR_RESERVE_BYTES, self.gpu_bytes * ALLOCATOR_RESERVE_BYTES // ALLOCATOR_RESERVE_MEASURED_AT)
+
     @property
     def unified(self) -> bool:
         """The compute device is the host CPU: gpu and cpu tiers are the same RAM."""
@@ -155,6 +177,8 @@ class HardwareProfile:
                 gpu_bytes=int(memory["gpu_GB"] * GiB),
                 cpu_bytes=int(memory["cpu_GB"] * GiB),
                 disk_bytes=int(memory["disk_GB"] * GiB),
+                allocator_reserve_bytes=int(memory["allocator_reserve_GB"] * GiB)
+                if memory.get("allocator_reserve_GB") is not None else None,
                 **{k: float(bandwidth[k]) * GiB for k in _BANDWIDTHS},
                 **{k: float(bandwidth[k]) * GiB if bandwidth.get(k) else None for k in _OPTIONAL_BANDWIDTHS},
                 **{k: float(flops[k]) * TERA for k in _FLOPS},
@@ -191,6 +215,8 @@ class HardwareProfile:
             out["cpu_attention_correction"] = dict(zip(("c1", "c2", "c3"), self.cpu_attention_correction))
         if self.layer_overhead_s:
             out["overhead_s"] = {"per_layer_batch": _round(self.layer_overhead_s)}
+        if self.allocator_reserve_bytes is not None:
+            out["memory"]["allocator_reserve_GB"] = _round(self.allocator_reserve_bytes / GiB)
         if self.io_overlap != 1.0:
             out["io_overlap"] = _round(self.io_overlap)
         if self.matmul_s_per_param:
