@@ -4,7 +4,8 @@ The suites are scripts in `benchmarks/` (not an installed package), found next t
 bench` works from a repository checkout installed with `pip install -e .`. Each suite runs its systems
 side by side (gpu-30b: each in a process of its own, under a time limit) and writes `<out>/<suite>.md`,
 `.json` and `.png` (gpu-30b with `--shape S`: `<out>/gpu-30b-S.*`), by default into a scratch
-folder (`$TMPDIR/flexgen-bench/`): the checkout's committed `benchmarks/results/` changes only with
+folder of the user's own (`$TMPDIR/flexgen-bench-<uid>/`, made 0700 and refused if another user
+made it or may write to it): the checkout's committed `benchmarks/results/` changes only with
 `--out benchmarks/results`. The suite scripts take a few more options than these (`python
 benchmarks/<script> --help`).
 """
@@ -15,13 +16,14 @@ import argparse
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flexgen_core.runtime.private_dir import private_folder, user_temp_folder
+
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRATCH_OUT = Path(tempfile.gettempdir()) / "flexgen-bench"
+SCRATCH_OUT = user_temp_folder("flexgen-bench")
 # A suite script that ran but could not measure (gpu-30b without CUDA) exits with this code.
 SKIPPED_EXIT = 3
 
@@ -135,7 +137,7 @@ def _dest(flag: str) -> str:
 
 def run_bench(args) -> int:
     command = suite_command(args)
-    out = args.out if args.out is not None else SCRATCH_OUT
+    out = args.out if args.out is not None else private_folder(SCRATCH_OUT, "the benchmarks' output folder")
     print("running: " + " ".join(command), flush=True)
     started = time.time()
     code = subprocess.run(command, cwd=BENCHMARKS_DIR.parent).returncode

@@ -78,6 +78,19 @@ def test_missing_shard_is_named(tmp_path):
         Engine.from_pretrained(dst, offload_dir=tmp_path)
 
 
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_an_index_cannot_point_the_loader_outside_the_checkpoint(tmp_path, escape):
+    dst = tmp_path / "sharded"
+    shutil.copytree(build_checkpoint("odd", sharded=True), dst)
+    shutil.copy(sorted(dst.glob("model-*.safetensors"))[0], tmp_path / "outside.safetensors")
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = escape
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"names shard file .* not a file inside the checkpoint folder"):
+        Engine.from_pretrained(dst, offload_dir=tmp_path / "off")
+
+
 def test_unsupported_architecture_lists_supported(tmp_path):
     path = _copy(tmp_path)
     config = json.loads((path / "config.json").read_text())

@@ -56,7 +56,7 @@ def _env() -> dict[str, str]:
 # -- 1. the disk fills up while another run holds its space -------------------------------------
 
 _DISK_FULL = r"""
-import json, subprocess, sys, threading
+import json, os, subprocess, sys, threading
 from pathlib import Path
 mount, size_bytes, checkpoint, gen_len = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount)], check=True)
@@ -94,7 +94,7 @@ thread.join()
 result = {"b_refused": out["b_refused"], "a": [r.completions[0].token_ids for r in out["a"]]}
 result["b_after"] = [r.completions[0].token_ids for r in b.generate(prompts, max_new_tokens=gen_len)]
 try:
-    DiskFile(mount / "too-big.bin", 2 * size_bytes)
+    DiskFile(mount / "too-big.bin", 2 * size_bytes, os.open(mount, os.O_RDONLY | os.O_DIRECTORY))
 except OffloadSpaceError as e:
     result["too_big"] = str(e)
 result["left"] = sorted(p.name for p in mount.iterdir())
@@ -237,24 +237,55 @@ def test_a_live_engine_in_another_pid_namespace_keeps_its_folder(tmp_path):
         assert [r.completions[0].token_ids for r in live.generate(prompts, max_new_tokens=3)] == expected
 
 
-def test_a_dead_owners_folder_is_removed_even_when_its_pid_is_alive(tmp_path):
-    """A folder named after a PID that now belongs to a live process (a reused PID, or another
-    namespace's) but whose lock is free is stale; a lockless folder (older versions) of a dead PID too."""
-    reused = tmp_path / f"engine-{os.getpid()}-deadbeef"
-    reused.mkdir()
-    (reused / "owner.lock").touch()
-    (reused / "weights-0.bin").write_bytes(b"\0" * 4096)
-    dead_pid = 2**22 + 17  # above the kernel's largest PID: no such process
-    legacy = tmp_path / f"engine-{dead_pid}-cafe"
-    legacy.mkdir()
-    died_making = tmp_path / f".making-engine-{dead_pid}-beef"  # locked, then its owner died
-    died_making.mkdir()
-    (died_making / "owner.lock").touch()
-    being_made = tmp_path / f".making-engine-{dead_pid}-f00d"  # no lock yet: never judged by its PID
+def _killed_engines_folder(checkpoint, base: Path) -> Path:
+    """The folder an engine made in `base` and left when it was killed (SIGKILL: nothing cleaned up)."""
+    before = set(base.iterdir()) if base.exists() else set()
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_ENGINE, str(checkpoint), str(base)], stdout=subprocess.PIPE,
+                            text=True, env=_env())
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait(timeout=30)
+    (left,) = set(base.iterdir()) - before
+    return left
+
+
+def test_cleanup_removes_only_folders_an_engine_made_and_abandoned(tmp_path):
+    """Stale folders are judged by the owner record an engine writes in its folder and by its lock,
+    never by name or PID: a killed engine's folder goes, even renamed after a live PID; the user's own
+    `engine-2024-results/`, a folder with a bare `owner.lock`, one being made, symlinks and FIFOs stay,
+    and the log names only what was removed."""
+    checkpoint = build_checkpoint("odd")
+    abandoned = _killed_engines_folder(checkpoint, tmp_path)
+    assert (abandoned / "owner.lock").is_file()
+    reused = abandoned.rename(tmp_path / f"engine-{os.getpid()}-deadbeef")  # the name says "alive": ignored
+    results = tmp_path / "engine-2024-results"
+    results.mkdir()
+    (results / "table.csv").write_text("model,score\nx,1\n")
+    bare = tmp_path / "engine-12-cafe"  # a lock file with no owner record of ours
+    bare.mkdir()
+    (bare / "owner.lock").touch()
+    being_made = tmp_path / f".making-engine-{2**22 + 17}-f00d"  # no record yet
     being_made.mkdir()
-    with Engine.from_pretrained(build_checkpoint("odd"), policy=ON_DISK, offload_dir=tmp_path) as engine:
-        assert sorted(engine.offload.stale_removed) == sorted([reused, legacy, died_making])
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([engine.offload.path.name, being_made.name])
+    fifo_owner = tmp_path / "engine-13-beef"
+    fifo_owner.mkdir()
+    os.mkfifo(fifo_owner / "owner.lock")
+    (tmp_path / "engine-14-link").symlink_to(results)
+    kept = {results.name, bare.name, being_made.name, fifo_owner.name, "engine-14-link"}
+    import logging
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("flexgen_core.runtime.storage").addHandler(handler)
+    try:
+        with Engine.from_pretrained(checkpoint, policy=ON_DISK, offload_dir=tmp_path) as engine:
+            assert engine.offload.stale_removed == [reused]
+            assert {p.name for p in tmp_path.iterdir()} == kept | {engine.offload.path.name}
+    finally:
+        logging.getLogger("flexgen_core.runtime.storage").removeHandler(handler)
+    assert [r.getMessage() for r in records if "removed" in r.getMessage()] == [
+        f"removed offload files left by a process that no longer runs: {reused}"]
+    assert (results / "table.csv").read_text().startswith("model,score")
+    assert {p.name for p in tmp_path.iterdir()} == kept
 
 
 def _default_signals() -> None:

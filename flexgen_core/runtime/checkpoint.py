@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import torch
@@ -53,13 +53,31 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index names, each a path inside the checkpoint folder (no absolute path, no
+    `..`: an index must not make the loader read files elsewhere). Symlinks inside the folder are
+    followed as usual: the hub's cache links each snapshot's files to its blobs."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a checkpoint index (a JSON object with a weight_map of tensor "
+                         f"names to shard files): {type(e).__name__}: {e}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or not shard or PurePosixPath(shard).is_absolute() or \
+                ".." in PurePosixPath(shard).parts or "\\" in shard:
+            raise ValueError(f"{index} names shard file {shard!r}, which is not a file inside the checkpoint "
+                             f"folder")
+    return shards
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The checkpoint's weight files, safetensors preferred."""
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = _shard_names(index)
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise ValueError(f"checkpoint {str(folder)!r} is missing shard file(s) {missing} named in {index_name}")

@@ -14,8 +14,9 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 import threading
 import weakref
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from flexgen_core.memory import DTYPE_BYTES
+from flexgen_core.runtime.private_dir import open_private_folder, user_temp_folder
 from flexgen_core.runtime.signals import install_signal_handlers
 from flexgen_core.runtime.simulated_cuda import SIMULATED_DEVICE, enter_on_this_thread, simulated_cuda
 from flexgen_core.runtime.streams import CudaStream, SimulatedStream
@@ -169,24 +171,26 @@ _UNRESERVED_WARNED: list[bool] = []
 
 class DiskFile:
     """A file of `nbytes` on the disk tier, its space reserved when it is made, read and written at
-    byte offsets. Failures name the file: an ENOSPC when it is made says how much was asked and
-    how much is free."""
+    byte offsets. It is made new (O_EXCL, O_NOFOLLOW, 0600) inside the open folder `dir_fd`, so no file
+    or link planted under its name is followed or reused. Failures name the file: an ENOSPC when it is
+    made says how much was asked and how much is free."""
 
-    def __init__(self, path: Path, nbytes: int):
+    def __init__(self, path: Path, nbytes: int, dir_fd: int):
         self.path = path
         self.nbytes = nbytes
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd = os.open(path.name, flags, 0o600, dir_fd=dir_fd)
         try:
             os.ftruncate(self._fd, nbytes)
             if nbytes:
                 _reserve(self._fd, nbytes)
         except OSError as e:
             self.close()
-            path.unlink(missing_ok=True)
-            free = shutil.disk_usage(path.parent).free
+            os.unlink(path.name, dir_fd=dir_fd)
+            free = os.fstatvfs(dir_fd)
             raise OffloadSpaceError(
                 e.errno, f"disk tier: cannot reserve {nbytes / 2**20:.1f} MiB for offload file {path} "
-                f"({e.strerror}; {free / 2**20:.1f} MiB free on that filesystem)") from None
+                f"({e.strerror}; {free.f_bavail * free.f_frsize / 2**20:.1f} MiB free on that filesystem)") from None
 
     def write(self, offset: int, src: torch.Tensor) -> None:
         data = memoryview(as_bytes(src.contiguous()))
@@ -221,109 +225,134 @@ class DiskFile:
             self._fd = -1
 
 
-_SUBDIR = re.compile(r"^(?:\.making-)?engine-(\d+)-")  # ".making-": one that died while being made
-LOCK_NAME = "owner.lock"  # in each engine's folder, flock()ed for the engine's life
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def _try_lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on `path`, or None when another open file holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+OWNER_NAME = "owner.lock"  # in each engine's folder: its owner record, flock()ed for the engine's life
+_OWNER_RECORD = "flexgen offload folder, uid {uid}, token {token}\n"
+_OWNER_PATTERN = re.compile(r"^flexgen offload folder, uid (\d+), token [0-9a-f]{32}\n$")
 
 
 class OffloadDir:
-    """This engine's own subdirectory `engine-<pid>-<random>` of the offload dir, removed on close,
-    at interpreter exit and on SIGTERM, SIGHUP or SIGINT.
+    """This engine's own folder `engine-<pid>-<random>` inside the offload base, removed on close, at
+    interpreter exit and on SIGTERM, SIGHUP or SIGINT.
 
-    Ownership is a lock, not a PID: the folder holds `owner.lock`, flock()ed for the engine's life,
-    and the OS drops the lock when the process dies however it dies (SIGKILL included). An engine
-    opening the offload dir removes every `engine-*` folder whose lock it can take, and never one
-    whose lock is held: PIDs say nothing across PID namespaces (containers sharing a volume, jobs on
-    a shared filesystem), where another live process's PID is "gone" and a dead one's may be reused.
-    A folder is locked before it gets its `engine-` name, so no engine sees one unlocked while it
-    is made. (flock works across processes on local filesystems and on NFS v4; folders without a
-    lock file, from before locks were used, fall back to the PID test.)"""
+    The base (`offload_dir`, default `<temp>/flexgen-offload-<uid>`) must be this user's private folder
+    (private_dir.py): made 0700 when new, refused in one line when it is a symlink, another user's, or
+    writable by others. The engine keeps it and its own folder open and makes every file relative to
+    them, so renaming or replacing a path under the base afterwards redirects nothing.
+
+    Ownership is a record and a lock, never a name or a PID: the engine's folder holds `owner.lock`,
+    which says it was made by this program for this uid (with a random token) and is flock()ed for
+    the engine's life; the OS drops the lock when the process dies however it dies (SIGKILL included).
+    An engine opening the base removes the folders whose owner record is this user's and whose lock
+    it can take, and nothing else: a folder of the user's own named like ours is kept. flock holds
+    across PID namespaces (containers sharing a volume) and on NFS v4; PIDs say nothing there. A folder
+    gets its record and lock before its `engine-` name (it is `.making-…` until then)."""
 
     def __init__(self, root: str | os.PathLike | None):
-        base = Path(root) if root is not None else Path(tempfile.gettempdir()) / "flexgen-offload"
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"offload_dir {str(base)!r} cannot be created: {e.strerror}") from None
-        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-            raise ValueError(f"offload_dir {str(base)!r} is not a writable folder")
+        base = Path(root).expanduser() if root is not None else user_temp_folder("flexgen-offload")
+        self._base_fd = open_private_folder(base, "offload_dir")
         self.base = base
-        self.stale_removed = _remove_stale(base)
-        making = Path(tempfile.mkdtemp(prefix=f".making-engine-{os.getpid()}-", dir=base))
-        self._lock_fd = _try_lock(making / LOCK_NAME)
-        assert self._lock_fd is not None, "a fresh folder's lock is free"
-        self.path = base / making.name.removeprefix(".making-")
-        making.rename(self.path)
+        self._fd = self._lock_fd = None
+        try:
+            self.stale_removed = _remove_stale(base, self._base_fd)
+            name = f"engine-{os.getpid()}-{secrets.token_hex(6)}"
+            os.mkdir(".making-" + name, 0o700, dir_fd=self._base_fd)
+            self._fd = os.open(".making-" + name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=self._base_fd)
+            self._lock_fd = os.open(OWNER_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                    0o600, dir_fd=self._fd)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(self._lock_fd, _OWNER_RECORD.format(uid=os.geteuid(), token=secrets.token_hex(16)).encode())
+            os.rename(".making-" + name, name, src_dir_fd=self._base_fd, dst_dir_fd=self._base_fd)
+        except BaseException:
+            self._close_fds()
+            raise
+        self.path = base / name
         self.files: list[DiskFile] = []
         _LIVE.add(self)
         install_signal_handlers()
 
     def file(self, name: str, nbytes: int) -> DiskFile:
-        f = DiskFile(self.path / name, nbytes)
+        f = DiskFile(self.path / name, nbytes, self._fd)
         self.files.append(f)
         return f
 
     def release(self, f: DiskFile) -> None:
         f.close()
         self.files.remove(f)
-        f.path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f.path.name, dir_fd=self._fd)
 
     def close(self) -> None:
         for f in self.files:
             f.close()
         self.files.clear()
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # after the folder is gone: no one may take it while it is removed
-            self._lock_fd = None
+        if self._fd is not None:
+            _remove_folder(self.path.name, self._base_fd)
+        self._close_fds()  # the lock last: no one may take the folder while it is removed
         _LIVE.discard(self)
 
-
-def _remove_stale(base: Path) -> list[Path]:
-    """Remove the `engine-*` folders no live process owns (their lock is free); log what was removed."""
-    removed = []
-    for child in sorted(base.iterdir()):
-        match = _SUBDIR.match(child.name)
-        if not match or not child.is_dir():
-            continue
-        lock = child / LOCK_NAME
-        if lock.exists():
-            try:
-                fd = _try_lock(lock)
-            except OSError:  # gone meanwhile, or not ours to open
-                continue
-            if fd is None:
-                continue  # a live engine, in whatever process namespace
-            try:
-                shutil.rmtree(child, ignore_errors=True)
-            finally:
+    def _close_fds(self) -> None:
+        for attr in ("_fd", "_lock_fd", "_base_fd"):
+            fd = getattr(self, attr, None)
+            if fd is not None:
                 os.close(fd)
-        elif child.name.startswith(".making-") or _pid_alive(int(match.group(1))):
-            continue  # a folder being made has no lock for an instant: never judged by its PID
-        else:
-            shutil.rmtree(child, ignore_errors=True)
-        removed.append(child)
-        log.warning("removed offload files left by a process that no longer runs: %s", child)
+                setattr(self, attr, None)
+
+
+def _remove_folder(name: str, base_fd: int) -> bool:
+    """Remove the folder `name` of the open base, not following any symlink inside; True if it is gone."""
+    shutil.rmtree(name, dir_fd=base_fd, ignore_errors=True)
+    try:
+        os.stat(name, dir_fd=base_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def _abandoned(name: str, base_fd: int) -> int | None:
+    """A lock fd on the folder `name` if it is an engine folder of this user's whose engine is gone
+    (its owner record is ours and its lock is free), else None."""
+    try:
+        st = os.stat(name, dir_fd=base_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        folder = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=base_fd)
+    except OSError:
+        return None
+    try:
+        lock = os.open(OWNER_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except OSError:  # no record: not a folder this program made
+        return None
+    finally:
+        os.close(folder)
+    try:
+        lst = os.fstat(lock)
+        record = os.pread(lock, 200, 0).decode("ascii", "replace") if stat.S_ISREG(lst.st_mode) else ""
+        match = _OWNER_PATTERN.match(record)
+        if lst.st_uid != os.geteuid() or not match or int(match.group(1)) != os.geteuid():
+            os.close(lock)
+            return None
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: a live engine, in whatever process namespace
+        os.close(lock)
+        return None
+    return lock
+
+
+def _remove_stale(base: Path, base_fd: int) -> list[Path]:
+    """Remove the engine folders of this user's that no live engine holds; log each one removed."""
+    removed = []
+    for name in sorted(os.listdir(base_fd)):
+        lock = _abandoned(name, base_fd)
+        if lock is None:
+            continue
+        try:
+            gone = _remove_folder(name, base_fd)
+        finally:
+            os.close(lock)
+        if gone:
+            removed.append(base / name)
+            log.warning("removed offload files left by a process that no longer runs: %s", base / name)
     return removed
 
 
