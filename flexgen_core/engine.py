@@ -21,7 +21,7 @@ from flexgen_core import memory
 from flexgen_core.models.registry import family_for
 from flexgen_core.policy import Policy, auto_compression
 from flexgen_core.runtime import checkpoint
-from flexgen_core.runtime.capacity import PolicyDoesNotFit, check_fits, out_of_memory_error
+from flexgen_core.runtime.capacity import PolicyDoesNotFit, check_fits, mem_available, out_of_memory_error
 from flexgen_core.runtime.decoding import (
     DecodeSettings,
     GenerationResult,
@@ -56,6 +56,16 @@ def _as_policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
         raise ValueError("policy='auto' is planned in Engine.from_pretrained, once the model's shape is known")
     raise ValueError(f"policy must be a Policy, a mapping of Policy fields or 'auto', got {policy!r}")
 
+
+
+def result_host_bytes(sequences: int, prompt_tokens: int, max_new_tokens: int, top_k_logprobs: int,
+                      echo_prompt: bool) -> int:
+    """A generous estimate of the Python objects a call's results hold: per sequence its record, and
+    per generated token an id and a logprob (list slots and objects, ~72 B) and its top-k dict (~120 B
+    an entry); echoed prompts add their logprobs and top-k once per prompt."""
+    per_token = 72 + 120 * top_k_logprobs
+    echoed = prompt_tokens * per_token if echo_prompt else 0
+    return sequences * (512 + max_new_tokens * per_token) + echoed
 
 class Engine:
     def __init__(self, folder, config, ctx: RunContext):
@@ -190,7 +200,9 @@ class Engine:
             raise ValueError("this engine is closed")
         prompts = [list(p) for p in prompts]
         seeds = self._validate(prompts, max_new_tokens, temperature, top_p, num_completions, stop,
-                               top_k_logprobs, seed)
+                               top_k_logprobs, seed, echo_prompt)
+        if not prompts:
+            return []
         settings = DecodeSettings(max_new_tokens, float(temperature), float(top_p), top_k_logprobs,
                                   tuple(tuple(_token_ids(s, "a stop sequence")) for s in stop or ()),
                                   self.config.eos_token_id)
@@ -316,18 +328,38 @@ class Engine:
             prefix.close()
             self._prefixes.remove(prefix)
 
+    # A call holds every sequence's results until it returns: more than this many is refused up front
+    # (split the call, or set `engine.max_sequences`), as is a call whose results would not fit in RAM.
+    max_sequences = 65_536
+
+    def _check_call_size(self, prompts, max_new_tokens: int, num_completions: int, top_k_logprobs: int,
+                         echo_prompt: bool) -> None:
+        sequences = len(prompts) * num_completions
+        what = (f"this call holds {sequences:,} sequences ({len(prompts):,} prompts x {num_completions:,} "
+                f"completions)")
+        if sequences > self.max_sequences:
+            raise ValueError(f"{what}, more than the engine's limit of {self.max_sequences:,} per call: split "
+                             f"the call, or raise the limit with engine.max_sequences = N")
+        needed = result_host_bytes(sequences, sum(map(len, prompts)), max_new_tokens, top_k_logprobs, echo_prompt)
+        free = mem_available()
+        if free is not None and needed > free // 2:
+            raise ValueError(f"{what}; their results need about {needed / 2**30:.1f} GiB of RAM and "
+                             f"{free / 2**30:.1f} GiB are available: split the call")
+
     def _validate(self, prompts, max_new_tokens, temperature, top_p, num_completions, stop, top_k_logprobs,
-                  seed) -> list[int]:
+                  seed, echo_prompt: bool = False) -> list[int]:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if not 0 < top_p <= 1:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+                not 0 <= temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if not isinstance(num_completions, int) or num_completions < 1:
             raise ValueError(f"num_completions must be an integer >= 1, got {num_completions!r}")
         if not isinstance(top_k_logprobs, int) or top_k_logprobs < 0:
             raise ValueError(f"top_k_logprobs must be an integer >= 0, got {top_k_logprobs!r}")
+        self._check_call_size(prompts, max_new_tokens, num_completions, top_k_logprobs, echo_prompt)
         for s in stop or ():
             if len(s) == 0:
                 raise ValueError("stop sequences must be non-empty token-id lists")

@@ -35,6 +35,7 @@ import atexit
 import errno
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -55,7 +56,7 @@ from helm.common.request import (
 from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from helm.tokenizers.tokenizer import Tokenizer
 
-from flexgen_core import Policy
+from flexgen_core import Engine, Policy
 from flexgen_core.policy import auto_compression
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.runtime.capacity import PolicyDoesNotFit
@@ -327,6 +328,25 @@ def _failure_for(error: Exception) -> RequestResult:
     return _failure(f"FlexGen error: {type(error).__name__}: {error}", retriable=False, fatal=True)
 
 
+def _check_request(raw_request: Mapping[str, Any]) -> None:
+    """Refuse a request whose decoding parameters no engine call could take, before any work: its own
+    failure (non-fatal), not the run entry's nor its batch's."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    num_completions, max_tokens = raw_request["num_completions"], raw_request["max_tokens"]
+    temperature, top_p = raw_request["temperature"], raw_request["top_p"]
+    if not isinstance(num_completions, int) or not 1 <= num_completions <= Engine.max_sequences:
+        raise RequestRejected(f"num_completions must be an integer from 1 to {Engine.max_sequences:,}, "
+                              f"got {num_completions!r}")
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise RequestRejected(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    if not number(temperature) or temperature < 0:
+        raise RequestRejected(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise RequestRejected(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def request_digest(cache_key: Mapping[str, Any]) -> str:
     """SHA-256 of a request's cache key, serialised as HELM's request cache serialises keys."""
     return hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode("utf-8")).hexdigest()
@@ -505,6 +525,7 @@ class FlexGenClient(CachingClient):
 
     def _compute(self, raw_request: dict[str, Any], cache_key: Mapping[str, Any]) -> dict[str, Any]:
         started_s = time.time()
+        _check_request(raw_request)
         wrapped = self._tokenizer.get_wrapped_tokenizer()
         with wrapped as tokenizer:
             prompt_ids: list[int] = tokenizer(raw_request["prompt"], return_token_type_ids=False)["input_ids"]
@@ -514,8 +535,6 @@ class FlexGenClient(CachingClient):
         num_completions = raw_request["num_completions"]
         max_tokens = raw_request["max_tokens"]
         echo = raw_request["echo_prompt"]
-        if num_completions < 1 or max_tokens < 0:
-            raise RequestRejected(f"need num_completions >= 1 and max_tokens >= 0, got {num_completions}, {max_tokens}")
         if max_tokens == 0 and not echo:  # nothing to generate or score
             completions = [dict(text="", tokens=[], logprobs=[], finish_reason="length")] * num_completions
             return dict(completions=completions, request_time=time.time() - started_s, request_datetime=int(started_s))

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +93,26 @@ def split_run_name(name: str) -> tuple[str, str]:
     return entry, model
 
 
-class Source:
-    """A `benchmark_output` folder or URL prefix; reads JSON files, over HTTP through a cache."""
+# The largest JSON file read: HELM's stats.json and indexes are kilobytes to a few megabytes.
+MAX_JSON_BYTES = 256 * 2**20
 
-    def __init__(self, root: str, cache_dir: Path = CACHE_DIR) -> None:
+
+def check_name(name: Any, what: str, where: str) -> str:
+    """A suite, release or run name used as one path component: no separator, no `..`."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"{where}: {what} {name!r} is not a plain name (it would leave the reference's folder)")
+    return name
+
+
+class Source:
+    """A `benchmark_output` folder or URL prefix; reads JSON files (at most MAX_JSON_BYTES each), over
+    HTTP through a cache that keeps only bodies that parsed."""
+
+    def __init__(self, root: str, cache_dir: Path = CACHE_DIR, max_bytes: int = MAX_JSON_BYTES) -> None:
         self.root = root.rstrip("/")
         self.remote = root.startswith(("http://", "https://"))
         self.cache_dir = cache_dir
+        self.max_bytes = max_bytes
         if not self.remote and not Path(root).is_dir():
             raise ValueError(f"{root!r} is not a folder (a HELM benchmark_output) nor an http(s) URL")
 
@@ -107,26 +121,54 @@ class Source:
             path = Path(self.root) / relative
             if not path.is_file():
                 raise FileNotFoundError(f"no {relative} under {self.root}")
-            return json.loads(path.read_text(encoding="utf-8"))
+            if path.stat().st_size > self.max_bytes:
+                raise ValueError(f"{path} is {path.stat().st_size / 2**20:.0f} MiB, more than the "
+                                 f"{self.max_bytes / 2**20:.0f} MiB a HELM results file may hold")
+            return self._parse(path.read_bytes(), str(path))
         url = f"{self.root}/{relative}"
         cached = self.cache_dir / hashlib.sha256(url.encode()).hexdigest()
-        if not cached.is_file():
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    data = response.read()
-            except OSError as error:
-                raise FileNotFoundError(f"cannot read {url}: {error}") from None
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_bytes(data)
-        return json.loads(cached.read_text(encoding="utf-8"))
+        if cached.is_file():
+            return self._parse(cached.read_bytes(), f"{url} (cached as {cached})")
+        data = self._download(url)
+        value = self._parse(data, url)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.cache_dir, prefix=".partial-", delete=False) as out:
+            out.write(data)
+        os.replace(out.name, cached)  # whole or not at all, and only a body that parsed
+        return value
+
+    def _download(self, url: str) -> bytes:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                data = response.read(self.max_bytes + 1)
+        except OSError as error:
+            raise FileNotFoundError(f"cannot read {url}: {error}") from None
+        if len(data) > self.max_bytes:
+            raise ValueError(f"{url} is more than the {self.max_bytes / 2**20:.0f} MiB a HELM results file may hold")
+        return data
+
+    @staticmethod
+    def _parse(data: bytes, where: str) -> Any:
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            start = data[:60].decode("utf-8", "replace").split("\n")[0]
+            raise ValueError(f"{where} is not JSON ({error}; it starts {start!r})") from None
 
     def suite_runs(self, suite: str) -> list[str]:
+        check_name(suite, "suite", self.root)
         if not self.remote:
             folder = Path(self.root) / "runs" / suite
             if not folder.is_dir():
                 raise ValueError(f"no suite {suite!r} under {self.root} (no runs/{suite}/)")
             return sorted(p.parent.name for p in folder.glob("*/stats.json"))
-        return sorted(spec["name"] for spec in self.json(f"runs/{suite}/run_specs.json"))
+        where = f"{self.root}/runs/{suite}/run_specs.json"
+        specs = self.json(f"runs/{suite}/run_specs.json")
+        try:
+            names = [spec["name"] for spec in specs]
+        except (TypeError, KeyError):
+            raise ValueError(f"{where} is not a list of run specs with names") from None
+        return sorted(check_name(name, "run", where) for name in names)
 
 
 def _main_stats(stats: Iterable[dict]) -> dict[str, tuple[float, int]]:
@@ -147,8 +189,13 @@ def read_runs(source: Source, suite: str | None = None, release: str | None = No
     if (suite is None) == (release is None):
         raise ValueError("name a suite or a release, not both")
     if release is not None:
+        check_name(release, "release", source.root)
+        where = f"{source.root}/releases/{release}/runs_to_run_suites.json"
         suites = source.json(f"releases/{release}/runs_to_run_suites.json")
-        names = sorted(suites.items())
+        if not isinstance(suites, dict):
+            raise ValueError(f"{where} is not an object of run names to suites")
+        names = sorted((check_name(name, "run", where), check_name(run_suite, "suite", where))
+                       for name, run_suite in suites.items())
     else:
         names = [(name, suite) for name in source.suite_runs(suite)]
     runs = []
@@ -158,7 +205,12 @@ def read_runs(source: Source, suite: str | None = None, release: str | None = No
         except FileNotFoundError:
             continue  # listed but not computed (a failed run)
         entry, model = split_run_name(name)
-        runs.append(Run(name, entry, model, _main_stats(stats)))
+        try:
+            main = _main_stats(stats)
+        except (TypeError, KeyError, AttributeError) as error:
+            raise ValueError(f"{source.root}/runs/{run_suite}/{name}/stats.json is not a list of HELM stats "
+                             f"({type(error).__name__}: {error})") from None
+        runs.append(Run(name, entry, model, main))
     return runs
 
 

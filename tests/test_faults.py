@@ -373,17 +373,17 @@ def test_a_block_over_its_compute_workspace_is_refused(tmp_path, monkeypatch):
                    for tier in ("gpu", "cpu"))
         workspace = needs.workspace["gpu"] + needs.workspace["cpu"]
         assert workspace > held  # the case the check used to miss
-        monkeypatch.setattr(capacity, "_mem_available", lambda: held + workspace // 2)
+        monkeypatch.setattr(capacity, "mem_available", lambda: held + workspace // 2)
         with pytest.raises(capacity.PolicyDoesNotFit, match=r"GiB of RAM for a block of 16 sequences.*short by"):
             engine.generate(prompts, max_new_tokens=2)
-        monkeypatch.setattr(capacity, "_mem_available", lambda: held + workspace + (1 << 20))
+        monkeypatch.setattr(capacity, "mem_available", lambda: held + workspace + (1 << 20))
         assert len(engine.generate(prompts, max_new_tokens=2)) == 16
 
 
 _IN_CGROUP = r"""
 import sys
-from flexgen_core.runtime.capacity import _mem_available, cgroup_available
-print(cgroup_available(), _mem_available())
+from flexgen_core.runtime.capacity import mem_available, cgroup_available
+print(cgroup_available(), mem_available())
 """
 
 

@@ -417,6 +417,29 @@ def test_prompt_too_long_is_not_retried_and_not_fatal(env):
     assert result.error_flags.is_retriable is False and result.error_flags.is_fatal is False
 
 
+@pytest.mark.parametrize("fields, named", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_p=float("nan")), "top_p"), (dict(num_completions=10**9, temperature=1.0), "num_completions"),
+    (dict(num_completions=10**9, temperature=0.0, max_tokens=0), "num_completions"),
+    (dict(max_tokens=-1), "max_tokens")])
+def test_bad_decoding_parameters_fail_that_request_only(env, fields, named):
+    """Each is refused before any work as that request's own failure, not retried and not fatal; the
+    client serves the next request."""
+    flexgen = _client(env, FLEXGEN_DEPLOYMENT)
+    result = flexgen.make_request(_request(**fields))
+    assert not result.success and named in result.error, result.error
+    assert result.error_flags.is_retriable is False and result.error_flags.is_fatal is False
+    _ok(flexgen.make_request(_request(max_tokens=2)))
+
+
+def test_tiny_temperature_and_top_p_are_their_greedy_limit(env):
+    flexgen = _client(env, FLEXGEN_DEPLOYMENT)
+    greedy = _summary(_ok(flexgen.make_request(_request(max_tokens=4))))
+    for fields in (dict(temperature=1e-46), dict(temperature=1.0, top_p=1e-300), dict(temperature=5e-324)):
+        assert _summary(_ok(flexgen.make_request(_request(max_tokens=4, **fields)))) == greedy, fields
+
+
 @pytest.mark.parametrize(
     "deployment, message",
     [

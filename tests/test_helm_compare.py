@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
+import urllib.parse
 
 import pytest
 from helm_support import FLEXGEN_DEPLOYMENT, HF_DEPLOYMENT, TEST_MODEL, helm_bin, run_dirs, run_helm, write_mmlu, \
@@ -108,3 +110,127 @@ def test_the_test_split_is_preferred_and_perturbed_and_timing_stats_left_out():
              stat("exact_match", 0.9, "test", {"name": "typo"}), stat("inference_runtime", 5.0, "test"),
              stat("empty", 1.0, "test", count=0)]
     assert compare._main_stats(stats) == {"exact_match": (0.2, 3), "f1": (0.3, 3)}
+
+
+class _Reference:
+    """A local HTTP server of a reference's benchmark_output, told per path to misbehave."""
+
+    def __init__(self, folder):
+        import http.server
+        import threading
+
+        self.folder, self.faults, self.hits = folder, {}, []
+        reference = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                relative = self.path.split("/benchmark_output/", 1)[1]
+                reference.hits.append(relative)
+                fault = reference.faults.pop(relative, None)
+                path = reference.folder / urllib.parse.unquote(relative)
+                if fault is None and not path.is_file():
+                    self.send_error(404)
+                    return
+                body = path.read_bytes() if fault is None else b""
+                if fault == "html":
+                    body = b"<!DOCTYPE html><html><body>Maintenance</body></html>"
+                elif fault == "truncated":
+                    body = path.read_bytes()[:-40]
+                self.send_response(200)
+                if fault == "huge":  # 3 GiB, streamed: the client must stop reading at its cap
+                    self.send_header("Content-Length", str(3 * 2**30))
+                    self.end_headers()
+                    chunk = b" " * 2**20
+                    try:
+                        for _ in range(3 * 2**10):
+                            self.wfile.write(chunk)
+                    except OSError:
+                        pass
+                    return
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/benchmark_output"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def served(suites, tmp_path):
+    """The HF suite served over HTTP with HELM's published index (run_specs.json), and a home of its own
+    (compare's cache is under ~/.cache)."""
+    _, output = suites
+    tree = tmp_path / "served" / "benchmark_output"
+    shutil.copytree(output / "runs" / "hf", tree / "runs" / "hf")
+    specs = [{"name": p.parent.name} for p in sorted((tree / "runs" / "hf").glob("*/stats.json"))]
+    (tree / "runs" / "hf" / "run_specs.json").write_text(json.dumps(specs))
+    reference = _Reference(tree)
+    yield output, tree, reference, tmp_path / "home"
+    reference.close()
+
+
+def _compare_http(output, reference, home):
+    env = {**os.environ, "HOME": str(home)}
+    return subprocess.run([helm_bin("flexgen-helm"), "compare", "--suite", "ours", "--output-path", str(output),
+                           "--against", reference.url, "--against-suite", "hf"],
+                          capture_output=True, text=True, env=env)
+
+
+def _one_line(out, *phrases):
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    for phrase in phrases:
+        assert phrase in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("fault, phrase", [("html", "is not JSON"), ("truncated", "is not JSON"),
+                                           ("huge", "more than the 256 MiB")])
+def test_a_bad_reference_body_is_one_line_and_never_cached(served, fault, phrase):
+    output, tree, reference, home = served
+    run = next(p.parent.name for p in (tree / "runs" / "hf").glob("*/stats.json"))
+    for user, relative in enumerate(("runs/hf/run_specs.json", f"runs/hf/{run}/stats.json")):
+        own_home = home / str(user)  # an empty cache each
+        reference.faults[relative] = fault
+        _one_line(_compare_http(output, reference, own_home), phrase, f"{reference.url}/{relative}")
+        # Fixed on the server: the next run asks again, and succeeds.
+        asked = len(reference.hits)
+        out = _compare_http(output, reference, own_home)
+        assert out.returncode == 0, out.stderr
+        assert relative in reference.hits[asked:]
+        cache = own_home / ".cache" / "flexgen-helm" / "compare"
+        assert not [p for p in cache.iterdir() if p.name.startswith(".partial-")]
+        # All cached now: a third run reads nothing from the server.
+        asked = len(reference.hits)
+        assert _compare_http(output, reference, own_home).returncode == 0 and reference.hits[asked:] == []
+
+
+@pytest.mark.parametrize("bad", ["../../../outside", "a/b", ".."])
+def test_run_names_from_a_reference_index_stay_inside_it(served, bad):
+    output, tree, reference, home = served
+    outside = tree.parent / "outside"
+    shutil.copytree(next((tree / "runs" / "hf").glob("*/")), outside)
+    (tree / "runs" / "hf" / "run_specs.json").write_text(json.dumps([{"name": bad}]))
+    _one_line(_compare_http(output, reference, home), f"run {bad!r} is not a plain name",
+              f"{reference.url}/runs/hf/run_specs.json")
+    assert not any("outside" in hit and "stats.json" in hit for hit in reference.hits)
+
+
+def test_a_local_reference_file_too_big_or_not_json_names_the_file(suites, tmp_path):
+    _, output = suites
+    tree = tmp_path / "benchmark_output"
+    shutil.copytree(output / "runs" / "hf", tree / "runs" / "hf")
+    stats = next((tree / "runs" / "hf").glob("*/stats.json"))
+    stats.write_text("<html>")
+    out = _compare("--suite", "ours", "--output-path", str(output), "--against", str(tree), "--against-suite", "hf")
+    _one_line(out, f"{stats} is not JSON")
+    source = compare.Source(str(tree), max_bytes=4)
+    stats.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"stats.json is 0 MiB, more than the 0 MiB"):
+        source.json(str(stats.relative_to(tree)))

@@ -17,14 +17,14 @@ class PolicyDoesNotFit(ValueError):
 
 def available_bytes(devices, offload_path) -> dict[str, int | None]:
     """Free bytes per tier now; None where unknown. On a CPU-only host "gpu" and "cpu" share RAM."""
-    ram = _mem_available()
+    ram = mem_available()
     free = {"disk": shutil.disk_usage(offload_path).free, "cpu": ram, "gpu": ram}
     if devices.cuda:
         free["gpu"] = torch.cuda.mem_get_info(devices.compute)[0]
     return free
 
 
-def _mem_available() -> int | None:
+def mem_available() -> int | None:
     """RAM this process may still take: the host's MemAvailable, or less where the memory cgroup it
     runs in (a container, a Slurm job) sets a lower limit."""
     host = None

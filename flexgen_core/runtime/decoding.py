@@ -90,12 +90,19 @@ class Sequence:
 
 
 def _sample(logits: torch.Tensor, settings: DecodeSettings, generator: torch.Generator) -> int:
-    """Sample one token from (V,) float32 CPU logits with temperature and nucleus (top-p) filtering."""
-    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    """Sample one token from (V,) float32 CPU logits with temperature and nucleus (top-p) filtering.
+
+    In float64, so a tiny temperature or top_p (1e-46, 1e-300) keeps its value; a temperature so small
+    that the scaled logits overflow even float64 samples its limit, the most likely token (as 0 does)."""
+    scaled = logits.double() / settings.temperature
+    if not bool(torch.isfinite(scaled[torch.isfinite(logits)]).all()):
+        return int(logits.argmax())
+    probs = torch.softmax(scaled, dim=-1)
     if settings.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(0) - sorted_probs >= settings.top_p
+        drop[0] = False
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
