@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from pathlib import Path
 
@@ -301,8 +302,55 @@ def test_sighup_removes_offload_files(tmp_path):
     assert proc.stdout.readline().strip() == "ready"
     assert len(list(tmp_path.iterdir())) == 1
     proc.send_signal(signal.SIGHUP)
-    assert proc.wait(timeout=30) == 128 + signal.SIGHUP
+    assert proc.wait(timeout=30) == -signal.SIGHUP  # it died of the signal, after cleaning up
     assert list(tmp_path.iterdir()) == []
+
+
+_CHILD_TESTS = r'''
+import os, time
+from flexgen_core import Engine, Policy
+from flexgen_core.runtime import schedule
+
+
+def test_holds_a_block():
+    policy = Policy(w_gpu_percent=0, w_cpu_percent=0, cache_gpu_percent=0, cache_cpu_percent=0)
+    with Engine.from_pretrained(os.environ["CKPT"], policy=policy, offload_dir=os.environ["OFFLOAD"],
+                                device="cpu") as engine:
+        def stalled(*args, **kwargs):  # mid-block: the first token is being chosen
+            open(os.environ["MARKER"], "w").close()
+            time.sleep(300)
+        schedule.select_tokens = stalled
+        engine.generate([[2, 5, 7, 9]], max_new_tokens=4)
+
+
+def test_would_run_next():
+    open(os.environ["MARKER"] + ".next", "w").close()
+'''
+
+
+def test_sigterm_ends_a_test_run_mid_block(tmp_path):
+    """`timeout` or a batch system sends SIGTERM to pytest while a test's engine is inside a block: the
+    process removes its offload folder and dies of the signal, and runs no further test."""
+    (tmp_path / "test_child.py").write_text(_CHILD_TESTS)
+    offload, marker = tmp_path / "offload", tmp_path / "in-block"
+    env = {**_env(), "CKPT": str(build_checkpoint("odd")), "OFFLOAD": str(offload), "MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_signals)
+    try:
+        for _ in range(1200):
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate(timeout=30)[0][-3000:]
+        assert len(list(offload.iterdir())) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM, proc.stdout.read()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(offload.iterdir()) == []
+    assert not Path(str(marker) + ".next").exists()
 
 
 _HELM_LIKE = r"""
@@ -328,7 +376,7 @@ def test_signals_clean_up_an_engine_made_in_a_worker_thread(tmp_path, signum):
     assert proc.stdout.readline().strip() == "ready"
     assert len(list(tmp_path.iterdir())) == 1
     proc.send_signal(signum)
-    assert proc.wait(timeout=30) == 128 + signum
+    assert proc.wait(timeout=30) == -signum
     assert list(tmp_path.iterdir()) == []
 
 

@@ -25,7 +25,7 @@ import torch
 
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.runtime.private_dir import open_private_folder, user_temp_folder
-from flexgen_core.runtime.signals import install_signal_handlers
+from flexgen_core.runtime.signals import install_signal_handlers, register_cleanup
 from flexgen_core.runtime.simulated_cuda import SIMULATED_DEVICE, enter_on_this_thread, simulated_cuda
 from flexgen_core.runtime.streams import CudaStream, SimulatedStream
 
@@ -232,7 +232,7 @@ _OWNER_PATTERN = re.compile(r"^flexgen offload folder, uid (\d+), token [0-9a-f]
 
 class OffloadDir:
     """This engine's own folder `engine-<pid>-<random>` inside the offload base, removed on close, at
-    interpreter exit and on SIGTERM, SIGHUP or SIGINT.
+    interpreter exit, and on SIGTERM or SIGHUP (then the process dies of the signal: signals.py) or SIGINT.
 
     The base (`offload_dir`, default `<temp>/flexgen-offload-<uid>`) must be this user's private folder
     (private_dir.py): made 0700 when new, refused in one line when it is a symlink, another user's, or
@@ -362,10 +362,14 @@ _LIVE: "weakref.WeakSet[OffloadDir]" = weakref.WeakSet()
 
 def _close_live() -> None:
     for offload in list(_LIVE):
-        offload.close()
+        try:
+            offload.close()
+        except OSError as e:  # one folder's trouble does not keep the others
+            log.warning("could not remove offload folder %s: %s", offload.path, e)
 
 
 atexit.register(_close_live)
+register_cleanup(_close_live)
 
 
 class Slots:
