@@ -1,0 +1,35 @@
+"""A configuration mistake of a flexgen deployment reaches the helm-run user as one line: the run entry
+fails through HELM's own failure path, with no traceback and no `Request: Request(...)` tail."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from helm_support import FLEXGEN_DEPLOYMENT, TEST_MODEL, helm_bin, offline_env, write_prod_env
+
+from flexgen_core.testing import PRESETS, build_checkpoint
+
+MISSING = "/no/such/models/smollm2"
+LINE = f"FlexGenClient configuration for '{MISSING}': checkpoint folder '{MISSING}' does not exist"
+
+
+@pytest.mark.parametrize("exit_on_error", [False, True])
+def test_a_missing_checkpoint_is_one_line_in_helm_runs_terminal(tmp_path, exit_on_error):
+    prod_env = write_prod_env(tmp_path / "prod_env", build_checkpoint("tiny", seed=0), PRESETS["tiny"].max_positions,
+                              flexgen_args={"pretrained_model_name_or_path": MISSING})
+    entry = f"synthetic_reasoning:mode=pattern_match,model={TEST_MODEL},model_deployment={FLEXGEN_DEPLOYMENT}"
+    command = [helm_bin("helm-run"), "--run-entries", entry, "--suite", "s", "--local-path", str(prod_env),
+               "--output-path", str(tmp_path / "out"), "--max-eval-instances", "2", "-n", "2"]
+    done = subprocess.run(command + (["--exit-on-error"] if exit_on_error else []), env=offline_env(),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    terminal = done.stdout + done.stderr
+    assert done.returncode == 1, terminal[-3000:]
+    assert "Traceback" not in terminal and "Request: Request(" not in terminal, terminal[-3000:]
+    # (stderr may also hold the tiny test tokenizer's own length warning from transformers)
+    ours = [line for line in done.stderr.splitlines() if line.startswith("helm-run: ")]
+    if exit_on_error:
+        assert ours == [f"helm-run: {LINE}"]
+    else:
+        assert f"Error when running {entry.replace('/', '_')}: {LINE}" in done.stdout
+        assert len(ours) == 1 and ours[0].startswith("helm-run: Failed runs: [")
