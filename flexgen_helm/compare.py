@@ -11,7 +11,8 @@ HTTP and cached under ~/.cache/flexgen-helm/compare/):
 Runs are matched by their run entry without the model (`mmlu:subject=...,method=...`) and by model:
 ours, or the one `--model-map OURS=REF` names (e.g. the paper's OPT-IML-30B against HELM Classic's
 OPT-175B rows). Where the models differ the table says so: the difference is then the model's, not
-the client's. Metrics: each scenario's main one (`--all-metrics`: every non-timing metric both have),
+the client's. Metrics: each run's main one, as HELM's schema names it for the run's group
+(`--all-metrics`: every non-timing metric both have),
 unperturbed, on the test split (valid where there is no test). Metrics computed from what a client
 reports of its generated tokens (logprob, perplexity, bits_per_byte, max_prob, finish_reason_*) are
 marked: HELM's own client reports logprob 0 for greedy output and no finish reason, ours the model's
@@ -21,6 +22,7 @@ log-softmax and the real reason, so they differ between those two by design.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -31,17 +33,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-# Each scenario's main metric (HELM's leaderboard columns for the paper's sub-scenarios).
-MAIN_METRICS = {
-    "mmlu": "exact_match",
-    "wikifact": "quasi_exact_match",
-    "synthetic_reasoning": "quasi_exact_match",
-    "synthetic_reasoning_natural": "f1_set_match",
-    "summarization_xsum": "rouge_2",
-    "summarization_xsum_sampled": "rouge_2",
-    "twitter_aae": "bits_per_byte",
-}
-DEFAULT_METRIC = "exact_match"
+DEFAULT_METRIC = "exact_match"  # for a run whose groups HELM's schema does not list
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_main_metrics() -> dict[str, str]:
+    from helm.benchmark.presentation.schema import get_default_schema_path, read_schema
+
+    schema = read_schema(get_default_schema_path())
+    return {group.name: group.environment["main_name"] for group in schema.run_groups
+            if group.environment and "main_name" in group.environment}
+
+
+def main_metric(scenario: str, groups: Sequence[str] = ()) -> str:
+    """A run's main metric as HELM's own schema (schema_classic.yaml) names it for its run group: the
+    group named as the run's scenario (`synthetic_reasoning_natural`), else the first of `groups` (its
+    run_spec.json's, e.g. `summarization_xsum` for `summarization_xsum_sampled`) that the schema has."""
+    table = _schema_main_metrics()
+    return next((table[group] for group in (scenario, *groups) if group in table), DEFAULT_METRIC)
 # Wall-clock and batch-shape stats differ between any two runs, whatever the client.
 TIMING_STATS = {"inference_runtime", "inference_denoised_runtime", "batch_size", "training_co2_cost",
                 "training_energy_cost", "inference_idealized_runtime"}
@@ -63,6 +72,13 @@ class Run:
     entry: str                              # without model= and model_deployment=
     model: str                              # as in run names ("/" written "_")
     stats: dict[str, tuple[float, int]]     # metric -> (mean, count), unperturbed, test split
+    groups: tuple[str, ...] = ()            # HELM's run groups (run_spec.json), where it has them
+
+    @property
+    def instances(self) -> int | None:
+        """Instances evaluated (HELM's num_instances), not its count of train trials."""
+        stat = self.stats.get("num_instances")
+        return round(stat[0]) if stat else None
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,8 @@ class Row:
     reference: float | None
     ours_count: int
     reference_count: int
+    ours_instances: int | None = None
+    reference_instances: int | None = None
 
     @property
     def difference(self) -> float | None:
@@ -206,11 +224,16 @@ def read_runs(source: Source, suite: str | None = None, release: str | None = No
             continue  # listed but not computed (a failed run)
         entry, model = split_run_name(name)
         try:
+            spec = source.json(f"runs/{run_suite}/{name}/run_spec.json")
+            groups = tuple(g for g in spec.get("groups", ()) if isinstance(g, str)) if isinstance(spec, dict) else ()
+        except FileNotFoundError:
+            groups = ()
+        try:
             main = _main_stats(stats)
         except (TypeError, KeyError, AttributeError) as error:
             raise ValueError(f"{source.root}/runs/{run_suite}/{name}/stats.json is not a list of HELM stats "
                              f"({type(error).__name__}: {error})") from None
-        runs.append(Run(name, entry, model, main))
+        runs.append(Run(name, entry, model, main, groups))
     return runs
 
 
@@ -227,17 +250,17 @@ def compare(ours: Sequence[Run], reference: Sequence[Run], model_map: dict[str, 
     for run in ours:
         wanted = mapping.get(run.model, run.model)
         ref = by_key.get((run.entry, wanted))
-        scenario = run.entry.split(":")[0]
         if all_metrics:
             metrics = sorted(set(run.stats) & set(ref.stats)) if ref else sorted(run.stats)
         else:
-            metrics = [MAIN_METRICS.get(scenario, DEFAULT_METRIC)]
+            metrics = [main_metric(run.entry.split(":")[0], run.groups)]
         for metric in metrics:
             mine = run.stats.get(metric)
             theirs = ref.stats.get(metric) if ref else None
             rows.append(Row(run.entry, run.model, ref.model if ref else None, metric,
                             mine[0] if mine else None, theirs[0] if theirs else None,
-                            mine[1] if mine else 0, theirs[1] if theirs else 0))
+                            mine[1] if mine else 0, theirs[1] if theirs else 0,
+                            run.instances, ref.instances if ref else None))
     return rows
 
 
@@ -252,12 +275,29 @@ def _cells(row: Row) -> tuple[str, ...]:
     if row.reference_model is None:
         models = f"{row.model}; no reference run"
     elif row.same_model:
-        models = row.model + ("; reported by each client (see the notes)" if client_reported(row.metric) else "")
+        models = row.model + ("; reported by each client (see the note)" if client_reported(row.metric) else "")
     else:
         models = f"{row.model} vs {row.reference_model}: different models, the difference is the model's"
     diff = row.difference
     return (row.entry, row.metric, _cell(row.ours), _cell(row.reference),
-            "n/a" if diff is None else f"{diff:+.4f}", f"{row.ours_count}/{row.reference_count}", models)
+            "n/a" if diff is None else f"{diff:+.4f}", f"{_count(row.ours_instances)}/{_count(row.reference_instances)}",
+            models)
+
+
+def _count(instances: int | None) -> str:
+    return "n/a" if instances is None else str(instances)
+
+
+CLIENT_NOTE = ("Note: metrics marked \"reported by each client\" are computed from what a client reports of "
+               "its generated tokens (logprobs, finish reasons), not from the text. HELM's own "
+               "HuggingFaceClient reports logprob 0 for greedy output (it samples at temperature 1e-7) and no "
+               "finish reason; FlexGenClient reports the model's log-softmax and the real reason. They differ "
+               "between those two clients by design, whatever the texts.")
+
+
+def notes(rows: Sequence[Row]) -> list[str]:
+    """The notes the table's rows refer to."""
+    return [CLIENT_NOTE] if any(r.same_model and client_reported(r.metric) for r in rows) else []
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -277,11 +317,11 @@ def format_markdown(rows: Sequence[Row]) -> str:
 def format_csv(rows: Sequence[Row]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["run_entry", "metric", "ours", "reference", "difference", "ours_count", "reference_count",
-                     "model", "reference_model"])
+    writer.writerow(["run_entry", "metric", "ours", "reference", "difference", "ours_instances",
+                     "reference_instances", "ours_count", "reference_count", "model", "reference_model"])
     for r in rows:
-        writer.writerow([r.entry, r.metric, r.ours, r.reference, r.difference, r.ours_count, r.reference_count,
-                         r.model, r.reference_model])
+        writer.writerow([r.entry, r.metric, r.ours, r.reference, r.difference, r.ours_instances,
+                         r.reference_instances, r.ours_count, r.reference_count, r.model, r.reference_model])
     return buffer.getvalue()
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from flexgen_helm import configs
+from flexgen_helm.compare import main_metric
 from flexgen_helm.demo_data import write_mmlu_demo
 
 DEMO_PRESET = "tiny"
@@ -36,12 +37,6 @@ DEMO_CONF = RUN_SPECS / "flexgen_demo.conf"
 RANDOM_DEMO_CONF = RUN_SPECS / "flexgen_demo_random.conf"
 REAL_DEPLOYMENT = "flexgen/smollm2-135m-instruct"
 
-# Main metric per scenario (HELM's schema names; synthetic_reasoning has no ScenarioMetadata).
-MAIN_METRICS = {
-    "synthetic_reasoning": "exact_match",
-    "synthetic_reasoning_natural": "f1_set_match",
-    "mmlu": "exact_match",
-}
 
 
 class DemoError(RuntimeError):
@@ -171,8 +166,9 @@ def summarize_run(run_dir: Path, wall_s: float) -> RunRow:
         states = json.load(handle)["request_states"]
     with open(run_dir / "stats.json", encoding="utf-8") as handle:
         stats = json.load(handle)
-    scenario = run_dir.name.split(":", 1)[0]
-    metric = MAIN_METRICS.get(scenario, "exact_match")
+    with open(run_dir / "run_spec.json", encoding="utf-8") as handle:
+        groups = json.load(handle).get("groups") or []
+    metric = main_metric(run_dir.name.split(":", 1)[0], groups)
     # The unperturbed metric, on the test split when there is one.
     candidates = [
         stat
@@ -277,5 +273,5 @@ def run_demo(
     say("From HELM's cache (computed by an earlier run): " + (", ".join(cached) if cached else "nothing") + ".")
     say(f"HELM's output: {log_path}")
     say(f"Results: {output_path / 'runs' / suite}")
-    say(f"Browse them: helm-server --output-path {output_path} --suite {suite}")
+    say(f"Browse them: flexgen-helm serve --output-path {output_path} --suite {suite}  (on 127.0.0.1:8000)")
     return rows

@@ -53,7 +53,17 @@ def test_two_local_suites_agree_within_float_noise(suites, tmp_path):
         if not compare.client_reported(row["metric"]):  # those are marked in the table, see compare.py
             assert abs(float(row["difference"])) <= NOISE, row
     reported = [r for r in rows if compare.client_reported(r["metric"])]
-    assert reported and out.stdout.count("reported by each client") == len(reported)
+    assert reported and out.stdout.count("reported by each client (see the note)") == len(reported)
+    assert out.stdout.count(compare.CLIENT_NOTE) == 1
+    # Instances are HELM's num_instances of each run (the same in both suites), not its count of trials.
+    for entry, run_dir in run_dirs(output, "ours").items():
+        stats = json.loads((run_dir / "stats.json").read_text())
+        (num,) = [s["mean"] for s in stats if s["name"]["name"] == "num_instances"
+                  and not s["name"].get("perturbation") and s["name"].get("split") == "test"]
+        assert num > 1 and {(r["ours_instances"], r["reference_instances"]) for r in rows
+                            if r["run_entry"] == entry} == {(str(round(num)), str(round(num)))}
+        line = next(line for line in out.stdout.splitlines() if line.startswith(entry))
+        assert f" {round(num)}/{round(num)} " in line
     assert "exact_match" in out.stdout and "different models" not in out.stdout
     assert (tmp_path / "t.md").read_text().startswith("| run entry | metric |") and (tmp_path / "t.png").stat().st_size
 
@@ -81,7 +91,9 @@ def test_a_published_release_with_another_model(suites, tmp_path):
                    "--csv", str(tmp_path / "r.csv"))
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))
-    assert [r["metric"] for r in rows] == ["exact_match", "quasi_exact_match"]  # each scenario's main metric
+    # Each run group's main metric in HELM's schema (schema_classic.yaml: mmlu, synthetic_reasoning).
+    assert [r["metric"] for r in rows] == ["exact_match", "quasi_exact_match"]
+    assert compare.CLIENT_NOTE not in out.stdout
     assert all(r["reference_model"] == "together_opt-175b" and r["reference"] for r in rows)
     assert out.stdout.count("different models, the difference is the model's") == 2
     unmapped = _compare("--suite", "ours", "--output-path", str(output), "--against", str(tree),
@@ -89,15 +101,15 @@ def test_a_published_release_with_another_model(suites, tmp_path):
     assert unmapped.returncode == 0 and "2 row(s) without a reference run" in unmapped.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--against", "/no/such/folder"], "is not a folder"),
-    (["--against", "{out}", "--model-map", "nomapping"], "--model-map takes OURS=REF"),
-    (["--against", "{out}", "--against-suite", "nope"], "no suite 'nope'"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--against", "/no/such/folder"], "is not a folder", 1),
+    (["--against", "{out}", "--model-map", "nomapping"], "--model-map takes OURS=REF", 2),  # a usage mistake
+    (["--against", "{out}", "--against-suite", "nope"], "no suite 'nope'", 1),
 ])
-def test_bad_arguments_are_one_line(suites, args, message):
+def test_bad_arguments_are_one_line(suites, args, message, code):
     _, output = suites
     out = _compare("--suite", "ours", "--output-path", str(output), *[a.replace("{out}", str(output)) for a in args])
-    assert out.returncode == 1 and out.stderr.startswith("error: ") and message in out.stderr
+    assert out.returncode == code and out.stderr.startswith("error: ") and message in out.stderr
     assert out.stderr.count("\n") == 1
 
 
@@ -234,3 +246,47 @@ def test_a_local_reference_file_too_big_or_not_json_names_the_file(suites, tmp_p
     stats.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"stats.json is 0 MiB, more than the 0 MiB"):
         source.json(str(stats.relative_to(tree)))
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on `port` (from /proc/net/tcp and tcp6; state 0A)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_serve_shows_helms_website_on_localhost_only(suites, tmp_path):
+    """helm-server binds 0.0.0.0; `flexgen-helm serve` binds 127.0.0.1 unless told otherwise."""
+    import socket
+    import time
+    import urllib.request
+
+    _, output = suites
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([helm_bin("flexgen-helm"), "serve", "--output-path", str(output), "--suite", "ours",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    try:
+        for _ in range(300):
+            if _listening_addresses(port) or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert _listening_addresses(port) == {"0100007F"}, proc.stdout.read() if proc.poll() is not None else ""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config.js", timeout=30) as config:
+            assert b"ours" in config.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
