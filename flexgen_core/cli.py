@@ -6,20 +6,31 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from flexgen_core.bench_cli import add_bench_parser
+from flexgen_core.cli_support import HelpFormatter, UsageError, add_version, run_command
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.policy import COMPRESS_CHOICES, Policy
+
+
+def device_arg(value: str) -> str:
+    """--device: auto, cpu, cuda, cuda:N or simulated (a simulated GPU on a CPU-only host)."""
+    if value in ("auto", "cpu", "cuda", "simulated") or re.fullmatch(r"cuda:[0-9]+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a device: auto, cpu, cuda, cuda:N or simulated")
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percent", nargs=6, type=int, metavar=("W_G", "W_C", "C_G", "C_C", "A_G", "A_C"),
                    default=[100, 0, 100, 0, 100, 0],
                    help="percent of weights, KV cache, activations on GPU and CPU (the rest goes to disk)")
-    p.add_argument("--gpu-batch-size", type=int, default=1)
-    p.add_argument("--num-gpu-batches", type=int, default=1)
+    p.add_argument("--gpu-batch-size", type=int, default=1, help="sequences computed together on the GPU")
+    p.add_argument("--num-gpu-batches", type=int, default=1,
+                   help="GPU batches per block (a block of gpu-batch-size x num-gpu-batches sequences shares each "
+                        "layer's weight load)")
     p.add_argument("--no-overlap", action="store_true", help="run I/O and compute one after the other")
     p.add_argument("--cpu-cache-compute", action="store_true", help="attention over CPU-resident cache on the CPU")
     p.add_argument("--compress-weight", action="store_true", help="store weights as 4-bit group-wise codes")
@@ -27,9 +38,11 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pin-weight", action="store_true", help="do not pin host-resident weights (CUDA)")
     p.add_argument("--no-share-prefix", action="store_true", help="compute a prompt prefix shared by all prompts "
                    "once per sequence, not once (an ablation)")
-    p.add_argument("--offload-dir", default=None, help="folder for disk-resident tensors (default: a temp folder)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--offload-dir", default=None, help="folder of your own for disk-resident tensors (default: "
+                   "$TMPDIR/flexgen-offload-<uid>, made private)")
+    p.add_argument("--device", default="auto", type=device_arg, metavar="{auto,cpu,cuda,cuda:N,simulated}",
+                   help="compute device (auto: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES), help="weights, cache and compute dtype")
 
 
 def _policy(args) -> Policy:
@@ -73,17 +86,17 @@ def _generate(args) -> int:
 
     policy = _policy(args)
     if args.compress != "never" and args.policy != "auto":
-        raise ValueError("--compress goes with --policy auto (a given policy is compressed with --compress-weight / "
+        raise UsageError("--compress goes with --policy auto (a given policy is compressed with --compress-weight / "
                          "--compress-cache)")
     if args.policy == "auto":
         given = [flag for flag, value, default in (("--percent", args.percent, [100, 0, 100, 0, 100, 0]),
                                                   ("--gpu-batch-size", args.gpu_batch_size, 1),
                                                   ("--num-gpu-batches", args.num_gpu_batches, 1)) if value != default]
         if given:
-            raise ValueError(f"--policy auto plans {', '.join(given)} itself: give one or the other")
+            raise UsageError(f"--policy auto plans {', '.join(given)} itself: give one or the other")
     prompts = _prompts(args)
     if any(not stop for stop in args.stop):
-        raise ValueError("--stop needs a non-empty text")
+        raise UsageError("--stop needs a non-empty text")
     folder = checkpoint.resolve(args.model)
     read_model(folder)  # config.json checked before anything else reads it
     try:
@@ -138,15 +151,18 @@ def _plan(args) -> int:
     from flexgen_core.plan.cost_model import Workload
 
     profile = hardware.load_profile(args.hardware)
-    sizes = {tier: hardware.parse_size(value) if value else None
-             for tier, value in (("gpu", args.gpu_mem), ("cpu", args.cpu_mem), ("disk", args.disk_mem))}
+    try:
+        sizes = {tier: hardware.parse_size(value) if value else None
+                 for tier, value in (("gpu", args.gpu_mem), ("cpu", args.cpu_mem), ("disk", args.disk_mem))}
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     profile = profile.with_memory(**sizes)
     if not 0 <= args.shared_prefix_len < args.prompt_len:
-        raise ValueError(f"--shared-prefix-len must be in [0, --prompt-len={args.prompt_len}) (each prompt keeps "
+        raise UsageError(f"--shared-prefix-len must be in [0, --prompt-len={args.prompt_len}) (each prompt keeps "
                          f"at least one token of its own), got {args.shared_prefix_len}")
     model = shapes.load_model(args.model)
     if args.prompt_len + args.gen_len > model.shape.max_positions:
-        raise ValueError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds {model.name}'s context "
+        raise UsageError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} exceeds {model.name}'s context "
                          f"of {model.shape.max_positions} positions")
     dtype = args.dtype or profile.dtype
     options = planner.PlanOptions(compress_weight=_SWITCH[args.compress_weight],
@@ -287,24 +303,31 @@ def _profile(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexgen", description="Offloaded, block-scheduled LLM inference")
+    parser = argparse.ArgumentParser(prog="flexgen", description="Offloaded, block-scheduled LLM inference",
+                                     formatter_class=HelpFormatter)
+    add_version(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate completions for a prompt or a file of prompts; the "
-                         "throughput and time to first token go to stderr")
+    gen_help = ("generate completions for a prompt or a file of prompts; the throughput and time to first token "
+                "go to stderr")
+    gen = sub.add_parser("generate", help=gen_help, description=gen_help[0].upper() + gen_help[1:] + ". The "
+                         "policy is given by the flags below (flexgen plan prints them) or planned with --policy auto.",
+                         formatter_class=HelpFormatter)
     gen.add_argument("--model", required=True, help="hub name or local checkpoint folder")
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt")
+    source.add_argument("--prompt", help="one prompt (text)")
     source.add_argument("--prompt-file", help="prompts, one per line ('-': standard input), generated as one call")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per completion")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens "
+                     "whose mass reaches this")
     gen.add_argument("--num-completions", type=int, default=1, help="completions per prompt")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="end a completion where this text appears (repeatable)")
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--policy", choices=["auto"], help="plan the policy for this call (flexgen plan's search on "
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one per prompt)")
+    gen.add_argument("--policy", choices=["flags", "auto"], default="flags", help="flags: the policy the flags "
+                     "below give; auto: plan the policy for this call (flexgen plan's search on "
                      "this machine's profile) instead of the flags below; exact policies only unless --compress "
                      "allow; --compress-weight/--compress-cache force compression on")
     gen.add_argument("--compress", choices=COMPRESS_CHOICES, default="never",
@@ -313,15 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_args(gen)
     gen.set_defaults(run=_generate)
 
-    pl = sub.add_parser("plan", help="choose a policy for a model, a machine and a workload (cost model + LP)")
+    plan_help = "choose a policy for a model, a machine and a workload (cost model + LP)"
+    pl = sub.add_parser("plan", help=plan_help, formatter_class=HelpFormatter,
+                        description="Choose a policy for a model, a machine and a workload: a linear program over "
+                                    "the cost model per batch shape, checked against the engine's exact memory "
+                                    "accounting. Prints the policy, its flags for flexgen generate, the predicted "
+                                    "throughput and where the time goes.")
     pl.add_argument("--model", required=True, help="hub name, local checkpoint folder, or a known model name")
     pl.add_argument("--hardware", required=True, help="built-in profile name (t4-gcp) or a profile JSON file")
     pl.add_argument("--gpu-mem", help="override the profile's GPU memory, e.g. 16GB (a unit is required; "
                     "GB = GiB = 2**30 bytes, as in the profiles)")
     pl.add_argument("--cpu-mem", help="override the profile's CPU memory, e.g. 200GB")
     pl.add_argument("--disk-mem", help="override the profile's disk space, e.g. 1.5TB")
-    pl.add_argument("--prompt-len", type=int, default=512)
-    pl.add_argument("--gen-len", type=int, default=32)
+    pl.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt")
+    pl.add_argument("--gen-len", type=int, default=32, help="tokens generated per prompt")
     pl.add_argument("--shared-prefix-len", type=int, default=0, metavar="N",
                     help="the first N prompt tokens are the same in every prompt (HELM's instructions and "
                          "in-context examples): computed once and shared (default 0)")
@@ -332,16 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("--cpu-attention", "auto", "attention over off-GPU cache on the CPU")):
         pl.add_argument(flag, nargs="?", const="on", default=default, choices=sorted(_SWITCH),
                         help=f"{what}: on, off, or auto to let the planner decide (default {default}; bare flag: on)")
-    pl.add_argument("--memory-fraction", type=float, default=0.95, help="share of each tier a plan may fill")
+    pl.add_argument("--memory-fraction", type=float, default=0.95, help="share of each tier a plan may fill "
+                    "(a GPU also keeps the allocator's reserve free)")
     pl.add_argument("--max-block-size", type=int, default=None, help="at most this many sequences per block")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     pl.add_argument("--plot", metavar="FILE.png", help="plot predicted throughput against effective batch size")
     pl.set_defaults(run=_plan)
 
-    pr = sub.add_parser("profile", help="measure this machine's hardware profile (a few minutes at most)")
+    pr = sub.add_parser("profile", help="measure this machine's hardware profile (about a minute; --quick: seconds)",
+                        formatter_class=HelpFormatter,
+                        description="Measure this machine's hardware profile (copy bandwidths, disk, matmul and "
+                                    "attention rates, per-layer overhead, I/O overlap) and write it as JSON, "
+                                    "where policy auto looks for it unless --out says otherwise.")
     pr.add_argument("--out", help="profile JSON to write (default: where policy='auto' looks for it)")
     pr.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: a temp folder)")
-    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pr.add_argument("--device", default="auto", type=device_arg, metavar="{auto,cpu,cuda,cuda:N,simulated}",
+                    help="the compute device to measure")
     pr.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
                     help="dtype of the compute measurements (default float16 on CUDA, float32 on CPU)")
     pr.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (seconds, noisier)")
@@ -354,14 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return args.run(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: args.run(args))
 
 
 if __name__ == "__main__":

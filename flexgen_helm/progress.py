@@ -79,9 +79,15 @@ class RunProgress:
             done = burst.computed + burst.cached + burst.failed
             waiting = max(0, burst.seen - done)
             tokens = stats_after["generated_tokens"] - stats_before["generated_tokens"]
+            # A scoring batch (max_tokens 0, echo) generates nothing: its rate is of the prompt tokens it read.
+            kind = "tokens/s"
+            if not tokens:
+                tokens = (stats_after["prefill_tokens"] - stats_before["prefill_tokens"]
+                          + stats_after["prefix_tokens"] - stats_before["prefix_tokens"])
+                kind = "prompt tokens/s (scored)"
             eta = f"ETA {waiting * burst.compute_s / burst.computed:.0f} s for {waiting} waiting" if waiting else "none waiting"
             line = (f"FlexGen: [{done}/{burst.seen} requests to {self.name}] batch of {what} in {batch_s:.2f} s, "
-                    f"{tokens / batch_s if batch_s else 0:.1f} tokens/s; {eta}")
+                    f"{tokens / batch_s if batch_s else 0:.1f} {kind}; {eta}")
         self._log(line)
 
     def flush(self) -> None:

@@ -130,8 +130,32 @@ def workload_from_dry_run(run_dir: Path, tokenizer) -> EntryWorkload:
         max(s["request"]["max_tokens"] for s in states), "dry run: the largest max_tokens")
 
 
+# Where HELM's scenarios and tokenizers come from: reaching none of them means the dry run can measure
+# only what is already on this machine.
+DATA_HOSTS = ("huggingface.co", "storage.googleapis.com", "people.eecs.berkeley.edu")
+
+
+def online(hosts: Sequence[str] = DATA_HOSTS, timeout_s: float = 3.0) -> bool:
+    """Whether any of `hosts` accepts a connection on port 443 within `timeout_s` (all tried at once)."""
+    import concurrent.futures
+    import socket
+
+    def reach(host: str) -> bool:
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            return True
+        except OSError:
+            return False
+
+    pool = concurrent.futures.ThreadPoolExecutor(len(hosts))
+    futures = [pool.submit(reach, host) for host in hosts]
+    done, _ = concurrent.futures.wait(futures, timeout=timeout_s + 0.5)
+    pool.shutdown(wait=False)  # a lookup that hangs past the timeout is abandoned, not waited for
+    return any(f.result() for f in done)
+
+
 def dry_run(conf_paths: Sequence[str], max_eval_instances: int | None, local_path: str | None,
-            folder: Path) -> tuple[list[Path], str]:
+            folder: Path, offline: bool = False) -> tuple[list[Path], str]:
     """`helm-run --dry-run` of the confs into `folder`; the run folders it wrote, and its output."""
     command = [sys.executable, "-m", "helm.benchmark.run", "--conf-paths", *conf_paths, "--suite", "plan",
                "--output-path", str(folder), "--dry-run", "-n", "8"]
@@ -139,7 +163,10 @@ def dry_run(conf_paths: Sequence[str], max_eval_instances: int | None, local_pat
         command += ["--max-eval-instances", str(max_eval_instances)]
     if local_path is not None:
         command += ["--local-path", local_path]
-    completed = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=dict(os.environ))
+    env = dict(os.environ)
+    if offline:  # the hub's libraries fail at once instead of retrying
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env)
     runs = sorted(p.parent for p in (folder / "runs" / "plan").glob("*/scenario_state.json"))
     return runs, completed.stdout + completed.stderr
 
@@ -209,11 +236,12 @@ def format_plans(plans: Sequence[EntryPlan], model_name: str, hardware_name: str
 
 
 def collect(descriptions: Sequence[str], conf_paths: Sequence[str], max_eval_instances: int | None,
-            local_path: str | None, tokenizer_for) -> dict[str, tuple[EntryWorkload | None, str | None]]:
+            local_path: str | None, tokenizer_for,
+            offline: bool = False) -> dict[str, tuple[EntryWorkload | None, str | None]]:
     """Each entry's workload: from the dry run where it produced the entry's requests, else stated.
     `tokenizer_for(description)` gives the tokenizer the engine would use (or raises)."""
     with tempfile.TemporaryDirectory(prefix="flexgen-helm-plan.") as tmp:
-        runs, output = dry_run(conf_paths, max_eval_instances, local_path, Path(tmp))
+        runs, output = dry_run(conf_paths, max_eval_instances, local_path, Path(tmp), offline)
         workloads = {}
         for description in descriptions:
             run_dir = _run_dir_for(description, runs)
@@ -223,7 +251,7 @@ def collect(descriptions: Sequence[str], conf_paths: Sequence[str], max_eval_ins
                     workloads[description] = (workload_from_dry_run(run_dir, tokenizer_for(description)), None)
                     continue
                 except Exception as error:  # no tokenizer here, an empty run: fall back, saying why
-                    why = str(error).splitlines()[0][:160]
+                    why = str(error).splitlines()[0]
             else:
                 why = _dry_run_failure(output, description)
             stated = STATED.get(entry_key(description))
@@ -232,20 +260,25 @@ def collect(descriptions: Sequence[str], conf_paths: Sequence[str], max_eval_ins
 
 
 def _dry_run_failure(output: str, description: str) -> str:
-    """The dry run's reason for leaving an entry out: the exception HELM logged for its run."""
+    """The dry run's reason for leaving an entry out: the exception HELM logged for its run, whole. HELM
+    logs "Error when running <run>:" and a traceback; this plugin's own errors come as one line,
+    "Error when running <run>: <message>" (helm_errors.py)."""
     wanted = set(entry_key(description).replace("/", "_").split(","))
-    blocks = output.split("Error when running ")[1:]
-    for block in blocks:
-        run_name = block.split(":\n", 1)[0].strip()
+    for block in output.split("Error when running ")[1:]:
+        first, _, rest = block.partition("\n")
+        run_name, _, message = first.partition(": ")
+        run_name = run_name.strip().removesuffix(":")
         if not wanted <= set(run_name.split(",")):
             continue
+        if message.strip():
+            return message.strip()
         traceback_lines = []
-        for line in block.splitlines()[1:]:
+        for line in rest.splitlines():
             if re.match(r"\d{4}-\d\d-\d\d ", line):  # HELM's next log line: the traceback is over
                 break
             traceback_lines.append(line)
         errors = [line.strip() for line in traceback_lines
                   if line and not line.startswith(" ") and "Error" in line.split(":", 1)[0]]
         if errors:
-            return errors[-1][:200]
+            return errors[-1]
     return "it made no requests (its data cannot be had here?)"

@@ -32,7 +32,7 @@ def _copy(tmp_path, name="odd"):
     ([[2, 5, 1001]], {}, r"token id\(s\) \[1001\] outside the vocabulary \[0, 1001\)"),
     ([[2, -1]], {}, "outside the vocabulary"),
     ([[2, 5], []], {}, "prompt 1 is empty"),
-    ([[2, 5]], dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    ([[2, 5]], dict(temperature=-0.5), "temperature must be a finite number >= 0, got -0.5"),
     ([[2, 5]], dict(top_p=0), "top_p"),
     ([[2, 5]], dict(num_completions=0), "num_completions"),
     ([[2, 5]], dict(stop=[[]]), "stop sequences"),
@@ -180,7 +180,7 @@ def test_cli_generate_prompt_file_completions_stop_and_throughput(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     bad = _cli("generate", "--model", str(path), "--prompt-file", str(empty))
-    assert bad.returncode == 2 and bad.stderr == f"error: --prompt-file {str(empty)!r} holds no prompt (one per line)\n"
+    assert bad.returncode == 1 and bad.stderr == f"error: --prompt-file {str(empty)!r} holds no prompt (one per line)\n"
 
 
 def test_cli_generate_policy_auto_plans_and_its_flags_replay(tmp_path, monkeypatch):
@@ -271,3 +271,42 @@ def test_two_engines_share_one_offload_dir(tmp_path):
         ra, rb = a.generate(prompts, max_new_tokens=4), b.generate(prompts, max_new_tokens=4)
     assert [r.completions[0].token_ids for r in ra] == [r.completions[0].token_ids for r in rb]
     assert list(tmp_path.iterdir()) == []
+
+
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_both_tools_have_a_version_help_for_every_option_and_one_exit_code_convention(tmp_path):
+    """--version; every option of every subcommand has help (its default shown by the formatter); a usage
+    mistake exits 2 and a failure while running exits 1, in both tools."""
+    from importlib import metadata
+
+    from flexgen_core import cli as flexgen_cli
+    from flexgen_helm import cli as helm_cli
+
+    for tool in ("flexgen", "flexgen-helm"):
+        out = subprocess.run([shutil.which(tool) or tool, "--version"], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout == f"{tool} {metadata.version('flexgen-helm')}\n"
+    for parser in (flexgen_cli.build_parser(), helm_cli.build_parser()):
+        for name, sub in _subparsers(parser):
+            assert sub.description, f"{parser.prog} {name} has no description"
+            for action in sub._actions:
+                assert action.help, f"{parser.prog} {name} {action.option_strings or action.dest} has no help"
+    text = subprocess.run([shutil.which("flexgen"), "generate", "--help"], capture_output=True, text=True).stdout
+    for shown in ("tokens to generate per completion (default: 32)", "0 is greedy (default: 0.0)",
+                  "(default: 1.0)", "{auto,cpu,cuda,cuda:N,simulated}"):
+        assert shown in " ".join(text.split()), shown
+    usage = _cli("plan", "--model", "facebook/opt-1.3b", "--hardware", "t4-gcp", "--gpu-mem", "16")
+    failure = _cli("plan", "--model", "facebook/opt-1.3b", "--hardware", "t4-gcp", "--gpu-mem", "16MiB")
+    bad_device = _cli("generate", "--model", "x", "--prompt", "x", "--device", "gpu")
+    assert (usage.returncode, failure.returncode, bad_device.returncode) == (2, 1, 2)
+    assert "error: no policy fits" in failure.stderr and "'gpu' is not a device" in bad_device.stderr
+    helm_usage = subprocess.run([shutil.which("flexgen-helm"), "compare", "--suite", "s", "--against", str(tmp_path),
+                                 "--model-map", "x"], capture_output=True, text=True)
+    helm_failure = subprocess.run([shutil.which("flexgen-helm"), "conf", "nope"], capture_output=True, text=True)
+    assert (helm_usage.returncode, helm_failure.returncode) == (2, 1)

@@ -316,7 +316,7 @@ def test_plan_command_infeasible_exits_with_one_line(capsys):
     code = main(["plan", "--model", "facebook/opt-175b", "--hardware", "t4-gcp", "--disk-mem", "100GB",
                  "--cpu-mem", "100GB"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: no policy fits") and err.count("\n") == 1
+    assert code == 1 and err.startswith("error: no policy fits") and err.count("\n") == 1
 
 
 def test_plan_says_why_the_chosen_policy_is_not_the_fastest(capsys):
@@ -349,6 +349,9 @@ def test_sizes_need_a_unit_and_gb_means_two_to_the_thirty(capsys):
     code = main(["plan", "--model", "facebook/opt-1.3b", "--hardware", "t4-gcp", "--gpu-mem", "16"])
     err = capsys.readouterr().err
     assert code == 2 and err == "error: memory size '16' needs a unit: e.g. 16GB (GB = GiB = 2**30 bytes)\n"
+    # G, GB and GiB all mean 2**30: what people type.
+    assert parse_size("16G") == parse_size("16GB") == parse_size("16GiB") == parse_size("16 gib")
+    assert parse_size("512M") == 512 * 2**20 and parse_size("2t") == 2 * 2**40
 
 
 def test_profile_to_an_unwritable_place_fails_before_measuring(tmp_path, capsys, monkeypatch):
@@ -358,7 +361,7 @@ def test_profile_to_an_unwritable_place_fails_before_measuring(tmp_path, capsys,
     (tmp_path / "a-file").write_text("")
     code = main(["profile", "--device", "cpu", "--out", str(tmp_path / "a-file" / "me.json")])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"error: cannot write the profile to '{tmp_path / 'a-file' / 'me.json'}'")
+    assert code == 1 and err.startswith(f"error: cannot write the profile to '{tmp_path / 'a-file' / 'me.json'}'")
 
 
 def test_profile_command_measures_this_machine(tmp_path, capsys):

@@ -253,17 +253,17 @@ def load_profile(name_or_file: str | os.PathLike) -> HardwareProfile:
     return HardwareProfile.from_dict(data, source=str(path))
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
-# One convention in the whole project, the FlexGen paper's and its profiles': GB = GiB = 2**30 bytes.
-_UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(?:i?B)?)?\s*$", re.IGNORECASE)
+# One convention in the whole project, the FlexGen paper's and its profiles': G = GB = GiB = 2**30 bytes.
+_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """'16GiB' -> bytes. GB and GiB both mean 2**30 bytes (as in the profiles and the paper), likewise
-    KB/MB/TB; a unit is required, so a bare '16' is not read as 16 bytes."""
+    """'16G', '16GB' or '16GiB' -> bytes: all three mean 16 * 2**30 (as in the profiles and the paper),
+    likewise K/M/T; a unit is required, so a bare '16' is not read as 16 bytes."""
     match = _SIZE.match(str(text))
     if not match:
-        raise ValueError(f"cannot read memory size {text!r}; write e.g. 16GB, 200GiB or 1.5TB (GB = GiB = 2**30 bytes)")
+        raise ValueError(f"cannot read memory size {text!r}; write e.g. 16G, 16GB, 200GiB or 1.5TB (G = GB = GiB = 2**30 bytes)")
     number, unit = match.groups()
     if unit is None:
         raise ValueError(f"memory size {text!r} needs a unit: e.g. {number}GB (GB = GiB = 2**30 bytes)")

@@ -36,7 +36,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         raise ValueError(
             f"cannot find model {name!r}: not a local folder, and the hub lookup failed "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Pass a local checkpoint folder, or download it first with `huggingface-cli download`."
+            f"Pass a local checkpoint folder, or download it first with `hf download {name}`."
         ) from None
 
 
