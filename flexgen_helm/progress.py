@@ -78,16 +78,10 @@ class RunProgress:
             burst.stats_after = stats_after
             done = burst.computed + burst.cached + burst.failed
             waiting = max(0, burst.seen - done)
-            tokens = stats_after["generated_tokens"] - stats_before["generated_tokens"]
-            # A scoring batch (max_tokens 0, echo) generates nothing: its rate is of the prompt tokens it read.
-            kind = "tokens/s"
-            if not tokens:
-                tokens = (stats_after["prefill_tokens"] - stats_before["prefill_tokens"]
-                          + stats_after["prefix_tokens"] - stats_before["prefix_tokens"])
-                kind = "prompt tokens/s (scored)"
+            tokens, kind = _counted(stats_before, stats_after)
             eta = f"ETA {waiting * burst.compute_s / burst.computed:.0f} s for {waiting} waiting" if waiting else "none waiting"
             line = (f"FlexGen: [{done}/{burst.seen} requests to {self.name}] batch of {what} in {batch_s:.2f} s, "
-                    f"{tokens / batch_s if batch_s else 0:.1f} {kind}; {eta}")
+                    f"{tokens / batch_s if batch_s else 0:.1f} {kind}/s; {eta}")
         self._log(line)
 
     def flush(self) -> None:
@@ -138,9 +132,19 @@ class RunProgress:
         if burst.failed:
             parts.append(f"{burst.failed} failed")
         if burst.stats_before is not None and burst.stats_after is not None:
-            delta = {k: burst.stats_after[k] - burst.stats_before[k] for k in ("prefill_s", "decode_s",
-                                                                              "generated_tokens")}
+            delta = {k: burst.stats_after[k] - burst.stats_before[k] for k in ("prefill_s", "decode_s")}
+            tokens, kind = _counted(burst.stats_before, burst.stats_after)
             parts.append(f"prefill {delta['prefill_s']:.1f} s, decode {delta['decode_s']:.1f} s, "
-                         f"{delta['generated_tokens']} tokens generated ({delta['generated_tokens'] / max(wall_s, 1e-9):.1f} "
-                         "tokens/s over the wall time)")
+                         f"{tokens} {'tokens generated' if kind == 'tokens' else kind} "
+                         f"({tokens / max(wall_s, 1e-9):.1f} {kind}/s over the wall time)")
         return "; ".join(parts)
+
+
+def _counted(before: Mapping[str, Any], after: Mapping[str, Any]) -> tuple[int, str]:
+    """What the engine did between two of its counters' snapshots: tokens generated, or, for scoring
+    (max_tokens 0 with echo, which generates nothing), the prompt tokens it read."""
+    generated = after["generated_tokens"] - before["generated_tokens"]
+    if generated:
+        return generated, "tokens"
+    read = after["prefill_tokens"] - before["prefill_tokens"] + after["prefix_tokens"] - before["prefix_tokens"]
+    return read, "prompt tokens scored"

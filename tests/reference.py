@@ -79,14 +79,22 @@ def quantised_cache_logprobs(model, ids: list[int], prompt_len: int, config) -> 
 
     cache, rows = DynamicCache(), []
     with torch.no_grad():
-        out = model(torch.tensor([ids[:prompt_len]]), past_key_values=cache, use_cache=True)
+        out = model(torch.tensor([ids[:prompt_len]]), **cache_kwargs(model, cache), use_cache=True)
         rows.append(out.logits[0].float())
         quantise_new_rows(cache, prompt_len)
         for pos in range(prompt_len, len(ids)):
-            out = model(torch.tensor([[ids[pos]]]), past_key_values=cache, use_cache=True)
+            out = model(torch.tensor([[ids[pos]]]), **cache_kwargs(model, cache), use_cache=True)
             rows.append(out.logits[0].float())
             quantise_new_rows(cache, 1)
     return torch.log_softmax(torch.cat(rows), dim=-1)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that passes a KV cache to a transformers model: `cache` since transformers 5.2x
+    (`past_key_values` is deprecated there), `past_key_values` before."""
+    import inspect
+
+    return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
 
 
 def check_against(ref_fn, prompt, result, *, logprob_tol, tie_tol):

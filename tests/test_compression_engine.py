@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from quant_reference import quantise, quantised_weights_model, unpack
-from reference import check_result
+from reference import cache_kwargs, check_result
 from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, TIE_TOL
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -191,11 +191,11 @@ def _reference_over_engine_cache(hf, ids, prompt_len, engine_rows, prefix_len=0)
 
     with torch.no_grad():
         for chunk in ([ids[:prefix_len], ids[prefix_len:prompt_len]] if prefix_len else [ids[:prompt_len]]):
-            out = hf(torch.tensor([chunk]), past_key_values=cache, use_cache=True)
+            out = hf(torch.tensor([chunk]), **cache_kwargs(hf, cache), use_cache=True)
             logits.append(out.logits[0].float())
         take_new_rows(prompt_len, prompt_len)
         for pos in range(prompt_len, len(ids) - 1):
-            out = hf(torch.tensor([[ids[pos]]]), past_key_values=cache, use_cache=True)
+            out = hf(torch.tensor([[ids[pos]]]), **cache_kwargs(hf, cache), use_cache=True)
             logits.append(out.logits[0].float())
             take_new_rows(pos + 1, 1)
     return torch.log_softmax(torch.cat(logits), dim=-1), own

@@ -94,6 +94,10 @@ def test_demo_runs_the_real_model_and_prints_its_table(demo_run):
     assert "Looking in path" not in out and "INFO" not in out and out.count("\n") < 80
     assert "    FlexGen: [6/6 requests to flexgen/smollm2-135m-instruct] batch of" in out and "requests to flexgen/smollm2-135m-instruct in" in out
     assert "Policy: 16x2 blocks, percent 40 40 100 0 100 0" in out and "mean batch size: over requests" in out
+    # Scoring batches (separate_original: max_tokens 0) report the prompt tokens they read, not "0.0 tokens/s";
+    # no progress line is left open ("... {").
+    assert "prompt tokens scored/s" in out and " 0.0 tokens/s" not in out
+    assert not [line for line in out.splitlines() if line.rstrip().endswith("{")]
     assert "From HELM's cache (computed by an earlier run): nothing." in out
     link = demo_run["home"] / ".cache" / "flexgen-helm" / "demo" / "smollm2-135m-instruct"
     assert (link / "config.json").is_file() and link.resolve() == real_checkpoint().resolve()
