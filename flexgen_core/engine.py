@@ -335,8 +335,8 @@ class Engine:
     def _check_call_size(self, prompts, max_new_tokens: int, num_completions: int, top_k_logprobs: int,
                          echo_prompt: bool) -> None:
         sequences = len(prompts) * num_completions
-        what = (f"this call holds {sequences:,} sequences ({len(prompts):,} prompts x {num_completions:,} "
-                f"completions)")
+        what = (f"this call holds {sequences:,} sequences ({len(prompts):,} prompt(s) x {num_completions:,} "
+                f"completion(s))")
         if sequences > self.max_sequences:
             raise ValueError(f"{what}, more than the engine's limit of {self.max_sequences:,} per call: split "
                              f"the call, or raise the limit with engine.max_sequences = N")

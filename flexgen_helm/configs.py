@@ -65,6 +65,11 @@ def packaged_deployment(name: str) -> dict[str, Any]:
     raise ValueError(f"no packaged deployment {name!r}; packaged: {[d['name'] for d in deployments]}")
 
 
+def _placeholder(model) -> bool:
+    """HELM's stand-in metadata for a model it had none for (model_metadata_registry's unknown model)."""
+    return model.creator_organization_name == "Unknown" and model.display_name == model.description == model.name
+
+
 def register_packaged_configs() -> None:
     """Register the packaged metadata, tokenizers and deployments that are not registered yet.
 
@@ -78,8 +83,16 @@ def register_packaged_configs() -> None:
     # dacite, as HELM does for this file: cattrs has no default structuring for dates.
     raw_models = load_config(MODEL_METADATA_FILE)
     for model in dacite.from_dict(metadata.ModelMetadataList, raw_models).models:
-        if model.name not in metadata.MODEL_NAME_TO_MODEL_METADATA:
+        known = metadata.MODEL_NAME_TO_MODEL_METADATA.get(model.name)
+        if known is None:
             metadata.register_model_metadata(model)
+        elif _placeholder(known):
+            # A prod_env deployment named this model before the plugin loaded: HELM warned "Could not find
+            # model metadata" and registered a placeholder (its tags guessed). Ours replaces it, keeping the
+            # deployments HELM attached to it.
+            model.deployment_names = sorted(set(model.deployment_names or []) | set(known.deployment_names or []))
+            metadata.register_model_metadata(model)
+            metadata.ALL_MODELS_METADATA[:] = [m for m in metadata.ALL_MODELS_METADATA if m is not known]
 
     raw_tokenizers = load_config(TOKENIZER_CONFIGS_FILE)
     for tokenizer in cattrs.structure(raw_tokenizers, tokenizers.TokenizerConfigs).tokenizer_configs:

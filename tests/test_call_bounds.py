@@ -27,8 +27,8 @@ def no_block_runs(engine, monkeypatch):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_a_billion_completions_are_refused_before_any_work(engine, no_block_runs, temperature):
-    with pytest.raises(ValueError, match=r"holds 1,000,000,000 sequences \(1 prompts x 1,000,000,000 "
-                                         r"completions\), more than the engine's limit of 65,536"):
+    with pytest.raises(ValueError, match=r"holds 1,000,000,000 sequences \(1 prompt\(s\) x 1,000,000,000 "
+                                         r"completion\(s\)\), more than the engine's limit of 65,536"):
         engine.generate([[2, 5, 7]], max_new_tokens=1, num_completions=10**9, temperature=temperature)
 
 

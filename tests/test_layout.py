@@ -16,7 +16,7 @@ LAYERS = [
     ("runtime", ("flexgen_core.runtime",)),
     ("plan", ("flexgen_core.plan",)),
     ("engine", ("flexgen_core.engine", "flexgen_core.__init__", "flexgen_core")),
-    ("cli", ("flexgen_core.cli", "flexgen_core.bench_cli")),
+    ("cli", ("flexgen_core.cli", "flexgen_core.bench_cli", "flexgen_core.cli_support")),
     ("testing", ("flexgen_core.testing",)),
     ("helm", ("flexgen_helm",)),
 ]
