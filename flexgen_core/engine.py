@@ -20,6 +20,7 @@ import torch
 from flexgen_core import memory
 from flexgen_core.models.registry import family_for
 from flexgen_core.policy import Policy, auto_compression
+from flexgen_core.prefix import MAX_KEPT_PREFIXES, common_prefix_len, sharable_prefix_len
 from flexgen_core.runtime import checkpoint
 from flexgen_core.runtime.capacity import PolicyDoesNotFit, check_fits, mem_available, out_of_memory_error
 from flexgen_core.runtime.decoding import (
@@ -281,7 +282,7 @@ class Engine:
         prefix (the engine keeps the MAX_KEPT_PREFIXES most recently used, HELM runs one run entry's
         blocks after another) is reused while every prompt starts with it, unless a longer common
         prefix saves more prompt tokens than computing it costs; a new one needs
-        SHARED_PREFIX_MIN_TOKENS tokens."""
+        SHARED_PREFIX_MIN_TOKENS tokens (the rules: flexgen_core/prefix.py)."""
         if not self.policy.share_prefix:
             return None
         common = common_prefix_len(prompts)
@@ -292,7 +293,7 @@ class Engine:
             self._prefixes.append(kept)
             self.runner.stats.prefixes_reused += 1
             return kept
-        if common < SHARED_PREFIX_MIN_TOKENS or len(prompts) < 2:
+        if sharable_prefix_len(prompts) == 0:
             return None
         while len(self._prefixes) >= MAX_KEPT_PREFIXES:
             self._prefixes.pop(0).close()
@@ -418,12 +419,6 @@ def read_model(name_or_path: str | os.PathLike):
     return folder, family, family.config_from_hf(hf_config)
 
 
-# A new shared prefix needs this many tokens to be worth its own pass over the layers.
-SHARED_PREFIX_MIN_TOKENS = 16
-# Shared prefixes kept for later calls (each holds one sequence's K/V of its length).
-MAX_KEPT_PREFIXES = 4
-
-
 def _is_int(value) -> bool:
     """Python, numpy and torch integers (not bools, not floats)."""
     if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
@@ -442,21 +437,6 @@ def _token_ids(tokens, what: str) -> list[int]:
     if bad:
         raise ValueError(f"{what} has {len(bad)} value(s) that are not integer token ids, e.g. {bad[0]!r}")
     return [operator.index(t) for t in tokens]
-
-
-def common_prefix_len(prompts: Seq[Seq[int]]) -> int:
-    """Tokens at the start of every prompt, leaving each prompt at least one token of its own."""
-    first = prompts[0]
-    length = max(0, min(len(p) for p in prompts) - 1)
-    for prompt in prompts[1:]:
-        length = next((i for i in range(length) if prompt[i] != first[i]), length)
-    return length
-
-
-def sharable_prefix_len(prompts: Seq[Seq[int]]) -> int:
-    """The common prefix a call of these prompts would share (0 when too short to pay, or one prompt)."""
-    common = common_prefix_len(prompts)
-    return common if common >= SHARED_PREFIX_MIN_TOKENS and len(prompts) > 1 else 0
 
 
 def _sum_terms(report: memory.MemoryReport, terms) -> dict[str, int]:

@@ -31,6 +31,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from flexgen_core.prefix import SHARED_PREFIX_MIN_TOKENS
+
 logger = logging.getLogger(__name__)
 
 
@@ -84,9 +86,9 @@ class BatcherClosed(RuntimeError):
 RunBatch = Callable[[BatchSettings, Sequence[Sequence[int]], Sequence["int | None"]], Sequence[Any]]
 
 
-# Prompts that agree on this many leading tokens are taken to share a prefix (the engine's
-# SHARED_PREFIX_MIN_TOKENS: a shorter common prefix is not worth sharing).
-PREFIX_KEY_TOKENS = 16
+# Prompts that agree on this many leading tokens are taken to share a prefix (a shorter common prefix
+# is not worth sharing: flexgen_core/prefix.py).
+PREFIX_KEY_TOKENS = SHARED_PREFIX_MIN_TOKENS
 
 
 def choose_batch(pending: Sequence[_Pending], max_prompts: int) -> list[_Pending]:

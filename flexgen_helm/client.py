@@ -133,7 +133,7 @@ class EngineHandle:
         """policy "auto": plan for the first batch, then again whenever a batch's shape differs
         materially from the one planned for (a new run entry: other prompt lengths, max_tokens or
         more requests waiting), keeping the loaded weights unless the planner rates a move worth it."""
-        from flexgen_core.engine import sharable_prefix_len
+        from flexgen_core.prefix import sharable_prefix_len
         from flexgen_core.plan.search import keeps_weights
 
         hints = dict(prompt_len_hint=max(map(len, prompts)), gen_len_hint=max(1, settings.max_new_tokens),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from flexgen_core.engine import common_prefix_len
+from flexgen_core.prefix import common_prefix_len
 from flexgen_helm.compare import split_run_name
 
 MEASURED = "measured: helm-workload.md (helm-run --dry-run, HELM 0.5.16)"

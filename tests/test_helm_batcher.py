@@ -43,7 +43,7 @@ def test_choose_batch_keeps_the_oldest_and_similar_lengths():
 def test_choose_batch_keeps_a_shared_prefix_together():
     """Two run entries' requests wait at once: the oldest one's prefix group goes alone, whole, even
     with room left (a call mixing prefixes would share none); the other group goes next."""
-    from flexgen_core.engine import SHARED_PREFIX_MIN_TOKENS
+    from flexgen_core.prefix import SHARED_PREFIX_MIN_TOKENS
     from flexgen_helm.batcher import PREFIX_KEY_TOKENS
 
     assert PREFIX_KEY_TOKENS == SHARED_PREFIX_MIN_TOKENS

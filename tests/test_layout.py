@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module's layer is the first prefix that matches its dotted name.
 LAYERS = [
-    ("contracts", ("flexgen_core.policy", "flexgen_core.compression", "flexgen_core.memory")),
+    ("contracts", ("flexgen_core.policy", "flexgen_core.compression", "flexgen_core.memory", "flexgen_core.prefix")),
     ("models", ("flexgen_core.models",)),
     ("runtime", ("flexgen_core.runtime",)),
     ("plan", ("flexgen_core.plan",)),

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy, memory
-from flexgen_core.engine import SHARED_PREFIX_MIN_TOKENS
+from flexgen_core.prefix import SHARED_PREFIX_MIN_TOKENS
 from flexgen_core.runtime.schedule import BlockRunner
 from flexgen_core.testing import build_checkpoint, sample_prompts
 from reference import check_result
@@ -135,7 +135,7 @@ def test_prefix_is_kept_across_calls_and_dropped_when_unused(tmp_path, monkeypat
 def test_only_the_most_recent_prefixes_are_kept(tmp_path, monkeypatch):
     """Prefixes of MAX_KEPT_PREFIXES + 1 run entries in turn: the least recently used one is freed
     (its files go) and computed again when its prompts come back."""
-    from flexgen_core.engine import MAX_KEPT_PREFIXES
+    from flexgen_core.prefix import MAX_KEPT_PREFIXES
 
     path = build_checkpoint("tiny")
     counter = PrefixCounter(monkeypatch)

@@ -128,7 +128,7 @@ class Split:
 class Workload:
     """Prompts of `prompt_len` tokens (as padded in a block), each generating `gen_len`. The first
     `shared_prefix_len` tokens of every prompt are one prefix that the engine computes once and shares
-    (it does so for a common prefix of at least 16 tokens among 2 or more prompts, engine._shared_prefix);
+    (it does so for a prefix flexgen_core/prefix.py calls sharable);
     the other `own_len` are each sequence's own."""
 
     prompt_len: int
