@@ -6,7 +6,6 @@ import argparse
 import errno
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -14,13 +13,15 @@ from flexgen_core.bench_cli import add_bench_parser
 from flexgen_core.cli_support import HelpFormatter, UsageError, add_version, run_command
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.policy import COMPRESS_CHOICES, Policy
+from flexgen_core.runtime.device_names import DEVICE_CHOICES, check_device_name
 
 
 def device_arg(value: str) -> str:
     """--device: auto, cpu, cuda, cuda:N or simulated (a simulated GPU on a CPU-only host)."""
-    if value in ("auto", "cpu", "cuda", "simulated") or re.fullmatch(r"cuda:[0-9]+", value):
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r} is not a device: auto, cpu, cuda, cuda:N or simulated")
+    try:
+        return check_device_name(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: {', '.join(DEVICE_CHOICES)}") from None
 
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    "once per sequence, not once (an ablation)")
     p.add_argument("--offload-dir", default=None, help="folder of your own for disk-resident tensors (default: "
                    "$TMPDIR/flexgen-offload-<uid>, made private)")
-    p.add_argument("--device", default="auto", type=device_arg, metavar="{auto,cpu,cuda,cuda:N,simulated}",
+    p.add_argument("--device", default="auto", type=device_arg, metavar="{" + ",".join(DEVICE_CHOICES) + "}",
                    help="compute device (auto: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES), help="weights, cache and compute dtype")
 
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "where policy auto looks for it unless --out says otherwise.")
     pr.add_argument("--out", help="profile JSON to write (default: where policy='auto' looks for it)")
     pr.add_argument("--offload-dir", default=None, help="folder on the disk to measure (default: a temp folder)")
-    pr.add_argument("--device", default="auto", type=device_arg, metavar="{auto,cpu,cuda,cuda:N,simulated}",
+    pr.add_argument("--device", default="auto", type=device_arg, metavar="{" + ",".join(DEVICE_CHOICES) + "}",
                     help="the compute device to measure")
     pr.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
                     help="dtype of the compute measurements (default float16 on CUDA, float32 on CPU)")

@@ -119,9 +119,10 @@ class Engine:
             compress_weight, compress_cache = auto_compression(compress, compress_weight, compress_cache)
             planning = dict(hardware=hardware, offload_dir=offload_dir, compress_weight=compress_weight,
                             compress_cache=compress_cache)
-            policy = plan_for_engine(str(folder), config, layers, devices.profile_device, TORCH_DTYPES[dtype].itemsize,
-                                     hardware, offload_dir, prompt_len_hint, gen_len_hint, num_prompts_hint,
-                                     compress_weight, compress_cache, shared_prefix_len_hint)
+            policy = plan_for_engine(name=str(folder), config=config, layers=layers,
+                                     device_type=devices.profile_device, dtype_bytes=TORCH_DTYPES[dtype].itemsize,
+                                     prompt_len=prompt_len_hint, gen_len=gen_len_hint, num_prompts=num_prompts_hint,
+                                     shared_prefix_len=shared_prefix_len_hint, **planning)
         files = checkpoint.weight_files(folder)
         sources = _match_checkpoint(layers, checkpoint.checkpoint_keys(files), folder)
 
@@ -159,10 +160,10 @@ class Engine:
         from flexgen_core.plan.search import keeps_weights, plan_for_engine
 
         planning = self._planning
-        policy = plan_for_engine(str(self.folder), self.config, self.layers, self.devices.profile_device,
-                                 self.dtype.itemsize, planning["hardware"], planning["offload_dir"], prompt_len_hint,
-                                 gen_len_hint, num_prompts_hint, planning["compress_weight"],
-                                 planning["compress_cache"], shared_prefix_len_hint, current=self.policy)
+        policy = plan_for_engine(name=str(self.folder), config=self.config, layers=self.layers,
+                                 device_type=self.devices.profile_device, dtype_bytes=self.dtype.itemsize,
+                                 prompt_len=prompt_len_hint, gen_len=gen_len_hint, num_prompts=num_prompts_hint,
+                                 shared_prefix_len=shared_prefix_len_hint, current=self.policy, **planning)
         if keeps_weights(policy, self.policy):
             self.use_block_policy(policy)
         return policy

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from flexgen_core.cli_support import HelpFormatter, UsageError, add_version, run_command
+from flexgen_core.memory import DTYPE_BYTES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", help="the model whose shape is planned (default: each deployment's checkpoint)")
     pl.add_argument("--max-eval-instances", type=int, default=1000, help="as for helm-run (default 1000, as the README's paper run)")
     pl.add_argument("--local-path", help="as for helm-run: a prod_env/ folder with deployments of your own")
-    pl.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: the profile's")
+    pl.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="weights and cache dtype (default: the profile's)")
     conf = commands.add_parser(
         "conf", formatter_class=HelpFormatter, help="print the path of a packaged run-spec conf, e.g. helm-run --conf-paths $(flexgen-helm conf flexgen)",
         description="Print the path of a run-spec conf shipped with the package (without NAME: all of them, "

@@ -61,11 +61,11 @@ from flexgen_core.policy import auto_compression
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.runtime.capacity import PolicyDoesNotFit
 from flexgen_core.runtime.decoding import NonFiniteError
+from flexgen_core.runtime.device_names import check_device_name
 from flexgen_helm.batcher import Batcher, BatcherClosed, BatchOutcome, BatchSettings
 from flexgen_helm.progress import RunProgress
 from flexgen_helm.tokenizer import unavailable_reason
 
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = tuple(DTYPE_BYTES)
 
 # HELM's finish reasons (helm/benchmark/metrics/basic_metrics.py) for the engine's; a scoring-only
@@ -415,8 +415,7 @@ class FlexGenClient(CachingClient):
         try:
             if not isinstance(tokenizer, HuggingFaceTokenizer):
                 raise ValueError(f"FlexGenClient needs a HuggingFaceTokenizer, got {type(tokenizer).__name__}")
-            if device not in DEVICES:
-                raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+            check_device_name(device)
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
             if batch_wait_s < 0:

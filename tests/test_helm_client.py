@@ -596,7 +596,7 @@ def test_auto_plans_again_for_a_new_run_entry_on_the_loaded_weights(env, tmp_pat
         return from_pretrained(cls, *args, **kwargs)
 
     def recording_plan(*args, **kwargs):
-        plans.append(args[7:10])  # prompt_len, gen_len, num_prompts
+        plans.append((kwargs["prompt_len"], kwargs["gen_len"], kwargs["num_prompts"]))
         return plan_for_engine(*args, **kwargs)
 
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(recording_load))

@@ -305,16 +305,17 @@ def test_plan_for_engine_takes_the_shared_prefix(tmp_path, caplog):
     path = build_checkpoint("tiny")
     model = load_model(path)
     hw = cpu_host()
-    args = (str(path), model.shape, model.layers, "cpu", 4, hw, tmp_path, 48, 4, 8)
+    args = dict(name=str(path), config=model.shape, layers=model.layers, device_type="cpu", dtype_bytes=4, hardware=hw,
+                offload_dir=tmp_path, prompt_len=48, gen_len=4, num_prompts=8)
     with caplog.at_level(logging.INFO, logger="flexgen_core.plan.search"):
-        policy = plan_for_engine(*args, compress_weight=False, compress_cache=False, shared_prefix_len=40)
+        policy = plan_for_engine(**args, compress_weight=False, compress_cache=False, shared_prefix_len=40)
         assert isinstance(policy, Policy) and policy.block_size <= 8
         assert "(40 shared)" in caplog.text
         # A hint longer than the prompt is cut to leave each prompt a token; a negative one is an error.
-        plan_for_engine(*args, compress_weight=False, compress_cache=False, shared_prefix_len=100)
+        plan_for_engine(**args, compress_weight=False, compress_cache=False, shared_prefix_len=100)
         assert "(47 shared)" in caplog.text
     with pytest.raises(ValueError, match="shared_prefix_len"):
-        plan_for_engine(*args, compress_weight=False, compress_cache=False, shared_prefix_len=-1)
+        plan_for_engine(**args, compress_weight=False, compress_cache=False, shared_prefix_len=-1)
 
 
 # ---- the command ---------------------------------------------------------------------------------------

@@ -495,8 +495,10 @@ def test_policy_auto_is_exact_unless_compression_is_allowed(caplog):
                 caplog.clear()
                 with caplog.at_level("WARNING", logger="flexgen_core.plan.search"):
                     try:
-                        policy = plan_for_engine(name, model.shape, model.layers, host.compute_device, 2, host,
-                                                 None, 512, 32, 64, *switches)
+                        policy = plan_for_engine(name=name, config=model.shape, layers=model.layers,
+                                                 device_type=host.compute_device, dtype_bytes=2, hardware=host,
+                                                 offload_dir=None, prompt_len=512, gen_len=32, num_prompts=64,
+                                                 compress_weight=switches[0], compress_cache=switches[1])
                     except ValueError:  # nothing fits this host at all: no policy, exact or not
                         continue
                 if compress == "never":

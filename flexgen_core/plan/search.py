@@ -62,6 +62,15 @@ from flexgen_core.policy import Policy
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_FRACTION = 0.95
+TIE_TOLERANCE = 0.05  # predicted throughputs this close count as equal: the cost model is not more accurate
+# When the batch-shape search stops (_search): a candidate is worth refining with whole weight tensors
+# if the LP puts it within this share of the best so far; for one GPU batch size, after this many larger
+# blocks in a row that are no better; over GPU batch sizes, after this many in a row whose best stays
+# under this share of the best so far.
+REFINE_WITHIN = 0.85
+BLOCKS_NO_BETTER = 2
+FALLING_SHARE = 0.9
+GPU_BATCHES_FALLING = 3
 GPU_BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NUM_GPU_BATCHES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 TIE_PENALTY = 1e-5  # per unit of placement fraction, relative to the block's compute time
@@ -85,7 +94,7 @@ class PlanOptions:
     gpu_batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES
     num_gpu_batches: tuple[int, ...] = NUM_GPU_BATCHES
     exact_candidates: int = 16  # most LP candidates evaluated exactly (rounded, checked, repaired)
-    tie_tolerance: float = 0.05  # throughputs this close count as equal (see `_choose`)
+    tie_tolerance: float = TIE_TOLERANCE  # throughputs this close count as equal (see `_choose`)
 
     def __post_init__(self) -> None:
         for name in ("compress_weight", "compress_cache", "cpu_cache_compute"):
@@ -143,7 +152,7 @@ class Plan:
     usable: dict[str, int]        # bytes per tier the plan may use
     best: Estimate
     candidates: list[Candidate] = field(default_factory=list)
-    tie_tolerance: float = 0.05  # the chosen policy is within this of the fastest evaluated (see _choose)
+    tie_tolerance: float = TIE_TOLERANCE  # the chosen policy is within this of the fastest evaluated (_choose)
 
     @property
     def fastest(self) -> Estimate:
@@ -504,7 +513,7 @@ def _search(cost: CostModel, workload: Workload, options: PlanOptions, usable: d
                     break  # more batches per block only need more memory
                 found = True
                 fractions, seconds = min(solutions, key=lambda s: s[1])
-                promising = seconds and workload.gen_len * gpu_batch_size * num_gpu_batches / seconds > 0.85 * top
+                promising = seconds and workload.gen_len * gpu_batch_size * num_gpu_batches / seconds > REFINE_WITHIN * top
                 if promising and (0 < fractions["w_gpu"] < 1 or 0 < fractions["w_cpu"] < 1):
                     # Whole tensors, not fractions of bytes: fix the weights where the rounded policy
                     # puts them and re-plan the cache and activations around them.
@@ -519,14 +528,14 @@ def _search(cost: CostModel, workload: Workload, options: PlanOptions, usable: d
                 # Past the best block for this GPU batch, throughput falls as memory pushes data down.
                 worse = worse + 1 if cand.lp_throughput <= best_here else 0
                 best_here = max(best_here, cand.lp_throughput)
-                if worse == 2:
+                if worse == BLOCKS_NO_BETTER:
                     break
             if not found:
                 break  # larger GPU batches only need more memory
             # Stop once several larger GPU batches in a row stay well below the best so far.
             top_setting = max(top_setting, best_here)
-            falling = falling + 1 if best_here < 0.9 * top_setting else 0
-            if falling == 3:
+            falling = falling + 1 if best_here < FALLING_SHARE * top_setting else 0
+            if falling == GPU_BATCHES_FALLING:
                 break
 
     return candidates
@@ -626,7 +635,7 @@ def keeps_weights(policy: Policy, current: Policy) -> bool:
     return all(getattr(policy, f) == getattr(current, f) for f in WEIGHT_FIELDS)
 
 
-def plan_for_engine(name: str, config, layers, device_type: str, dtype_bytes: int, hardware, offload_dir,
+def plan_for_engine(*, name: str, config, layers, device_type: str, dtype_bytes: int, hardware, offload_dir,
                     prompt_len: int, gen_len: int, num_prompts: int | None,
                     compress_weight: bool | None = None, compress_cache: bool | None = None,
                     shared_prefix_len: int = 0, current: Policy | None = None) -> Policy:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from flexgen_core.memory import DTYPE_BYTES
+from flexgen_core.runtime.device_names import check_device_name
 from flexgen_core.runtime.private_dir import open_private_folder, user_temp_folder
 from flexgen_core.runtime.signals import install_signal_handlers, register_cleanup
 from flexgen_core.runtime.simulated_cuda import SIMULATED_DEVICE, enter_on_this_thread, simulated_cuda
@@ -51,7 +52,6 @@ def view_as(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> tor
     return buffer[offset:offset + nbytes].view(dtype).view(shape)
 
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "simulated")
 
 
 class Devices:
@@ -70,8 +70,7 @@ class Devices:
     def __init__(self, device: str = "auto"):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device not in ("cpu", "cuda", "simulated") and not device.startswith("cuda:"):
-            raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+        check_device_name(device)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available on this host")
         self.simulated = device == "simulated"
