@@ -12,7 +12,7 @@ from pathlib import Path
 from flexgen_core.bench_cli import add_bench_parser
 from flexgen_core.cli_support import HelpFormatter, UsageError, add_version, run_command
 from flexgen_core.memory import DTYPE_BYTES
-from flexgen_core.policy import COMPRESS_CHOICES, Policy
+from flexgen_core.policy import COMPRESS_CHOICES, SWITCHES, Policy
 from flexgen_core.runtime.device_names import DEVICE_CHOICES, check_device_name
 
 
@@ -32,13 +32,9 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpu-batches", type=int, default=1,
                    help="GPU batches per block (a block of gpu-batch-size x num-gpu-batches sequences shares each "
                         "layer's weight load)")
-    p.add_argument("--no-overlap", action="store_true", help="run I/O and compute one after the other")
-    p.add_argument("--cpu-cache-compute", action="store_true", help="attention over CPU-resident cache on the CPU")
-    p.add_argument("--compress-weight", action="store_true", help="store weights as 4-bit group-wise codes")
-    p.add_argument("--compress-cache", action="store_true", help="store the KV cache as 4-bit group-wise codes")
-    p.add_argument("--no-pin-weight", action="store_true", help="do not pin host-resident weights (CUDA)")
-    p.add_argument("--no-share-prefix", action="store_true", help="compute a prompt prefix shared by all prompts "
-                   "once per sequence, not once (an ablation)")
+    for switch in SWITCHES:
+        p.add_argument(switch.flag, dest=switch.name, action="store_false" if switch.default else "store_true",
+                       help=switch.flag_help)
     p.add_argument("--offload-dir", default=None, help="folder of your own for disk-resident tensors (default: "
                    "$TMPDIR/flexgen-offload-<uid>, made private)")
     p.add_argument("--device", default="auto", type=device_arg, metavar="{" + ",".join(DEVICE_CHOICES) + "}",
@@ -47,21 +43,15 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
 
 
 def _policy(args) -> Policy:
-    return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
-                               num_gpu_batches=args.num_gpu_batches, overlap=not args.no_overlap,
-                               cpu_cache_compute=args.cpu_cache_compute, compress_weight=args.compress_weight,
-                               compress_cache=args.compress_cache, pin_weight=not args.no_pin_weight,
-                               share_prefix=not args.no_share_prefix)
+    return Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
+                               **{switch.name: getattr(args, switch.name) for switch in SWITCHES})
 
 
 def policy_flags(policy: Policy) -> str:
     """The `flexgen generate` flags that give `policy` back: every field that is not the default."""
     flags = [f"--percent {' '.join(map(str, policy.percent))}", f"--gpu-batch-size {policy.gpu_batch_size}",
              f"--num-gpu-batches {policy.num_gpu_batches}"]
-    switches = [("--no-overlap", not policy.overlap), ("--cpu-cache-compute", policy.cpu_cache_compute),
-                ("--compress-weight", policy.compress_weight), ("--compress-cache", policy.compress_cache),
-                ("--no-pin-weight", not policy.pin_weight), ("--no-share-prefix", not policy.share_prefix)]
-    return " ".join(flags + [flag for flag, on in switches if on])
+    return " ".join(flags + [s.flag for s in SWITCHES if getattr(policy, s.name) != s.default])
 
 
 def _prompts(args) -> list[str]:

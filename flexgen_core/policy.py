@@ -16,7 +16,36 @@ _PERCENT_PAIRS = (
     ("cache_gpu_percent", "cache_cpu_percent"),
     ("act_gpu_percent", "act_cpu_percent"),
 )
-_SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache", "pin_weight", "share_prefix")
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One of the policy's on/off switches, and what each part of the project derives from it."""
+
+    name: str                 # the Policy field
+    default: bool
+    flag_help: str            # help of `flexgen generate`'s flag: --NAME, or --no-NAME where on by default
+    changes_results: bool     # it changes what the model computes: part of the HELM client's cache key
+    costed: bool              # the cost model prices it (plan/cost_model.Switches)
+    shown: bool               # named in a policy's one-line description when on
+
+    @property
+    def flag(self) -> str:
+        return f"--{'no-' if self.default else ''}{self.name.replace('_', '-')}"
+
+
+# The switches, in one table: the CLI's flags, the client's cache key, the cost model's and the
+# planner's switches and the one-line descriptions are derived from it.
+SWITCHES = (
+    Switch("overlap", True, "run I/O and compute one after the other", False, True, True),
+    Switch("cpu_cache_compute", False, "attention over CPU-resident cache on the CPU", False, True, True),
+    Switch("compress_weight", False, "store weights as 4-bit group-wise codes", True, True, True),
+    Switch("compress_cache", False, "store the KV cache as 4-bit group-wise codes", True, True, True),
+    Switch("pin_weight", True, "do not pin host-resident weights (CUDA)", False, False, False),
+    Switch("share_prefix", True, "compute a prompt prefix shared by all prompts once per sequence, not once "
+           "(an ablation)", False, True, False),
+)
+_SWITCHES = tuple(switch.name for switch in SWITCHES)
 
 # What `policy="auto"` may do about 4-bit compression, a lossy change of the model's computation:
 # "never" (the default: exact policies only) or "allow" (where the cost model says it pays; the choice
@@ -126,3 +155,11 @@ class Policy:
 
     def replace(self, **changes: Any) -> "Policy":
         return dataclasses.replace(self, **changes)
+
+    def results_key(self) -> list[bool]:
+        """The switches that change what the model computes (compression), in table order."""
+        return [getattr(self, s.name) for s in SWITCHES if s.changes_results]
+
+
+_BOOLS = [(f.name, f.default) for f in dataclasses.fields(Policy) if f.type in (bool, "bool")]
+assert _BOOLS == [(s.name, s.default) for s in SWITCHES], "Policy's bool fields and SWITCHES must agree"

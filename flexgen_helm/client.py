@@ -57,7 +57,7 @@ from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from helm.tokenizers.tokenizer import Tokenizer
 
 from flexgen_core import Engine, Policy
-from flexgen_core.policy import auto_compression
+from flexgen_core.policy import SWITCHES, auto_compression
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.runtime.capacity import PolicyDoesNotFit
 from flexgen_core.runtime.decoding import NonFiniteError
@@ -227,9 +227,6 @@ PROGRESS = ProgressRegistry()
 atexit.register(PROGRESS.flush_all)  # registered after ENGINES.close_all: runs before it
 
 
-_SWITCHES = ("overlap", "cpu_cache_compute", "compress_weight", "compress_cache")
-
-
 # policy "auto" plans again for a batch whose max_tokens differ from those planned for, whose shared
 # prefix is this much longer or shorter (another run entry's instructions and examples), whose prompts
 # are this much longer (shorter ones fit the plan) or of which this many times as many sequences wait.
@@ -251,7 +248,7 @@ def describe_policy(policy: Policy | str) -> str:
     """One line for logs: batch shape, the paper's six percentages, the switches that are on."""
     if isinstance(policy, str):
         return policy
-    switches = "+".join(name for name in _SWITCHES if getattr(policy, name)) or "no switches"
+    switches = "+".join(s.name for s in SWITCHES if s.shown and getattr(policy, s.name)) or "no switches"
     percent = " ".join(str(value) for value in policy.percent)
     return f"{policy.gpu_batch_size}x{policy.num_gpu_batches} blocks, percent {percent}, {switches}"
 
@@ -504,8 +501,8 @@ class FlexGenClient(CachingClient):
             "dtype": self._engine_key.dtype,
             # Compression changes results; the other policy fields only move tensors around.
             # Exact policies all compute the same model; "auto" may compress only where allowed.
-            "compression": ("auto" if self._engine_key.compress == "allow" else [False, False]) if policy == "auto"
-            else [policy.compress_weight, policy.compress_cache],
+            "compression": ("auto" if self._engine_key.compress == "allow" else Policy().results_key())
+            if policy == "auto" else policy.results_key(),
             "prompt": self._prompt(request),
             "temperature": request.temperature,
             "num_completions": request.num_completions,

@@ -51,7 +51,7 @@ from flexgen_core import memory
 from flexgen_core.models.base import LayerKind
 from flexgen_core.plan.hardware import HardwareProfile
 from flexgen_core.plan.shapes import PlanModel, matrix_params
-from flexgen_core.policy import Policy
+from flexgen_core.policy import SWITCHES, Policy
 
 VARS = ("w_gpu", "w_cpu", "w_disk", "cache_gpu", "cache_cpu", "cache_disk", "act_gpu", "act_cpu", "act_disk")
 TIERS = memory.TIERS
@@ -197,8 +197,7 @@ class Switches:
 
     @classmethod
     def of(cls, policy: Policy) -> "Switches":
-        return cls(policy.overlap, policy.cpu_cache_compute, policy.compress_weight, policy.compress_cache,
-                   policy.share_prefix)
+        return cls(**{switch.name: getattr(policy, switch.name) for switch in SWITCHES if switch.costed})
 
 
 def cache_compression_ratio(head_dim: int, dtype_bytes: int) -> float:

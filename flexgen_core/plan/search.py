@@ -32,6 +32,7 @@ prefix's own pass before the first block (one more set of constraints in the lin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -432,8 +433,7 @@ def _policy_from(fractions: dict[str, float], gpu_batch_size: int, num_gpu_batch
         g, c, _ = round_percents([fractions[f"{prefix}_{tier}"] for tier in TIERS])
         percents += [g, c]
     return Policy.from_percent(percents, gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches,
-                               overlap=sw.overlap, cpu_cache_compute=sw.cpu_cache_compute,
-                               compress_weight=sw.compress_weight, compress_cache=sw.compress_cache)
+                               **dataclasses.asdict(sw))
 
 
 def _tidy(policy: Policy, cost: CostModel, usable_cpu: int) -> Policy:
