@@ -11,11 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-_PERCENT_PAIRS = (
-    ("w_gpu_percent", "w_cpu_percent"),
-    ("cache_gpu_percent", "cache_cpu_percent"),
-    ("act_gpu_percent", "act_cpu_percent"),
-)
+# Each placed quantity (weights, KV cache, activations) and its GPU and CPU percent fields.
+QUANTITIES = {"w": ("w_gpu_percent", "w_cpu_percent"), "cache": ("cache_gpu_percent", "cache_cpu_percent"),
+              "act": ("act_gpu_percent", "act_cpu_percent")}
+_PERCENT_PAIRS = tuple(QUANTITIES.values())
 
 
 @dataclass(frozen=True)
@@ -104,17 +103,27 @@ class Policy:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Policy.{name} must be a bool, got {getattr(self, name)!r}")
 
+    def shares(self, quantity: str) -> dict[str, int]:
+        """Percent of a quantity ("w", "cache" or "act") per tier; the disk holds what the others do not."""
+        gpu, cpu = (getattr(self, name) for name in QUANTITIES[quantity])
+        return {"gpu": gpu, "cpu": cpu, "disk": 100 - gpu - cpu}
+
+    def with_shares(self, quantity: str, gpu: int, cpu: int) -> "Policy":
+        """The same policy with a quantity's GPU and CPU percents replaced (the rest on disk)."""
+        gpu_name, cpu_name = QUANTITIES[quantity]
+        return self.replace(**{gpu_name: gpu, cpu_name: cpu})
+
     @property
     def w_disk_percent(self) -> int:
-        return 100 - self.w_gpu_percent - self.w_cpu_percent
+        return self.shares("w")["disk"]
 
     @property
     def cache_disk_percent(self) -> int:
-        return 100 - self.cache_gpu_percent - self.cache_cpu_percent
+        return self.shares("cache")["disk"]
 
     @property
     def act_disk_percent(self) -> int:
-        return 100 - self.act_gpu_percent - self.act_cpu_percent
+        return self.shares("act")["disk"]
 
     @property
     def lossy(self) -> list[str]:

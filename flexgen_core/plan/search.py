@@ -58,7 +58,7 @@ from flexgen_core.plan.cost_model import (
 )
 from flexgen_core.plan.hardware import HardwareProfile, format_size
 from flexgen_core.plan.shapes import PlanModel
-from flexgen_core.policy import Policy
+from flexgen_core.policy import QUANTITIES, Policy
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class PlacementLP:
             return None
         values = {name: float(max(0.0, self.x.value[i])) for name, i in self.index.items()}
         if fixed_weights is not None:
-            values |= {f"w_{tier}": p / 100 for tier, p in zip(TIERS, _shares(fixed_weights, "w"))}
+            values |= {f"w_{tier}": p / 100 for tier, p in fixed_weights.shares("w").items()}
         return values, float(self.c.value @ self.t.value)
 
 
@@ -321,28 +321,18 @@ def overflows(report, usable: dict[str, int], unified: bool) -> dict[str, int]:
     return over
 
 
-_QUANTITIES = {"w": ("w_gpu_percent", "w_cpu_percent"), "cache": ("cache_gpu_percent", "cache_cpu_percent"),
-               "act": ("act_gpu_percent", "act_cpu_percent")}
 _STEPS = (1, 2, 5, 10, 20, 25, 34, 50, 100)
-
-
-def _shares(policy: Policy, quantity: str) -> tuple[int, int, int]:
-    gpu_name, cpu_name = _QUANTITIES[quantity]
-    gpu, cpu = getattr(policy, gpu_name), getattr(policy, cpu_name)
-    return gpu, cpu, 100 - gpu - cpu
 
 
 def _moved(policy: Policy, quantity: str, src: str, dst: str, step: int) -> Policy | None:
     """`policy` with `step` percent of a quantity moved from tier src to tier dst (None if nothing to move)."""
-    gpu_name, cpu_name = _QUANTITIES[quantity]
-    share = {"gpu": getattr(policy, gpu_name), "cpu": getattr(policy, cpu_name)}
-    share["disk"] = 100 - share["gpu"] - share["cpu"]
+    share = policy.shares(quantity)
     amount = min(step, share[src])
     if amount <= 0:
         return None
     share[src] -= amount
     share[dst] += amount
-    return policy.replace(**{gpu_name: share["gpu"], cpu_name: share["cpu"]})
+    return policy.with_shares(quantity, share["gpu"], share["cpu"])
 
 
 class _Evaluator:
@@ -384,7 +374,7 @@ class _Evaluator:
             else:  # "host", or "gpu" on a CPU-only host: only disk relieves host RAM
                 moves = [("gpu", "disk"), ("cpu", "disk")]
             clearing, partial = [], []
-            for quantity, (src, dst) in product(_QUANTITIES, moves):
+            for quantity, (src, dst) in product(QUANTITIES, moves):
                 est = self._smallest_clearing_move(current, quantity, src, dst, tier)
                 if est is None:
                     continue
@@ -402,9 +392,7 @@ class _Evaluator:
     def _smallest_clearing_move(self, current: Estimate, quantity: str, src: str, dst: str,
                                 tier: str) -> Estimate | None:
         """The move of the fewest percents that clears `tier`; else the whole share (None if it frees nothing)."""
-        gpu_name, cpu_name = _QUANTITIES[quantity]
-        share = {"gpu": getattr(current.policy, gpu_name), "cpu": getattr(current.policy, cpu_name)}
-        share["disk"] = 100 - share["gpu"] - share["cpu"]
+        share = current.policy.shares(quantity)
         if share[src] == 0:
             return None
         full = self(_moved(current.policy, quantity, src, dst, share[src]))
