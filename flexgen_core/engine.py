@@ -12,8 +12,7 @@ import functools
 import logging
 import operator
 import os
-from typing import Any, Mapping
-from typing import Sequence as Seq
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -27,7 +26,7 @@ from flexgen_core.runtime.decoding import (
     DecodeSettings,
     GenerationResult,
     NonFiniteError,
-    Sequence,
+    SequenceState,
     sequence_generator,
 )
 from flexgen_core.runtime.schedule import Batch, BlockRunner, RunContext, SharedPrefix
@@ -188,11 +187,11 @@ class Engine:
 
     # ---- generation -------------------------------------------------------------------------------
     @_on_device
-    def generate(self, prompts: Seq[Seq[int]], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, num_completions: int = 1, stop: Seq[Seq[int]] | None = None,
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, num_completions: int = 1, stop: Sequence[Sequence[int]] | None = None,
                  echo_prompt: bool = False, top_k_logprobs: int = 0,
-                 seed: int | Seq[int] | None = None,
-                 forced_tokens: Seq[Seq[int]] | None = None) -> list[GenerationResult]:
+                 seed: int | Sequence[int] | None = None,
+                 forced_tokens: Sequence[Sequence[int]] | None = None) -> list[GenerationResult]:
         """Generate for every prompt (token-id lists used as given). See README for the result fields.
 
         `forced_tokens` (one list per prompt, at least `max_new_tokens` long) are fed instead of the
@@ -217,7 +216,7 @@ class Engine:
             forced = [list(f) for f in forced_tokens]
             self._validate(forced, 0, 0.0, 1.0, 1, None, 0, 0)
         seqs = [
-            Sequence(prompt, sequence_generator(seeds[p_idx], c_idx) if temperature > 0 else None,
+            SequenceState(prompt, sequence_generator(seeds[p_idx], c_idx) if temperature > 0 else None,
                      list(forced[p_idx]) if forced is not None else None)
             for p_idx, prompt in enumerate(prompts) for c_idx in range(distinct)
         ]
@@ -237,7 +236,7 @@ class Engine:
             results.append(GenerationResult(prompt, completions, own[0].prompt_logprobs if echo_prompt else None))
         return results
 
-    def _run_block(self, seqs: list[Sequence], settings: DecodeSettings, echo_prompt: bool,
+    def _run_block(self, seqs: list[SequenceState], settings: DecodeSettings, echo_prompt: bool,
                    prefix: SharedPrefix | None) -> None:
         shared = prefix.length if prefix is not None else 0
         prompt_len = max(len(s.prompt) for s in seqs) - shared  # each prompt's own tokens, after the prefix
@@ -383,7 +382,7 @@ class Engine:
             return [int(torch.seed()) for _ in prompts]
         if _is_int(seed):
             return [operator.index(seed)] * len(prompts)
-        if isinstance(seed, (str, bytes)) or not isinstance(seed, Seq) or \
+        if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence) or \
                 not all(v is None or _is_int(v) for v in seed):
             raise ValueError(f"seed must be an integer or a list of one integer (or None) per prompt, got {seed!r}")
         if len(seed) != len(prompts):

@@ -197,7 +197,7 @@ class _Bench:
         4-layer random OPT of width `hidden` under `policy`, and that model's plan shape."""
         from flexgen_core.models import opt
         from flexgen_core.plan.shapes import PlanModel
-        from flexgen_core.runtime.decoding import DecodeSettings, Sequence
+        from flexgen_core.runtime.decoding import DecodeSettings, SequenceState
         from flexgen_core.runtime.schedule import Batch, BlockRunner, RunContext
         from flexgen_core.runtime.weights import WeightStore
 
@@ -218,7 +218,7 @@ class _Bench:
 
             def generate(new_tokens: int) -> None:
                 batch = policy.gpu_batch_size
-                seqs = [Sequence([5] * prompt_len, None) for _ in range(batch)]
+                seqs = [SequenceState([5] * prompt_len, None) for _ in range(batch)]
                 ids = torch.full((batch, prompt_len), 5, dtype=torch.long, device=self.devices.compute)
                 runner.run([Batch(ids, [0] * batch, seqs)], DecodeSettings(new_tokens, 0.0, 1.0, 0, (), None), False)
 

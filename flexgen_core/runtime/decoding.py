@@ -14,7 +14,7 @@ class NonFiniteError(RuntimeError):
     of the call is returned. The engine's message names where the values came from."""
 
 
-def _check_finite(logprobs: list[float], seqs: list[Sequence], what: str) -> None:
+def _check_finite(logprobs: list[float], seqs: list[SequenceState], what: str) -> None:
     """Free: the values are on the host already. A NaN or inf anywhere in a row of logits makes its
     log-softmax, so every logprob read from it, non-finite."""
     bad = sum(1 for lp, seq in zip(logprobs, seqs) if not seq.done and not math.isfinite(lp))
@@ -54,7 +54,7 @@ def sequence_generator(seed: int, completion_idx: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-class Sequence:
+class SequenceState:
     """One completion being generated."""
 
     def __init__(self, prompt: list[int], generator: torch.Generator | None, forced: list[int] | None = None):
@@ -108,7 +108,7 @@ def _sample(logits: torch.Tensor, settings: DecodeSettings, generator: torch.Gen
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def select_tokens(logits: torch.Tensor, seqs: list[Sequence], settings: DecodeSettings) -> torch.Tensor:
+def select_tokens(logits: torch.Tensor, seqs: list[SequenceState], settings: DecodeSettings) -> torch.Tensor:
     """Pick each sequence's next token from its last-position logits (B, V); record logprobs.
 
     Returns the chosen ids (B,) on the logits' device. Logprobs are the model's own log-softmax of
@@ -140,7 +140,7 @@ def select_tokens(logits: torch.Tensor, seqs: list[Sequence], settings: DecodeSe
     return chosen
 
 
-def record_prompt_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, pads: list[int], seqs: list[Sequence],
+def record_prompt_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, pads: list[int], seqs: list[SequenceState],
                            prefix=None) -> None:
     """Prompt logprobs from the prompt pass: logits (B, s, V) over left-padded token_ids (B, s). With a
     shared `prefix` (its `prompt_logprobs` and `next_logprobs`), token_ids hold what follows it: the

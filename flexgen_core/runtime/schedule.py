@@ -17,14 +17,14 @@ from typing import Callable
 import torch
 
 from flexgen_core.memory import num_slots
-from flexgen_core.models import layers as math
+from flexgen_core.models import layers as layer_math
 from flexgen_core.models.base import LayerKind, ModelShape
 from flexgen_core.policy import Policy
 from flexgen_core.runtime.activations import Activations
 from flexgen_core.runtime.decoding import (
     DecodeSettings,
     NonFiniteError,
-    Sequence,
+    SequenceState,
     record_prompt_logprobs,
     select_tokens,
 )
@@ -85,15 +85,15 @@ class Batch:
 
     token_ids: torch.Tensor  # (B, prompt_len) on the compute device: the prompts after any shared prefix
     pads: list[int]
-    seqs: list[Sequence]
+    seqs: list[SequenceState]
     offset: int = 0  # tokens of the shared prefix before index 0
     # Sequences that repeat a prompt (sampled completions of one prompt): the prompt pass runs on the
     # distinct prompts (the rows above, `seqs` one sequence each) and the batch then forks into
     # `fork[0]`, every sequence, each continuing row `fork[1][i]`.
-    fork: tuple[list[Sequence], list[int]] | None = None
+    fork: tuple[list[SequenceState], list[int]] | None = None
 
     @classmethod
-    def of(cls, token_ids: torch.Tensor, pads: list[int], seqs: list[Sequence], offset: int = 0) -> "Batch":
+    def of(cls, token_ids: torch.Tensor, pads: list[int], seqs: list[SequenceState], offset: int = 0) -> "Batch":
         """A batch of `seqs`, its prompt pass computing each distinct prompt once."""
         first: dict[tuple[int, ...], int] = {}
         rows = [first.setdefault(tuple(seq.prompt), len(first)) for seq in seqs]
@@ -105,7 +105,7 @@ class Batch:
                    (seqs, rows))
 
     @property
-    def members(self) -> list[Sequence]:
+    def members(self) -> list[SequenceState]:
         """Every sequence the batch generates for."""
         return self.fork[0] if self.fork is not None else self.seqs
 
@@ -226,7 +226,7 @@ class BlockRunner:
         own; with compress_cache, decode steps read a compressed copy, as they read every cached row."""
         ctx = self.ctx
         batch = Batch(torch.tensor([token_ids], dtype=torch.long, device=ctx.devices.compute), [0],
-                      [Sequence(list(token_ids), None)])
+                      [SequenceState(list(token_ids), None)])
         dense_policy = ctx.policy.replace(compress_cache=False)
         self.prefixes_built += 1  # offload files of each kept prefix have names of their own
         label = f"prefix{self.prefixes_built}"
@@ -558,7 +558,7 @@ class _BlockPass:
         elif layer.kind is LayerKind.ATTENTION:
             hidden = self._attention(layer, layer_idx, batch_idx, weights, step, start, length)
         elif layer.kind is LayerKind.MLP:  # position-wise: in chunks of positions (memory.MLP_CHUNK_BYTES)
-            hidden = math.in_token_chunks(lambda part: layer.forward(weights, part), self._hidden(batch_idx),
+            hidden = layer_math.in_token_chunks(lambda part: layer.forward(weights, part), self._hidden(batch_idx),
                                           self.ctx.shape.ffn_size)
         else:
             self._output(layer, batch_idx, weights, step)
@@ -600,13 +600,13 @@ class _BlockPass:
             mask = self._mask(step, batch_idx, start, length, key_len, tier, window)
             q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
             if self.prefix_kv is None:
-                out = math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
+                out = layer_math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
             else:  # the shared prefix's rows (P, 2, 1, heads, hd), then this batch's own
                 if self.prefix_kv[seg_idx].device != device:  # loaded where decode attends: once per layer
                     self.prefix_kv[seg_idx] = self.prefix_kv[seg_idx].to(device)
                 prefix_kv = self.prefix_kv[seg_idx]
                 prefix_mask = self._prefix_mask(step, batch_idx, start, length, tier, window)
-                out = math.attend_with_prefix(q_seg, prefix_kv[:, 0, 0], prefix_kv[:, 1, 0], kv[:, 0], kv[:, 1],
+                out = layer_math.attend_with_prefix(q_seg, prefix_kv[:, 0, 0], prefix_kv[:, 1, 0], kv[:, 0], kv[:, 1],
                                               mask, prefix_mask)
             outputs.append(out.to(compute))
         attn_idx = self.runner.attention_index[layer_idx]
