@@ -233,7 +233,7 @@ def _notes(args, conf, preset, weight_bytes, budget, resident, rates, short, bef
         lines.append(
             f"- Budget: {format_size(budget)} of weights in RAM for both systems, {weight_bytes / budget:.1f}x less "
             f"than the model. The engine keeps the first {resident}% of each layer's bytes in RAM (whole weights, by "
-            "the midpoint rule of `memory.weight_tiers`) and reads the rest from its offload files every block step; "
+            "the midpoint rule of `placement.weight_tiers`) and reads the rest from its offload files every block step; "
             "its `weights_in_budget_mib` counts resident weights plus the disk staging buffers. Accelerate gets "
             "`max_memory={'cpu': budget}` and loads each disk-offloaded module before its forward, every forward "
             "pass. KV cache and activations of both live in RAM beside the budget.")

@@ -105,7 +105,7 @@ def _percent_placement(policy) -> str:
 
 def _placement(weight_bytes: dict[str, int], cuda: bool) -> str:
     """Shares of the stored weight bytes per tier, e.g. '17% RAM, 83% disk' (the policy's percentages
-    apply per weight, by the midpoint rule of memory.weight_tiers, so bytes are what to compare)."""
+    apply per weight, by the midpoint rule of placement.weight_tiers, so bytes are what to compare)."""
     places = {"GPU": weight_bytes["gpu"], "CPU": weight_bytes["cpu"]} if cuda else \
         {"RAM": weight_bytes["gpu"] + weight_bytes["cpu"]}
     places["disk"] = weight_bytes["disk"]

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from flexgen_core import memory
+from flexgen_core import memory, placement
 from flexgen_core.models.registry import family_for
 from flexgen_core.policy import Policy, auto_compression
 from flexgen_core.prefix import MAX_KEPT_PREFIXES, common_prefix_len, sharable_prefix_len
@@ -440,7 +440,7 @@ def _token_ids(tokens, what: str) -> list[int]:
 
 
 def _sum_terms(report: memory.MemoryReport, terms) -> dict[str, int]:
-    return {tier: sum(getattr(report, term)[tier] for term in terms) for tier in memory.TIERS}
+    return {tier: sum(getattr(report, term)[tier] for term in terms) for tier in placement.TIERS}
 
 
 def _copy(completion):

@@ -1,4 +1,5 @@
-"""Where each tensor lives, and the exact bytes each tier holds (shared by the engine and the planner).
+"""The exact bytes each tier holds (shared by the engine and the planner); where each tensor lives is
+placement.py's.
 
 Pure arithmetic: no torch. The engine allocates exactly the buffers these functions describe, and a
 test checks the engine's real allocations against `account()`.
@@ -21,8 +22,16 @@ from math import prod
 from typing import Iterable, Sequence
 
 from flexgen_core.compression import CompressionConfig, compressed_nbytes, stored_parts
+from flexgen_core.placement import (  # noqa: F401 - the placement rules, re-exported for the accounting's users
+    TIERS,
+    CacheSegment,
+    cache_segments,
+    cache_staging_tiers,
+    split_counts,
+    split_ranges,
+    weight_tiers,
+)
 
-TIERS = ("gpu", "cpu", "disk")
 ALIGN_BYTES = 64  # offsets of tensors packed into one buffer or file
 
 # The dtypes the engine computes in, with their sizes: the one table every part reads.
@@ -56,35 +65,6 @@ def token_chunk(batch: int, num_tokens: int, width: int, dtype_bytes: int) -> in
 
 def align(nbytes: int) -> int:
     return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
-
-
-def split_counts(n: int, gpu_percent: int, cpu_percent: int) -> tuple[int, int, int]:
-    """Split n units (heads, batch rows) into (gpu, cpu, disk) counts, rounding cumulative shares."""
-    gpu_end = (n * gpu_percent + 50) // 100
-    cpu_end = (n * (gpu_percent + cpu_percent) + 50) // 100
-    return gpu_end, cpu_end - gpu_end, n - cpu_end
-
-
-def split_ranges(n: int, gpu_percent: int, cpu_percent: int) -> list[tuple[str, int, int]]:
-    """Non-empty (tier, start, stop) ranges of a split, in tier order."""
-    ranges, start = [], 0
-    for tier, count in zip(TIERS, split_counts(n, gpu_percent, cpu_percent)):
-        if count:
-            ranges.append((tier, start, start + count))
-            start += count
-    return ranges
-
-
-def weight_tiers(sizes: Sequence[int], gpu_percent: int, cpu_percent: int) -> list[str]:
-    """Tier of each of a layer's weights: a weight goes to the tier whose share of the layer's bytes
-    contains the midpoint of the weight's own bytes (FlexGen paper's per-layer percentages)."""
-    total = sum(sizes)
-    tiers, before = [], 0
-    for size in sizes:
-        mid = (before + size / 2) / total * 100 if total else 0.0
-        tiers.append("gpu" if mid < gpu_percent else "cpu" if mid < gpu_percent + cpu_percent else "disk")
-        before += size
-    return tiers
 
 
 def packed_offsets(sizes: Iterable[int]) -> tuple[list[int], int]:
@@ -173,41 +153,6 @@ class MemoryReport:
 
     def to_dict(self) -> dict[str, dict[str, int]]:
         return {term: dict(getattr(self, term)) for term in self.TERMS} | {"peak": self.peak}
-
-
-@dataclass(frozen=True)
-class CacheSegment:
-    """KV heads [start, stop) of one attention layer, stored on `tier`; attention runs on `compute_on`."""
-
-    tier: str
-    start: int
-    stop: int
-    compute_on: str  # "gpu" or "cpu"
-
-    @property
-    def num_heads(self) -> int:
-        return self.stop - self.start
-
-
-def cache_segments(num_kv_heads: int, policy, split: bool) -> list[CacheSegment]:
-    """The KV heads of one attention layer by tier. `split`: the compute tier is memory of its own
-    (a GPU, or the simulated device), so off-device segments may attend on the CPU where they lie."""
-    segments = []
-    for tier, start, stop in split_ranges(num_kv_heads, policy.cache_gpu_percent, policy.cache_cpu_percent):
-        on_cpu = tier != "gpu" and policy.cpu_cache_compute and split
-        segments.append(CacheSegment(tier, start, stop, "cpu" if on_cpu else "gpu"))
-    return segments
-
-
-def cache_staging_tiers(segment: CacheSegment, split: bool) -> list[str]:
-    """Where a segment's cache is staged for attention: host buffer for disk reads, device buffer for
-    host->device copies. Resident segments attend in place."""
-    tiers = []
-    if segment.tier == "disk":
-        tiers.append("cpu")
-    if split and segment.tier != "gpu" and segment.compute_on == "gpu":
-        tiers.append("gpu")
-    return tiers
 
 
 def num_slots(policy) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module's layer is the first prefix that matches its dotted name.
 LAYERS = [
-    ("contracts", ("flexgen_core.policy", "flexgen_core.compression", "flexgen_core.memory", "flexgen_core.prefix")),
+    ("contracts", ("flexgen_core.policy", "flexgen_core.compression", "flexgen_core.memory", "flexgen_core.prefix",
+                   "flexgen_core.placement")),
     ("models", ("flexgen_core.models",)),
     ("runtime", ("flexgen_core.runtime",)),
     ("plan", ("flexgen_core.plan",)),

@@ -249,7 +249,7 @@ class LlamaAttention:
         self.sliding_window = cfg.sliding_windows[index]
         h, p = cfg.hidden_size, f"layers.{index}."
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_width
-        # Order matters for placement (memory.weight_tiers: byte midpoints in spec order).
+        # Order matters for placement (placement.weight_tiers: byte midpoints in spec order).
         self.specs = [
             _NAMES.matrix("q", p + "self_attn.q_proj.weight", q_width, h),
             _NAMES.matrix("k", p + "self_attn.k_proj.weight", kv_width, h),

@@ -47,14 +47,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from flexgen_core import memory
+from flexgen_core import memory, placement
 from flexgen_core.models.base import LayerKind
 from flexgen_core.plan.hardware import HardwareProfile
 from flexgen_core.plan.shapes import PlanModel, matrix_params
 from flexgen_core.policy import SWITCHES, Policy
 
 VARS = ("w_gpu", "w_cpu", "w_disk", "cache_gpu", "cache_cpu", "cache_disk", "act_gpu", "act_cpu", "act_disk")
-TIERS = memory.TIERS
+TIERS = placement.TIERS
 PHASES = ("prefill", "decode")
 LANES = ("load", "store", "compute")
 
@@ -736,10 +736,10 @@ class CostModel:
             return memo[facts.signature]
 
         heads = self.shape.num_kv_heads
-        cache = Split.of(*(n / heads for n in memory.split_counts(heads, policy.cache_gpu_percent,
+        cache = Split.of(*(n / heads for n in placement.split_counts(heads, policy.cache_gpu_percent,
                                                                    policy.cache_cpu_percent)))
         B = policy.gpu_batch_size
-        act = Split.of(*(n / B for n in memory.split_counts(B, policy.act_gpu_percent, policy.act_cpu_percent)))
+        act = Split.of(*(n / B for n in placement.split_counts(B, policy.act_gpu_percent, policy.act_cpu_percent)))
         return weights, cache, act
 
     def step_seconds(self, units: list[Unit], overlap: bool, serial: bool) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flexgen_core.memory import split_ranges
+from flexgen_core.placement import split_ranges
 from flexgen_core.runtime.storage import Devices, OffloadDir, view_as
 from flexgen_core.runtime.streams import copy_
 

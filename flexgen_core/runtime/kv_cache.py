@@ -23,12 +23,8 @@ from flexgen_core.compression import (
     decompress,
     stored_parts,
 )
-from flexgen_core.memory import (
-    CACHE_COMPRESSION,
-    cache_segments,
-    cache_staging_tiers,
-    num_slots,
-)
+from flexgen_core.memory import CACHE_COMPRESSION, num_slots
+from flexgen_core.placement import cache_segments, cache_staging_tiers
 from flexgen_core.runtime.storage import (
     Devices,
     OffloadDir,

@@ -594,7 +594,7 @@ class _BlockPass:
             # Where this segment's attention runs: the prompt pass always attends on the compute device,
             # where its fresh K/V are (FlexGen's prefill); decode steps where the policy says (CPU
             # attention reads an off-device cache where it lies).
-            tier = "gpu" if step == 0 else seg.compute_on
+            tier = seg.attends_on(prompt_pass=step == 0)
             device = self.ctx.devices.tier_device(tier)
             window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
             mask = self._mask(step, batch_idx, start, length, key_len, tier, window)
