@@ -73,3 +73,26 @@ def test_imports_never_go_to_a_lower_layer():
 def test_every_module_has_a_layer():
     for _, module in _modules():
         _layer(module)
+
+
+def test_every_familys_layers_keep_the_layer_interface():
+    """The engine reads layers only through models/base.py's protocols: every layer of every preset's
+    family is a Layer, every attention layer an AttentionLayer (qkv, finish, sliding_window)."""
+    import json
+
+    from flexgen_core.models.base import AttentionLayer, Layer, LayerKind
+    from flexgen_core.models.registry import family_for
+    from flexgen_core.testing import PRESETS, build_checkpoint
+
+    seen = set()
+    for preset in PRESETS:
+        hf = json.loads((build_checkpoint(preset) / "config.json").read_text())
+        family = family_for(hf)
+        seen.add(family.name)
+        for layer in family.build_layers(family.config_from_hf(hf)):
+            assert isinstance(layer, Layer), (preset, layer)
+            if layer.kind is LayerKind.ATTENTION:
+                assert isinstance(layer, AttentionLayer), (preset, layer)
+            else:
+                assert callable(getattr(layer, "forward", None)), (preset, layer)
+    assert seen == {"opt", "llama", "mistral", "qwen2"}

@@ -11,13 +11,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from math import prod
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 
 class LayerKind(enum.Enum):
     INPUT = "input"          # token ids (B, s) -> hidden (B, s, H)
-    ATTENTION = "attention"  # hidden -> hidden, reading and extending the KV cache; an optional
-    # `sliding_window` attribute (int w) limits each query to keys fewer than w positions back (Mistral)
+    ATTENTION = "attention"  # hidden -> hidden, reading and extending the KV cache (AttentionLayer)
     MLP = "mlp"              # hidden -> hidden
     OUTPUT = "output"        # hidden -> logits (B, s, V)
 
@@ -87,3 +86,29 @@ class ModelShape:
     def kv_width(self) -> int:
         """Width of one token's K (or V) in one layer."""
         return self.num_kv_heads * self.head_dim
+
+
+@runtime_checkable
+class Layer(Protocol):
+    """What the engine needs of every layer: its kind, a unique name and its weights' specs. INPUT,
+    MLP and OUTPUT layers also have `forward(w, x)` (INPUT: `forward(w, token_ids, positions)`)."""
+
+    kind: LayerKind
+    name: str
+    specs: list[WeightSpec]
+
+
+@runtime_checkable
+class AttentionLayer(Layer, Protocol):
+    """An ATTENTION layer: the engine runs the attention itself (over its KV cache, on the tier the
+    placement says) between `qkv` and `finish`."""
+
+    sliding_window: int | None  # keys more than this many positions back are hidden (Mistral); None: all
+
+    def qkv(self, w: Mapping[str, Any], x: Any, positions: Any) -> tuple[Any, Any, Any]:
+        """(B, s, H) -> q (B, s, nh, hd), k and v (B, s, nkv, hd)."""
+        ...
+
+    def finish(self, w: Mapping[str, Any], x: Any, attn: Any) -> Any:
+        """x: the layer input (B, s, H); attn: (B, s, nh, hd) -> the layer's output (B, s, H)."""
+        ...

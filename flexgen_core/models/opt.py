@@ -91,6 +91,7 @@ class OPTInput:
 
 class OPTAttention:
     kind = LayerKind.ATTENTION
+    sliding_window = None  # full causal attention
 
     def __init__(self, cfg: OPTConfig, index: int):
         self.cfg = cfg

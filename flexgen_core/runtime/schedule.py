@@ -596,7 +596,7 @@ class _BlockPass:
             # attention reads an off-device cache where it lies).
             tier = seg.attends_on(prompt_pass=step == 0)
             device = self.ctx.devices.tier_device(tier)
-            window = getattr(layer, "sliding_window", None)  # Mistral-style local attention
+            window = layer.sliding_window  # Mistral-style local attention (models/base.AttentionLayer)
             mask = self._mask(step, batch_idx, start, length, key_len, tier, window)
             q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
             if self.prefix_kv is None:
