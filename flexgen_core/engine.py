@@ -46,15 +46,25 @@ def _on_device(method):
 
 
 def _as_policy(policy: Policy | Mapping[str, Any] | None) -> Policy:
-    if policy is None:
-        return Policy()
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, Mapping):
-        return Policy.from_dict(policy)
-    if policy == "auto":
+    parsed = Policy.parse(policy)
+    if parsed == "auto":
         raise ValueError("policy='auto' is planned in Engine.from_pretrained, once the model's shape is known")
-    raise ValueError(f"policy must be a Policy, a mapping of Policy fields or 'auto', got {policy!r}")
+    return parsed
+
+
+# The engine's rules about a request, which the HELM client also applies before it batches one.
+
+def context_overflow(prompt_len: int, max_new_tokens: int, max_positions: int) -> str | None:
+    """Why a prompt and its new tokens do not fit the model's context, or None."""
+    if prompt_len + max_new_tokens <= max_positions:
+        return None
+    return (f"{prompt_len} prompt tokens + max_new_tokens={max_new_tokens} exceed the model's context of "
+            f"{max_positions} positions")
+
+
+def distinct_completions(num_completions: int, temperature: float, max_new_tokens: int) -> int:
+    """Completions that can differ: greedy ones (or none generated) are all the same, computed once."""
+    return num_completions if temperature > 0 and max_new_tokens > 0 else 1
 
 
 
@@ -208,7 +218,7 @@ class Engine:
                                   tuple(tuple(_token_ids(s, "a stop sequence")) for s in stop or ()),
                                   self.config.eos_token_id)
         # Greedy completions of one prompt are identical: compute one and copy it.
-        distinct = num_completions if temperature > 0 and max_new_tokens > 0 else 1
+        distinct = distinct_completions(num_completions, temperature, max_new_tokens)
         forced = None
         if forced_tokens is not None:
             if len(forced_tokens) != len(prompts) or any(len(f) < max_new_tokens for f in forced_tokens):
@@ -373,11 +383,9 @@ class Engine:
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-            if len(prompt) + max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
-                    f"the model's context of {limit} positions"
-                )
+            overflow = context_overflow(len(prompt), max_new_tokens, limit)
+            if overflow:
+                raise ValueError(f"prompt {i}: {overflow}")
         if seed is None:
             return [int(torch.seed()) for _ in prompts]
         if _is_int(seed):

@@ -152,6 +152,20 @@ class Policy:
         return cls(**dict(zip(names, percent)), **kwargs)
 
     @classmethod
+    def parse(cls, value: Any) -> "Policy | str":
+        """A policy as given in code or config: a Policy, a mapping of its fields, None (the default
+        policy) or "auto" (returned as is: planned once the model and machine are known)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Policy):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(dict(value))
+        if value == "auto":
+            return "auto"
+        raise ValueError(f"policy must be a Policy, a mapping of Policy fields or 'auto', got {value!r}")
+
+    @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Policy":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

@@ -57,6 +57,7 @@ from helm.tokenizers.huggingface_tokenizer import HuggingFaceTokenizer
 from helm.tokenizers.tokenizer import Tokenizer
 
 from flexgen_core import Engine, Policy
+from flexgen_core.engine import context_overflow, distinct_completions
 from flexgen_core.policy import SWITCHES, auto_compression
 from flexgen_core.memory import DTYPE_BYTES
 from flexgen_core.runtime.capacity import PolicyDoesNotFit
@@ -284,16 +285,6 @@ def _read_max_positions(model_path: str) -> int:
         raise ConfigurationError(f"cannot load {model_path!r}: {error}") from error
 
 
-def _parse_policy(policy: Any) -> Policy | str:
-    if policy == "auto":
-        return "auto"
-    if isinstance(policy, Policy):
-        return policy
-    if isinstance(policy, Mapping):
-        return Policy.from_dict(dict(policy))
-    raise ValueError(f"policy must be 'auto' or a mapping of Policy fields, got {policy!r}")
-
-
 def _failure(message: str, retriable: bool = True, fatal: bool = True) -> RequestResult:
     """A failed result. HELM retries a retriable one (5 attempts, backing off from 5 s); once it
     stops, a fatal failure ends the run entry and a non-fatal one counts as an empty completion."""
@@ -421,7 +412,7 @@ class FlexGenClient(CachingClient):
             if missing is not None:
                 raise ValueError(missing)
             offload = os.path.expanduser(offload_dir or os.path.join("~", ".cache", "flexgen-helm", "offload"))
-            parsed = _parse_policy(policy)
+            parsed = Policy.parse(policy)
             auto_compression(compress)  # a bad value is named here, before any work
             if compress != "never" and parsed != "auto":
                 raise ValueError("compress goes with policy: auto (a given policy carries its own switches)")
@@ -539,14 +530,12 @@ class FlexGenClient(CachingClient):
 
         handle = ENGINES.get(self._engine_key)  # loads the engine on first use (policy auto: at its first batch)
         max_positions = handle.max_positions
-        if len(prompt_ids) + max_tokens > max_positions:
-            raise RequestRejected(
-                f"prompt of {len(prompt_ids)} tokens + max_tokens {max_tokens} exceeds the model's "
-                f"{max_positions} positions"
-            )
+        overflow = context_overflow(len(prompt_ids), max_tokens, max_positions)
+        if overflow:
+            raise RequestRejected(overflow)
         temperature = raw_request["temperature"]
         # Greedy completions are all the same: compute one, copy it.
-        engine_completions = num_completions if temperature > 0 and max_tokens > 0 else 1
+        engine_completions = distinct_completions(num_completions, temperature, max_tokens)
         settings = BatchSettings(
             max_new_tokens=max_tokens,
             temperature=float(temperature),
