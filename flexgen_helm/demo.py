@@ -263,7 +263,7 @@ def run_demo(
     say(format_table(rows))
     say("")
     from flexgen_core import Policy
-    from flexgen_helm.client import describe_policy
+    from flexgen_helm.engines import describe_policy
 
     policy = configs.packaged_deployment(deployment)["client_spec"]["args"].get("policy", "auto")
     say(f"Policy: {describe_policy(Policy.from_dict(policy) if isinstance(policy, dict) else policy)}.")
