@@ -123,7 +123,7 @@ class Engine:
         folder, family, config = read_model(name_or_path)
         layers = family.build_layers(config)
         if auto:
-            from flexgen_core.plan.search import plan_for_engine
+            from flexgen_core.plan.auto import plan_for_engine
 
             compress_weight, compress_cache = auto_compression(compress, compress_weight, compress_cache)
             planning = dict(hardware=hardware, offload_dir=offload_dir, compress_weight=compress_weight,
@@ -166,23 +166,23 @@ class Engine:
         (use_block_policy); one that moves them is returned for the caller to load anew."""
         if self._planning is None:
             raise ValueError("only an engine loaded with policy='auto' re-plans")
-        from flexgen_core.plan.search import keeps_weights, plan_for_engine
+        from flexgen_core.plan.auto import plan_for_engine
 
         planning = self._planning
         policy = plan_for_engine(name=str(self.folder), config=self.config, layers=self.layers,
                                  device_type=self.devices.profile_device, dtype_bytes=self.dtype.itemsize,
                                  prompt_len=prompt_len_hint, gen_len=gen_len_hint, num_prompts=num_prompts_hint,
                                  shared_prefix_len=shared_prefix_len_hint, current=self.policy, **planning)
-        if keeps_weights(policy, self.policy):
+        if policy.keeps_weights(self.policy):
             self.use_block_policy(policy)
         return policy
 
     def use_block_policy(self, policy: Policy) -> None:
         """Run later calls under `policy`, on the weights as loaded: it may change the block's shape, the
         KV cache's and activations' placement, CPU attention, cache compression and prefix sharing, not
-        the fields the loaded weights depend on (search.WEIGHT_FIELDS). Kept shared prefixes stay unless
+        the fields the loaded weights depend on (policy.WEIGHT_FIELDS). Kept shared prefixes stay unless
         the cache's placement or compression changes (their K/V lie where the old policy put them)."""
-        from flexgen_core.plan.search import WEIGHT_FIELDS
+        from flexgen_core.policy import WEIGHT_FIELDS
 
         changed = [f for f in WEIGHT_FIELDS if getattr(policy, f) != getattr(self.policy, f)]
         if changed:

@@ -46,6 +46,10 @@ SWITCHES = (
 )
 _SWITCHES = tuple(switch.name for switch in SWITCHES)
 
+# The policy fields fixed once an engine has loaded its weights: where they lie, how they are stored, and
+# the staging slots that overlap needs. Engine.use_block_policy may change the others between calls.
+WEIGHT_FIELDS = ("w_gpu_percent", "w_cpu_percent", "compress_weight", "pin_weight", "overlap")
+
 # What `policy="auto"` may do about 4-bit compression, a lossy change of the model's computation:
 # "never" (the default: exact policies only) or "allow" (where the cost model says it pays; the choice
 # is logged as lossy).
@@ -178,6 +182,10 @@ class Policy:
 
     def replace(self, **changes: Any) -> "Policy":
         return dataclasses.replace(self, **changes)
+
+    def keeps_weights(self, current: "Policy") -> bool:
+        """Whether this policy can run on weights loaded under `current` (same WEIGHT_FIELDS)."""
+        return all(getattr(self, f) == getattr(current, f) for f in WEIGHT_FIELDS)
 
     def results_key(self) -> list[bool]:
         """The switches that change what the model computes (compression), in table order."""

@@ -84,7 +84,6 @@ class EngineHandle:
         materially from the one planned for (a new run entry: other prompt lengths, max_tokens or
         more requests waiting), keeping the loaded weights unless the planner rates a move worth it."""
         from flexgen_core.prefix import sharable_prefix_len
-        from flexgen_core.plan.search import keeps_weights
 
         hints = dict(prompt_len_hint=max(map(len, prompts)), gen_len_hint=max(1, settings.max_new_tokens),
                      num_prompts_hint=len(prompts) * settings.num_completions,
@@ -94,7 +93,7 @@ class EngineHandle:
         elif _materially_different(hints, self.planned_for):
             before = self.engine.policy
             policy = self.engine.replan(**hints)
-            if keeps_weights(policy, before):
+            if policy.keeps_weights(before):
                 hlog(f"FlexGen: re-planned {describe_policy(policy)} for {hints} (weights kept as loaded)")
             else:
                 self.engine.close()

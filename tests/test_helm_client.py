@@ -583,7 +583,7 @@ def test_policy_auto_is_planned_for_the_first_batch(env, tmp_path, monkeypatch):
 def test_auto_plans_again_for_a_new_run_entry_on_the_loaded_weights(env, tmp_path, monkeypatch):
     """Two run entries of other max_tokens: two plans, one load of the weights (their placement is
     the same), and the second entry's results are the model's as a fixed policy computes them."""
-    import flexgen_core.plan.search as search
+    import flexgen_core.plan.auto as search
     from flexgen_core import Engine
     from test_planner import cpu_host
 

@@ -28,9 +28,9 @@ from flexgen_core.plan.search import (
     PlanOptions,
     _Evaluator,
     plan,
-    plan_for_engine,
     usable_memory,
 )
+from flexgen_core.plan.auto import plan_for_engine
 from flexgen_core.plan.shapes import load_model
 from flexgen_core.policy import Policy
 from flexgen_core.runtime.schedule import BlockRunner
@@ -307,7 +307,7 @@ def test_plan_for_engine_takes_the_shared_prefix(tmp_path, caplog):
     hw = cpu_host()
     args = dict(name=str(path), config=model.shape, layers=model.layers, device_type="cpu", dtype_bytes=4, hardware=hw,
                 offload_dir=tmp_path, prompt_len=48, gen_len=4, num_prompts=8)
-    with caplog.at_level(logging.INFO, logger="flexgen_core.plan.search"):
+    with caplog.at_level(logging.INFO, logger="flexgen_core.plan.auto"):
         policy = plan_for_engine(**args, compress_weight=False, compress_cache=False, shared_prefix_len=40)
         assert isinstance(policy, Policy) and policy.block_size <= 8
         assert "(40 shared)" in caplog.text

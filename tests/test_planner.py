@@ -404,7 +404,7 @@ def test_engine_plans_policy_auto(tmp_path, caplog, monkeypatch):
     profile_file = hw.save(tmp_path / "host.json")
     monkeypatch.setenv("FLEXGEN_HARDWARE", str(profile_file))
     prompts = sample_prompts(path, 4, 8, 16, seed=0)
-    with caplog.at_level(logging.INFO, logger="flexgen_core.plan.search"):
+    with caplog.at_level(logging.INFO, logger="flexgen_core.plan.auto"):
         with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, prompt_len_hint=16,
                                     gen_len_hint=4, num_prompts_hint=4, compress_weight=False,
                                     compress_cache=False) as engine:
@@ -436,7 +436,7 @@ def test_policy_auto_compresses_only_when_allowed(tmp_path, monkeypatch, caplog)
                  for cw in (False, True)}
     assert predicted[True] > predicted[False]
     hints = dict(prompt_len_hint=16, gen_len_hint=4, num_prompts_hint=4)
-    with caplog.at_level("WARNING", logger="flexgen_core.plan.search"):
+    with caplog.at_level("WARNING", logger="flexgen_core.plan.auto"):
         with Engine.from_pretrained(path, policy="auto", device="cpu", offload_dir=tmp_path, **hints) as engine:
             assert engine.policy.lossy == []  # exact unless asked
             engine.generate([[2, 5, 7]], max_new_tokens=2)
@@ -481,7 +481,7 @@ def _hosts() -> list:
 def test_policy_auto_is_exact_unless_compression_is_allowed(caplog):
     """For every packaged deployment planned at load time and every packaged host: no compression
     without the opt-in; with it, the planner may compress (it does somewhere here) and says it is lossy."""
-    from flexgen_core.plan.search import plan_for_engine
+    from flexgen_core.plan.auto import plan_for_engine
     from flexgen_core.policy import auto_compression
 
     names = _auto_deployments()
@@ -493,7 +493,7 @@ def test_policy_auto_is_exact_unless_compression_is_allowed(caplog):
             for compress in ("never", "allow"):
                 switches = auto_compression(compress)
                 caplog.clear()
-                with caplog.at_level("WARNING", logger="flexgen_core.plan.search"):
+                with caplog.at_level("WARNING", logger="flexgen_core.plan.auto"):
                     try:
                         policy = plan_for_engine(name=name, config=model.shape, layers=model.layers,
                                                  device_type=host.compute_device, dtype_bytes=2, hardware=host,
@@ -513,7 +513,7 @@ def test_a_new_block_policy_runs_on_the_loaded_weights(tmp_path, monkeypatch):
     """Engine.replan applies a plan that keeps the loaded weights at once (another block shape here);
     the fields the weights depend on cannot change without a new load, and only planned engines re-plan."""
     from flexgen_core import Engine
-    from flexgen_core.plan.search import WEIGHT_FIELDS
+    from flexgen_core.policy import WEIGHT_FIELDS
     from flexgen_core.testing import build_checkpoint
 
     monkeypatch.setenv("FLEXGEN_HARDWARE", str(cpu_host().save(tmp_path / "host.json")))
