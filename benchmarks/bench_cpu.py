@@ -57,7 +57,7 @@ def resident_percent(model: ModelFacts, budget: int, overlap: bool) -> tuple[int
     resident weights plus disk staging buffers fit `budget`; and the bytes that takes."""
     for percent in range(100, -1, -1):
         policy = Policy(w_gpu_percent=percent, w_cpu_percent=0, overlap=overlap)
-        report = memory.account(model.layers, model.shape, policy, 1, 0, DTYPE_BYTES, split=False)
+        report = memory.account(model.layers, model.shape, policy, 1, 0, DTYPE_BYTES, separate_device=False)
         used = report.weights["gpu"] + report.weights["cpu"] + report.weight_staging["cpu"]
         if used <= budget:
             return percent, used

@@ -100,7 +100,7 @@ def sample_token_prompts(num: int, length: int, vocab: int, seed: int = PROMPT_S
 
 
 def planned(model: ModelFacts, profile, args, compress: bool) -> Policy:
-    from flexgen_core.plan.cost_model import Workload
+    from flexgen_core.plan.workload import Workload
     from flexgen_core.plan.search import PlanOptions, plan
     from flexgen_core.plan.shapes import PlanModel
 
@@ -119,7 +119,7 @@ def paper_policy(model: ModelFacts, args, cpu_limit: int, gpu_limit: int) -> Pol
         policy = Policy(gpu_batch_size=g, num_gpu_batches=k, w_gpu_percent=20, w_cpu_percent=80, cache_gpu_percent=0,
                         cache_cpu_percent=100, act_gpu_percent=0, act_cpu_percent=100, cpu_cache_compute=True)
         report = memory.account(model.layers, model.shape, policy, args.prompt_len, args.gen_len, DTYPE_BYTES,
-                                split=True)
+                                separate_device=True)
         peak = report.peak
         if (peak["cpu"] <= cpu_limit and peak["gpu"] <= gpu_limit) or g == 1:
             return policy
@@ -247,7 +247,7 @@ def run_suite(args) -> Path | None:
         if isinstance(policy, str):
             return [skipped("engine", label, policy)]
         accounted = memory.account(model.layers, model.shape, policy, args.prompt_len, args.gen_len, DTYPE_BYTES,
-                                   split=cuda).peak["gpu"]
+                                   separate_device=cuda).peak["gpu"]
         row = JobRow("engine", label, f"{policy.gpu_batch_size}x{policy.num_gpu_batches}",
                      "percent " + " ".join(map(str, policy.percent[:2])))
         rows = jobs.run(system, "engine", row, left, policy=policy.to_dict())

@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import markdown_table, write_results  # noqa: E402
 
-from flexgen_core.plan.cost_model import CostModel, Estimate, Workload  # noqa: E402
+from flexgen_core.plan.cost_model import CostModel, Estimate  # noqa: E402
+from flexgen_core.plan.workload import Workload  # noqa: E402
 from flexgen_core.plan.hardware import format_size, load_profile  # noqa: E402
 from flexgen_core.plan.search import PlanOptions, overflows, plan, usable_memory  # noqa: E402
 from flexgen_core.plan.shapes import load_model  # noqa: E402

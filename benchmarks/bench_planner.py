@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, write_results  # noqa: E402
 
 from flexgen_core import Engine  # noqa: E402
-from flexgen_core.plan.cost_model import Workload  # noqa: E402
+from flexgen_core.plan.workload import Workload  # noqa: E402
 from flexgen_core.plan.hardware import format_size  # noqa: E402
 from flexgen_core.plan.profiler import measure  # noqa: E402
 from flexgen_core.plan.search import PlanOptions, plan  # noqa: E402

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, write_results  # noqa: E402
 
 from flexgen_core import Engine  # noqa: E402
-from flexgen_core.plan.cost_model import CostModel, Workload  # noqa: E402
+from flexgen_core.plan.cost_model import CostModel  # noqa: E402
+from flexgen_core.plan.workload import Workload  # noqa: E402
 from flexgen_core.plan.profiler import resolve  # noqa: E402
 from flexgen_core.plan.search import PlanOptions, plan  # noqa: E402
 from flexgen_core.plan.shapes import load_model  # noqa: E402

@@ -123,7 +123,7 @@ def run_flexgen(hf_config, model_facts, prompts: list[list[int]], gen_len: int, 
         finally:
             env.close_copy_threads()  # its disk copy threads are not daemons: the process would not exit
     # FlexGen places each layer's weights by the midpoint rule our engine also uses (placement.weight_tiers).
-    report = memory.account(model_facts.layers, model_facts.shape, policy, len(prompts[0]), gen_len, 2, split=True)
+    report = memory.account(model_facts.layers, model_facts.shape, policy, len(prompts[0]), gen_len, 2, separate_device=True)
     streamed = {"cpu": report.weights["cpu"], "disk": report.weights["disk"]}
     traffic = Traffic(math.ceil(len(prompts) / block) * gen_len, policy.num_gpu_batches, streamed)
     timer_s = {"prefill_s": round(sum(costs[::gen_len]), 3), "decode_s": round(sum(costs) - sum(costs[::gen_len]), 3)}

@@ -217,7 +217,8 @@ def predicted_throughput(model: ModelFacts, policy, profile: HardwareProfile, nu
     """Tokens/s that `flexgen_core.plan.cost_model` predicts for the engine under `policy` on `profile`, for
     `num_seqs` prompts in blocks of `policy.block_size`; None where the cost model cannot price it."""
     try:
-        from flexgen_core.plan.cost_model import CostModel, Workload
+        from flexgen_core.plan.cost_model import CostModel
+        from flexgen_core.plan.workload import Workload
         from flexgen_core.plan.shapes import PlanModel
     except ImportError:  # the planner's modules are not in this checkout
         return None

@@ -29,7 +29,7 @@ from common import write_results  # noqa: E402
 from random_checkpoint import build_random_opt, opt_config  # noqa: E402
 
 from flexgen_core import Engine, Policy  # noqa: E402
-from flexgen_core.plan.cost_model import Workload  # noqa: E402
+from flexgen_core.plan.workload import Workload  # noqa: E402
 from flexgen_core.plan.hardware import load_profile, parse_size  # noqa: E402
 from flexgen_core.plan.search import PlanOptions, plan  # noqa: E402
 from flexgen_core.plan.shapes import load_model  # noqa: E402

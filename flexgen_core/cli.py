@@ -139,7 +139,7 @@ def _plan(args) -> int:
 
     from flexgen_core.plan import hardware, shapes
     from flexgen_core.plan import search as planner
-    from flexgen_core.plan.cost_model import Workload
+    from flexgen_core.plan.workload import Workload
 
     profile = hardware.load_profile(args.hardware)
     try:

@@ -139,7 +139,7 @@ class Engine:
         with devices.active():
             try:
                 needs = memory.MemoryReport()
-                memory.add_weight_terms(needs, layers, policy, TORCH_DTYPES[dtype].itemsize, devices.split)
+                memory.add_weight_terms(needs, layers, policy, TORCH_DTYPES[dtype].itemsize, devices.separate_device)
                 check_fits(_sum_terms(needs, ("weights", "weight_staging")), devices, offload.path, policy,
                            "the weights")
                 weights = WeightStore(layers, policy, devices, TORCH_DTYPES[dtype], offload)
@@ -260,7 +260,7 @@ class Engine:
             batches.append(Batch.of(ids, pads, members, offset=shared))
         needs = memory.MemoryReport()
         memory.add_block_terms(needs, self.layers, self.config, self.policy, prompt_len, settings.max_new_tokens,
-                               self.dtype.itemsize, self.devices.split, echo_prompt, shared)
+                               self.dtype.itemsize, self.devices.separate_device, echo_prompt, shared)
         what = f"a block of {len(seqs)} sequences of {shared}+{prompt_len}+{settings.max_new_tokens} tokens"
         self._check_block(needs, what, keep=prefix)
         try:
@@ -309,7 +309,7 @@ class Engine:
             self._prefixes.pop(0).close()
         needs = memory.MemoryReport()
         memory.add_shared_prefix_terms(needs, self.layers, self.config, self.policy, common, self.dtype.itemsize,
-                                       self.devices.split)
+                                       self.devices.separate_device)
         self._check_block(needs, f"a shared prefix of {common} tokens")
         try:
             prefix = self.runner.run_prefix(prompts[0][:common])
@@ -401,7 +401,7 @@ class Engine:
     def memory(self, prompt_len: int, gen_len: int, echo_prompt: bool = False) -> memory.MemoryReport:
         """Bytes per tier for a block of prompts padded to `prompt_len` generating `gen_len` tokens."""
         return memory.account(self.layers, self.config, self.policy, prompt_len, gen_len, self.dtype.itemsize,
-                              self.devices.split, echo_prompt)
+                              self.devices.separate_device, echo_prompt)
 
     # ---- lifetime -----------------------------------------------------------------------------
     @_on_device

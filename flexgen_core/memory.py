@@ -22,15 +22,7 @@ from math import prod
 from typing import Iterable, Sequence
 
 from flexgen_core.compression import CompressionConfig, compressed_nbytes, stored_parts
-from flexgen_core.placement import (  # noqa: F401 - the placement rules, re-exported for the accounting's users
-    TIERS,
-    CacheSegment,
-    cache_segments,
-    cache_staging_tiers,
-    split_counts,
-    split_ranges,
-    weight_tiers,
-)
+from flexgen_core.placement import TIERS, cache_segments, cache_staging_tiers, split_counts, weight_tiers
 
 ALIGN_BYTES = 64  # offsets of tensors packed into one buffer or file
 
@@ -161,20 +153,22 @@ def num_slots(policy) -> int:
     return 2 if policy.overlap else 1
 
 
-def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int, split: bool,
+def account(layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int, separate_device: bool,
             echo_prompt: bool = False, compression=None, prefix_len: int = 0) -> MemoryReport:
     """Exact bytes per tier for generating `gen_len` tokens after prompts padded to `prompt_len`.
-    `split`: the compute tier is memory of its own (CUDA, the simulated device), so off-device data is
+    `separate_device`: the compute tier is memory of its own (CUDA, the simulated device), so off-device data is
     staged there by copies; on a plain CPU it is used where it lies. Compression follows the policy's
     switches (`compression` overrides the weights' config). With a shared prefix of `prefix_len` tokens,
     `prompt_len` counts each sequence's own tokens (the prefix's K/V: add_shared_prefix_terms)."""
     report = MemoryReport()
-    add_weight_terms(report, layers, policy, dtype_bytes, split, compression)
-    add_block_terms(report, layers, shape, policy, prompt_len, gen_len, dtype_bytes, split, echo_prompt, prefix_len)
+    add_weight_terms(report, layers, policy, dtype_bytes, separate_device, compression)
+    add_block_terms(report, layers, shape, policy, prompt_len, gen_len, dtype_bytes, separate_device, echo_prompt,
+                    prefix_len)
     return report
 
 
-def add_weight_terms(report: MemoryReport, layers, policy, dtype_bytes: int, split: bool, compression=None) -> None:
+def add_weight_terms(report: MemoryReport, layers, policy, dtype_bytes: int, separate_device: bool,
+                     compression=None) -> None:
     """The weights and their staging slots: what the engine holds from loading on."""
     slots = num_slots(policy)
     compression = compression or weight_compression(policy)
@@ -188,7 +182,7 @@ def add_weight_terms(report: MemoryReport, layers, policy, dtype_bytes: int, spl
         for tier in TIERS:
             report.weights[tier] += per_tier[tier]
         max_host_stage = max(max_host_stage, per_tier["disk"])
-        if split:
+        if separate_device:
             max_device_stage = max(max_device_stage, per_tier["cpu"] + per_tier["disk"])
         if compression is not None:
             dense = [align(s.numel * dtype_bytes) for s in layer.specs if s.compress_group_dim is not None]
@@ -198,7 +192,7 @@ def add_weight_terms(report: MemoryReport, layers, policy, dtype_bytes: int, spl
 
 
 def add_block_terms(report: MemoryReport, layers, shape, policy, prompt_len: int, gen_len: int, dtype_bytes: int,
-                    split: bool, echo_prompt: bool = False, prefix_len: int = 0) -> None:
+                    separate_device: bool, echo_prompt: bool = False, prefix_len: int = 0) -> None:
     """The KV cache, activations and workspace of one block: allocated per block, freed after it.
     `prompt_len` counts each sequence's own tokens; a shared prefix of `prefix_len` tokens before them
     (held apart, see add_shared_prefix_terms) only widens the prompt pass's attention."""
@@ -207,10 +201,10 @@ def add_block_terms(report: MemoryReport, layers, shape, policy, prompt_len: int
     total_len = prompt_len + gen_len
     batch = policy.gpu_batch_size
     num_attention = sum(1 for layer in layers if layer.kind.value == "attention")
-    for seg in cache_segments(shape.num_kv_heads, policy, split):
+    for seg in cache_segments(shape.num_kv_heads, policy, separate_device):
         stored = cache_nbytes(shape, batch, total_len, seg.num_heads, dtype_bytes, policy.compress_cache)
         report.cache[seg.tier] += num_attention * policy.num_gpu_batches * stored
-        for tier in cache_staging_tiers(seg, split):
+        for tier in cache_staging_tiers(seg, separate_device):
             report.cache_staging[tier] += slots * stored
         if policy.compress_cache:  # decompressed rows for attention, where attention runs
             dense = cache_nbytes(shape, batch, total_len, seg.num_heads, dtype_bytes, False)
@@ -229,15 +223,16 @@ def add_block_terms(report: MemoryReport, layers, shape, policy, prompt_len: int
 
 
 def add_shared_prefix_terms(report: MemoryReport, layers, shape, policy, prefix_len: int, dtype_bytes: int,
-                            split: bool) -> None:
+                            separate_device: bool) -> None:
     """A shared prefix of `prefix_len` tokens: the pass that computes it (one sequence, echoing its
     logprobs) and what it holds after: the exact K/V of one sequence, plus a compressed copy with
     compress_cache (cache and cache_staging terms)."""
     one = policy.replace(gpu_batch_size=1, num_gpu_batches=1)
-    add_block_terms(report, layers, shape, one.replace(compress_cache=False), prefix_len, 0, dtype_bytes, split, True)
+    add_block_terms(report, layers, shape, one.replace(compress_cache=False), prefix_len, 0, dtype_bytes,
+                    separate_device, True)
     if policy.compress_cache:
         packed = MemoryReport()
-        add_block_terms(packed, layers, shape, one, prefix_len, 0, dtype_bytes, split)
+        add_block_terms(packed, layers, shape, one, prefix_len, 0, dtype_bytes, separate_device)
         for term in ("cache", "cache_staging"):
             for tier in TIERS:
                 getattr(report, term)[tier] += getattr(packed, term)[tier]

@@ -26,7 +26,7 @@ def split_counts(n: int, gpu_percent: int, cpu_percent: int) -> tuple[int, int, 
 
 
 def split_ranges(n: int, gpu_percent: int, cpu_percent: int) -> list[tuple[str, int, int]]:
-    """Non-empty (tier, start, stop) ranges of a split, in tier order."""
+    """Non-empty (tier, start, stop) ranges of a tier split, in tier order."""
     ranges, start = [], 0
     for tier, count in zip(TIERS, split_counts(n, gpu_percent, cpu_percent)):
         if count:
@@ -67,23 +67,23 @@ class CacheSegment:
         return "gpu" if prompt_pass else self.compute_on
 
 
-def cache_segments(num_kv_heads: int, policy, split: bool) -> list[CacheSegment]:
-    """The KV heads of one attention layer by tier. `split`: the compute tier is memory of its own
+def cache_segments(num_kv_heads: int, policy, separate_device: bool) -> list[CacheSegment]:
+    """The KV heads of one attention layer by tier. `separate_device`: the compute tier is memory of its own
     (a GPU, or the simulated device), so off-device segments may attend on the CPU where they lie."""
     segments = []
     for tier, start, stop in split_ranges(num_kv_heads, policy.cache_gpu_percent, policy.cache_cpu_percent):
-        on_cpu = tier != "gpu" and policy.cpu_cache_compute and split
+        on_cpu = tier != "gpu" and policy.cpu_cache_compute and separate_device
         segments.append(CacheSegment(tier, start, stop, "cpu" if on_cpu else "gpu"))
     return segments
 
 
-def cache_staging_tiers(segment: CacheSegment, split: bool) -> list[str]:
+def cache_staging_tiers(segment: CacheSegment, separate_device: bool) -> list[str]:
     """Where a segment's cache is staged for attention: host buffer for disk reads, device buffer for
     host->device copies. Resident segments attend in place."""
     tiers = []
     if segment.tier == "disk":
         tiers.append("cpu")
-    if split and segment.tier != "gpu" and segment.compute_on == "gpu":
+    if separate_device and segment.tier != "gpu" and segment.compute_on == "gpu":
         tiers.append("gpu")
     return tiers
 

@@ -9,15 +9,10 @@ import pytest
 
 from flexgen_core import memory
 from flexgen_core.models.base import LayerKind, ModelShape, WeightSpec
-from flexgen_core.plan.cost_model import (
-    CostModel,
-    Linear,
-    Split,
-    Switches,
-    Workload,
-    cache_compression_ratio,
-    combine,
-)
+from flexgen_core.plan.cost_model import CostModel, combine
+from flexgen_core.plan.forms import Linear, TierShares
+from flexgen_core.plan.memory_model import cache_compression_ratio
+from flexgen_core.plan.workload import Switches, Workload
 from flexgen_core.plan.hardware import HardwareProfile, load_profile
 from flexgen_core.plan.shapes import PlanModel, SpecOnlyLayer, load_model
 from flexgen_core.policy import Policy
@@ -73,7 +68,7 @@ OUT_DECODE = 2 * B * 100 * 64 / 1e8
 
 
 def lanes_of(cost: CostModel, pol: Policy, phase: str) -> dict[str, dict[str, float]]:
-    weights, cache, act = cost.placement(pol)
+    weights, cache, act = cost.memory_model.placement(pol)
     units = cost.units(pol.gpu_batch_size, pol.num_gpu_batches, Switches.of(pol), weights, cache, act, False)
     return {u.name: {lane: getattr(u, phase).total(lane).value() for lane in ("load", "store", "compute")}
             for u in units}
@@ -83,7 +78,7 @@ def test_linear_forms():
     x = Linear.var("w_gpu") * 3 + Linear(2.0) + Linear.var("w_cpu")
     assert x.value({"w_gpu": 0.5, "w_cpu": 0.25}) == pytest.approx(3 * 0.5 + 2 + 0.25)
     assert (x / 2).value({"w_gpu": 1, "w_cpu": 0}) == pytest.approx(2.5)
-    assert Split.of(0.2, 0.3, 0.5).off_gpu.value() == pytest.approx(0.8)
+    assert TierShares.of(0.2, 0.3, 0.5).off_gpu.value() == pytest.approx(0.8)
 
 
 def test_workload_averages():
@@ -219,7 +214,7 @@ def test_decompression_at_the_measured_rate():
     assert est.breakdown["prefill"]["compute.decompress"] == pytest.approx(dense / 1e6)
     # Without a measured rate: one read of the 4-bit parts and one write of the dense weights at 1 GB/s.
     fallback = toy_cost(gpu_memory=1e9).estimate(policy(ALL_GPU, compress_weight=True))
-    stored = sum(layer.weight_bytes_compressed for layer in cost.layers)
+    stored = sum(layer.weight_bytes_compressed for layer in cost.memory_model.layers)
     assert fallback.breakdown["prefill"]["compute.decompress"] == pytest.approx((dense + stored) / 1e9)
 
 
@@ -238,15 +233,15 @@ def test_compressed_cache_ratio():
 def test_memory_is_the_engines_accounting():
     cost = CostModel(load_model("facebook/opt-125m"), Workload(128, 16), toy_hardware(), 2)
     pol = Policy.from_percent([30, 30, 25, 50, 50, 0], gpu_batch_size=3, num_gpu_batches=2)
-    expected = memory.account(cost.model.layers, cost.shape, pol, 128, 16, 2, split=True)
+    expected = memory.account(cost.model.layers, cost.shape, pol, 128, 16, 2, separate_device=True)
     assert cost.estimate(pol).memory.to_dict() == expected.to_dict()
-    assert cost.exact_memory(pol).to_dict() == cost.exact_memory(pol, full=True).to_dict()
+    assert cost.memory_model.exact_memory(pol).to_dict() == cost.memory_model.exact_memory(pol, full=True).to_dict()
     # Compression included, and the per-kind shortcut equals the whole-model accounting.
     for packed in (pol.replace(compress_cache=True), pol.replace(compress_weight=True, compress_cache=True)):
-        packed_expected = memory.account(cost.model.layers, cost.shape, packed, 128, 16, 2, split=True)
-        assert cost.exact_memory(packed).to_dict() == packed_expected.to_dict()
-    assert cost.exact_memory(pol.replace(compress_cache=True)).cache["cpu"] == pytest.approx(
-        expected.cache["cpu"] * cost.cache_ratio, rel=1e-6)
+        packed_expected = memory.account(cost.model.layers, cost.shape, packed, 128, 16, 2, separate_device=True)
+        assert cost.memory_model.exact_memory(packed).to_dict() == packed_expected.to_dict()
+    assert cost.memory_model.exact_memory(pol.replace(compress_cache=True)).cache["cpu"] == pytest.approx(
+        expected.cache["cpu"] * cost.memory_model.cache_ratio, rel=1e-6)
 
 
 def test_linear_memory_forms_match_the_accounting():
@@ -256,9 +251,9 @@ def test_linear_memory_forms_match_the_accounting():
         for cpu_attention, compress in ((False, False), (True, False), (False, True)):
             pol = Policy.from_percent(percent, gpu_batch_size=3, num_gpu_batches=2, cpu_cache_compute=cpu_attention,
                                       compress_weight=compress, compress_cache=compress)
-            weights, cache, act = cost.placement(pol)
-            forms = cost.memory_forms(3, 2, Switches.of(pol), weights, cache, act)
-            peak = cost.exact_memory(pol).peak
+            weights, cache, act = cost.memory_model.placement(pol)
+            forms = cost.memory_model.memory_forms(3, 2, Switches.of(pol), weights, cache, act)
+            peak = cost.memory_model.exact_memory(pol).peak
             for tier in ("gpu", "cpu", "disk"):
                 assert forms[tier].value() == pytest.approx(peak[tier], rel=1e-3, abs=64 * 200), (percent, tier)
 

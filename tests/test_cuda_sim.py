@@ -19,7 +19,7 @@ from test_parity_opt import LOGPROB_TOL, PLACEMENTS, TIE_TOL
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, memory
-from flexgen_core.runtime.simulated_cuda import ALLOCATION_BLOCK_BYTES, MEMORY, SimulatedCudaTensor, simulated_cuda
+from flexgen_core.runtime.simulated_cuda import ALLOCATION_BLOCK_BYTES, MEMORY, simulated_cuda
 from flexgen_core.testing import build_checkpoint, sample_prompts
 
 pytestmark = pytest.mark.cuda_sim

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from flexgen_core import Engine, Policy
-from flexgen_core.memory import TIERS, split_counts, weight_tiers
+from flexgen_core.placement import TIERS, split_counts, weight_tiers
 from flexgen_core.testing import build_checkpoint, sample_prompts
 
 EXACT_TERMS = ("weights", "weight_staging", "cache", "cache_staging", "activations")

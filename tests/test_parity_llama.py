@@ -15,7 +15,7 @@ from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, check_greedy_parit
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
-from flexgen_core.memory import TIERS
+from flexgen_core.placement import TIERS
 from flexgen_core.models import llama
 from flexgen_core.models.base import LayerKind
 from flexgen_core.models.registry import family_for, supported

@@ -6,7 +6,7 @@ from reference import check_result, reference_logprobs
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
-from flexgen_core.memory import cache_segments
+from flexgen_core.placement import cache_segments
 from flexgen_core.testing import build_checkpoint, sample_prompts
 
 # "simulated": a GPU that CPU-only hosts can run (flexgen_core/runtime/simulated_cuda.py): CUDA's device
@@ -127,7 +127,7 @@ def test_simulated_device_takes_the_gpu_host_paths(tmp_path):
             engine.generate(sample_prompts(path, 6, 5, 9, seed=0), max_new_tokens=2)
             staging[device] = engine.runner.last_allocated["weight_staging"]["gpu"]
             attention[device] = {seg.compute_on for seg in cache_segments(engine.config.num_kv_heads, policy,
-                                                                          engine.devices.split)}
+                                                                          engine.devices.separate_device)}
     assert staging["cpu"] == 0 < staging["simulated"]
     assert attention["cpu"] == {"gpu"} and attention["simulated"] == {"gpu", "cpu"}
 

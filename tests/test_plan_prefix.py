@@ -14,13 +14,10 @@ import pytest
 
 from flexgen_core import Engine, memory
 from flexgen_core.cli import main
-from flexgen_core.plan.cost_model import (
-    CostModel,
-    SharedPrefixMemory,
-    Split,
-    Switches,
-    Workload,
-)
+from flexgen_core.plan.cost_model import CostModel
+from flexgen_core.plan.forms import TierShares
+from flexgen_core.plan.memory_model import SharedPrefixMemory
+from flexgen_core.plan.workload import Switches, Workload
 from flexgen_core.plan.hardware import GiB, load_profile, parse_size
 from flexgen_core.plan.search import (
     PlacementLP,
@@ -32,6 +29,7 @@ from flexgen_core.plan.search import (
 )
 from flexgen_core.plan.auto import plan_for_engine
 from flexgen_core.plan.shapes import load_model
+from flexgen_core.placement import TIERS
 from flexgen_core.policy import Policy
 from flexgen_core.runtime.schedule import BlockRunner
 from flexgen_core.testing import build_checkpoint, sample_prompts
@@ -130,7 +128,7 @@ def test_compressed_cache_reads_the_prefixs_4_bit_copy_in_decode():
     est = cost.estimate(policy([100, 0, 0, 100, 100, 0], compress_cache=True))
     prefix = P * 2 * 64 * 2
     assert est.breakdown["prefill"]["load.prefix"] == pytest.approx(prefix / 1e6)  # exact rows
-    assert est.breakdown["decode"]["load.prefix"] == pytest.approx(3 * prefix * cost.cache_ratio / 1e6)
+    assert est.breakdown["decode"]["load.prefix"] == pytest.approx(3 * prefix * cost.memory_model.cache_ratio / 1e6)
     # Decompressed per step: each batch's own rows (4 keys on average) and the prefix's once.
     dense_own, dense_prefix = 4 * 2 * B * 64 * 2, prefix
     assert est.breakdown["decode"]["compute.decompress_cache"] == pytest.approx(3 * (dense_own + dense_prefix) / 1e6)
@@ -154,9 +152,9 @@ def test_cache_and_activations_shrink_to_the_own_rows():
     for compress in (False, True):
         pol = Policy.from_percent([50, 50, 20, 30, 50, 50], gpu_batch_size=4, num_gpu_batches=3,
                                   compress_cache=compress)
-        shared = CostModel(model, Workload(prompt, gen, prefix), T4, 2).exact_memory(pol)
-        unshared = CostModel(model, Workload(prompt, gen), T4, 2).exact_memory(pol)
-        for tier in memory.TIERS:
+        shared = CostModel(model, Workload(prompt, gen, prefix), T4, 2).memory_model.exact_memory(pol)
+        unshared = CostModel(model, Workload(prompt, gen), T4, 2).memory_model.exact_memory(pol)
+        for tier in TIERS:
             assert shared.cache[tier] * (prompt + gen) == unshared.cache[tier] * (prompt - prefix + gen)
             assert shared.activations[tier] * prompt == unshared.activations[tier] * (prompt - prefix)
         assert shared.weights == unshared.weights
@@ -165,21 +163,21 @@ def test_cache_and_activations_shrink_to_the_own_rows():
 def test_prefix_kv_is_one_sequence_on_the_cache_tiers():
     model = load_model("facebook/opt-1.3b")
     pol = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=2)
-    report = CostModel(model, Workload(512, 32, 448), T4, 2).exact_memory(pol)
+    report = CostModel(model, Workload(512, 32, 448), T4, 2).memory_model.exact_memory(pol)
     assert isinstance(report, SharedPrefixMemory)
     rows = 448 * 2 * model.shape.kv_width * 2  # K and V of 448 positions, one sequence, fp16, per layer
     # All in RAM, attended on the GPU: 24 layers' worth on the host, two layers' staging slots on the device.
     assert report.shared_prefix == {"gpu": 2 * rows, "cpu": 24 * rows, "disk": 0}
-    assert report.block_peak == {t: sum(getattr(report, term)[t] for term in report.TERMS) for t in memory.TIERS}
+    assert report.block_peak == {t: sum(getattr(report, term)[t] for term in report.TERMS) for t in TIERS}
 
 
 def test_peak_is_the_larger_phase():
     """One sequence of one own token after a long prefix: the prefix's pass (its hidden states and its
     logits at every position) needs more device memory than the block, and the peak says so."""
     model = load_model("facebook/opt-125m")
-    report = CostModel(model, Workload(1001, 1, 1000), T4, 2).exact_memory(Policy())
+    report = CostModel(model, Workload(1001, 1, 1000), T4, 2).memory_model.exact_memory(Policy())
     assert report.prefix_pass_peak["gpu"] > report.block_peak["gpu"]
-    assert report.peak == {t: max(report.block_peak[t], report.prefix_pass_peak[t]) for t in memory.TIERS}
+    assert report.peak == {t: max(report.block_peak[t], report.prefix_pass_peak[t]) for t in TIERS}
     expected = memory.MemoryReport()
     memory.add_weight_terms(expected, model.layers, Policy(), 2, True)
     memory.add_shared_prefix_terms(expected, model.layers, model.shape, Policy(), 1000, 2, True)
@@ -192,15 +190,15 @@ def test_linear_memory_forms_match_the_accounting_in_both_phases():
         for cpu_attention, compress in ((False, False), (True, False), (False, True)):
             pol = Policy.from_percent(percent, gpu_batch_size=3, num_gpu_batches=2, cpu_cache_compute=cpu_attention,
                                       compress_weight=compress, compress_cache=compress)
-            weights, cache, act = cost.placement(pol)
-            one_act = cost.placement(pol.replace(gpu_batch_size=1, num_gpu_batches=1))[2]  # the pass's one row
-            block = cost.memory_forms(3, 2, Switches.of(pol), weights, cache, act)
-            prefix = cost.prefix_pass_forms(Switches.of(pol), weights, cache, one_act)
-            report = cost.exact_memory(pol)
-            for tier in memory.TIERS:
+            weights, cache, act = cost.memory_model.placement(pol)
+            one_act = cost.memory_model.placement(pol.replace(gpu_batch_size=1, num_gpu_batches=1))[2]  # the pass's one row
+            block = cost.memory_model.memory_forms(3, 2, Switches.of(pol), weights, cache, act)
+            prefix = cost.memory_model.prefix_pass_forms(Switches.of(pol), weights, cache, one_act)
+            report = cost.memory_model.exact_memory(pol)
+            for tier in TIERS:
                 assert block[tier].value() == pytest.approx(report.block_peak[tier], rel=1e-3, abs=64 * 200)
                 assert prefix[tier].value() == pytest.approx(report.prefix_pass_peak[tier], rel=1e-3, abs=64 * 200)
-    assert CostModel(cost.model, Workload(128, 16), toy_hardware(), 2).prefix_pass_forms(
+    assert CostModel(cost.model, Workload(128, 16), toy_hardware(), 2).memory_model.prefix_pass_forms(
         Switches(), weights, cache, act) is None
 
 
@@ -226,14 +224,14 @@ def test_accounting_equals_real_allocations_with_a_shared_prefix(policy_idx, dev
     with Engine.from_pretrained(path, policy=policy, offload_dir=tmp_path, device=device) as engine:
         engine.generate(prompts, max_new_tokens=gen_len)
         real = engine.runner.last_allocated
-        split = engine.devices.split
+        separate = engine.devices.separate_device
     assert [length for length, _ in passes] == [prefix_len]
-    hardware = toy_hardware(compute_device="cuda" if split else "cpu")
+    hardware = toy_hardware(compute_device="cuda" if separate else "cpu")
     cost = CostModel(load_model(path), Workload(prefix_len + own_len, gen_len, prefix_len), hardware, 4)
-    predicted = cost.exact_memory(policy, full=True)
+    predicted = cost.memory_model.exact_memory(policy, full=True)
     for term in EXACT_TERMS + ("shared_prefix",):
         assert real[term] == getattr(predicted, term), term
-    assert cost.exact_memory(policy).to_dict() == predicted.to_dict()  # the per-kind shortcut agrees
+    assert cost.memory_model.exact_memory(policy).to_dict() == predicted.to_dict()  # the per-kind shortcut agrees
     pass_real = passes[0][1]
     assert pass_real["activations"] == predicted.prefix_pass.activations
     if not policy.compress_cache:  # (with it, a 4-bit copy is made after the pass)
@@ -250,7 +248,7 @@ def _assert_fits_both_phases(model, result) -> None:
     block = memory.account(model.layers, model.shape, p, wl.own_len, wl.gen_len, result.dtype_bytes, cuda)
     prefix = memory.MemoryReport()
     memory.add_shared_prefix_terms(prefix, model.layers, model.shape, p, wl.shared_prefix_len, result.dtype_bytes, cuda)
-    for tier in memory.TIERS:
+    for tier in TIERS:
         held = prefix.cache[tier] + prefix.cache_staging[tier]
         assert block.peak[tier] + held <= result.usable[tier], (tier, p)
         weights = block.weights[tier] + block.weight_staging[tier]
@@ -279,15 +277,15 @@ def test_linear_program_keeps_room_for_the_prefix_pass():
     that room, so it cannot put all the weights on a GPU that holds them and a block but not the pass."""
     model = load_model("facebook/opt-125m")
     cost = CostModel(model, Workload(1001, 8, 1000), T4, 2)
-    weights = sum(f.weight_bytes for f in cost.layers)
+    weights = sum(f.weight_bytes for f in cost.memory_model.layers)
     pass_workspace = memory.workspace_bound(model.shape, 1, 1000, 1000, 2, True)
     usable = {"gpu": int(weights + 0.9 * pass_workspace), "cpu": 8 * GiB, "disk": 100 * GiB}
     lp = PlacementLP(cost, Switches(), usable, disk_cached=False)
     fractions, _ = lp.solve(1, 1, act_on_gpu=True)
     assert fractions["w_gpu"] < 0.9
-    weights_split, cache, act = Split.variables("w"), Split.variables("cache"), Split.variables("act")
-    during_pass = cost.prefix_pass_forms(Switches(), lambda _facts: weights_split, cache, act)
-    during_block = cost.memory_forms(1, 1, Switches(), lambda _facts: weights_split, cache, act)
+    weights_split, cache, act = TierShares.variables("w"), TierShares.variables("cache"), TierShares.variables("act")
+    during_pass = cost.memory_model.prefix_pass_forms(Switches(), lambda _facts: weights_split, cache, act)
+    during_block = cost.memory_model.memory_forms(1, 1, Switches(), lambda _facts: weights_split, cache, act)
     assert during_pass["gpu"].value(fractions) <= usable["gpu"] * (1 + 1e-6)
     assert during_block["gpu"].value(fractions) < 0.9 * usable["gpu"]  # the block alone would leave room
 

@@ -20,7 +20,7 @@ POLICY = Policy(gpu_batch_size=2, num_gpu_batches=1, w_gpu_percent=30, w_cpu_per
 @pytest.mark.parametrize("preset", sorted(name for name in PRESETS if name not in ("large", "opt-100m")))
 def test_plan_time_weight_bytes_equal_engine_allocations(preset, tmp_path):
     path = build_checkpoint(preset)
-    planned = memory.account(load_model(path).layers, load_model(path).shape, POLICY, 8, 2, 4, split=False)
+    planned = memory.account(load_model(path).layers, load_model(path).shape, POLICY, 8, 2, 4, separate_device=False)
     with Engine.from_pretrained(path, policy=POLICY, offload_dir=tmp_path, device="cpu") as engine:
         engine.generate([[1, 2, 3]], max_new_tokens=2)
         real = engine.runner.last_allocated

@@ -14,7 +14,8 @@ import pytest
 
 from flexgen_core import memory
 from flexgen_core.cli import main
-from flexgen_core.plan.cost_model import CostModel, Workload
+from flexgen_core.plan.cost_model import CostModel
+from flexgen_core.plan.workload import Workload
 from flexgen_core.plan.hardware import GiB, HardwareProfile, builtin_profiles, load_profile, parse_size
 from flexgen_core.plan.search import (
     PlanInfeasible,
@@ -114,8 +115,8 @@ def test_t4_gcp_disk_rate_is_the_one_the_papers_breakdown_implies(opt_175b):
     reproduces the paper's breakdown and, out of sample, its prompt-1024 run."""
     cost = CostModel(opt_175b, PAPER, T4, 2)
     p = PAPER_175B
-    cache_bytes = (cost.num_attention * p.num_gpu_batches * PAPER.decode_rows_loaded
-                   * cost.cache_row_bytes(p.gpu_batch_size, False) * PAPER.decode_steps)
+    cache_bytes = (cost.memory_model.num_attention * p.num_gpu_batches * PAPER.decode_rows_loaded
+                   * cost.memory_model.cache_row_bytes(p.gpu_batch_size, False) * PAPER.decode_steps)
     assert T4.disk_to_cpu == pytest.approx(cache_bytes / PAPER_175B_CACHE_READ_S, rel=0.01)
     est = cost.estimate(p)
     assert est.breakdown["decode"]["load.cache"] == pytest.approx(PAPER_175B_CACHE_READ_S, rel=0.01)

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy, memory
+from flexgen_core.placement import TIERS
 from flexgen_core.prefix import SHARED_PREFIX_MIN_TOKENS
 from flexgen_core.runtime.schedule import BlockRunner
 from flexgen_core.testing import build_checkpoint, sample_prompts
@@ -178,8 +179,8 @@ def test_prefix_bytes_are_exact_and_freed(tmp_path, device):
         held = engine.runner.last_allocated["shared_prefix"]
         expected = memory.MemoryReport()
         memory.add_shared_prefix_terms(expected, engine.layers, engine.config, policy, PREFIX_LEN,
-                                       engine.dtype.itemsize, engine.devices.split)
-        assert held == {t: expected.cache[t] + expected.cache_staging[t] for t in memory.TIERS}
+                                       engine.dtype.itemsize, engine.devices.separate_device)
+        assert held == {t: expected.cache[t] + expected.cache_staging[t] for t in TIERS}
         assert held["disk"] > 0
         folder = engine.offload.path
         assert any(f.name.startswith("prefix") for f in folder.iterdir())

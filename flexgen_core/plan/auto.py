@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from flexgen_core.plan.cost_model import CostModel, Workload
+from flexgen_core.plan.cost_model import CostModel
+from flexgen_core.plan.workload import Workload
 from flexgen_core.plan.search import PlanOptions, _Evaluator, plan, usable_memory
 from flexgen_core.plan.shapes import PlanModel
 from flexgen_core.policy import WEIGHT_FIELDS, Policy

@@ -236,7 +236,8 @@ class _Bench:
         host costs a scheduler slice): a small random OPT decodes with every tensor on the device, and
         the measured time per decode step, less the cost model's prediction from `profile` (the rates
         measured above, no overhead), is divided by the step's (layer, batch) units."""
-        from flexgen_core.plan.cost_model import CostModel, Workload
+        from flexgen_core.plan.cost_model import CostModel
+        from flexgen_core.plan.workload import Workload
         from flexgen_core.policy import Policy
 
         policy = Policy(gpu_batch_size=8)

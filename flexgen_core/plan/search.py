@@ -41,21 +41,10 @@ from typing import Iterable
 
 import numpy as np
 
-from flexgen_core.plan.cost_model import (
-    LANES,
-    PHASES,
-    TIERS,
-    VARS,
-    CostModel,
-    Estimate,
-    Linear,
-    SharedPrefixMemory,
-    Split,
-    Switches,
-    Workload,
-    lane_bounds,
-    serial_load,
-)
+from flexgen_core.plan.cost_model import LANES, PHASES, CostModel, Estimate, lane_bounds, serial_load
+from flexgen_core.plan.forms import TIERS, VARS, Linear, TierShares
+from flexgen_core.plan.memory_model import SharedPrefixMemory
+from flexgen_core.plan.workload import Switches, Workload
 from flexgen_core.plan.hardware import HardwareProfile, format_size
 from flexgen_core.plan.shapes import PlanModel
 from flexgen_core.policy import QUANTITIES, Policy
@@ -205,7 +194,7 @@ class PlacementLP:
         import cvxpy as cp
 
         self.cost, self.switches, self.usable, self.disk_cached = cost, switches, usable, disk_cached
-        self.num_phases = 2 if cost.workload_for(switches).shared_prefix_len else 1
+        self.num_phases = 2 if cost.workload.as_run_by(switches).shared_prefix_len else 1
         self.num_units = len(cost.templates)
         rows = 3 * 2 * self.num_units  # (lane row) x (phase) x (unit)
         self.x = cp.Variable(len(VARS), nonneg=True)
@@ -242,12 +231,12 @@ class PlacementLP:
         import cvxpy as cp
 
         cost, sw = self.cost, self.switches
-        weights, cache, act = Split.variables("w"), Split.variables("cache"), Split.variables("act")
+        weights, cache, act = TierShares.variables("w"), TierShares.variables("cache"), TierShares.variables("act")
         if fixed_weights is None:
             def weight_split(_facts):
                 return weights
         else:
-            weight_split = cost.placement(fixed_weights)[0]
+            weight_split = cost.memory_model.placement(fixed_weights)[0]
         units = cost.units(gpu_batch_size, num_gpu_batches, sw, weight_split, cache, act, self.disk_cached)
         serial = serial_load(act_on_gpu, num_gpu_batches)
         A = np.zeros(self.A.shape)
@@ -263,9 +252,9 @@ class PlacementLP:
                 forms += [Linear()] * (3 - len(forms))
                 for r, form in enumerate(forms):
                     A[3 * j + r], b[3 * j + r] = self._row(form)
-        phases = [cost.memory_forms(gpu_batch_size, num_gpu_batches, sw, weight_split, cache, act)]
+        phases = [cost.memory_model.memory_forms(gpu_batch_size, num_gpu_batches, sw, weight_split, cache, act)]
         if self.num_phases == 2:
-            phases.append(cost.prefix_pass_forms(sw, weight_split, cache, act))
+            phases.append(cost.memory_model.prefix_pass_forms(sw, weight_split, cache, act))
         M = np.zeros(self.M.shape)
         m = np.zeros(self.m.shape)
         caps = [self.usable["gpu"], self.usable["cpu"], self.usable["disk"], self.usable["cpu"]]
@@ -347,7 +336,7 @@ class _Evaluator:
 
     def cost_offload(self, cand: "Candidate") -> float:
         """Bytes the candidate's LP fractions keep off the compute device."""
-        totals = self.cost.totals(cand.gpu_batch_size, cand.num_gpu_batches, cand.switches)
+        totals = self.cost.memory_model.totals(cand.gpu_batch_size, cand.num_gpu_batches, cand.switches)
         return sum(size * (1 - cand.lp_fractions[f"{q}_gpu"]) for q, size in totals.items())
 
     def over(self, estimate: Estimate) -> dict[str, int]:
@@ -430,7 +419,7 @@ def _tidy(policy: Policy, cost: CostModel, usable_cpu: int) -> Policy:
     if policy.cpu_cache_compute and (policy.cache_gpu_percent == 100 or not cost.hw.cuda):
         changes["cpu_cache_compute"] = False
     if cost.hw.cuda:
-        cpu_weights = cost.exact_memory(policy).weights["cpu"]
+        cpu_weights = cost.memory_model.exact_memory(policy).weights["cpu"]
         changes["pin_weight"] = cpu_weights <= PIN_WEIGHT_LIMIT * usable_cpu
     return policy.replace(**changes) if changes else policy
 
@@ -454,7 +443,7 @@ def plan(model: PlanModel, workload: Workload, hardware: HardwareProfile, dtype_
     usable = usable_memory(hardware, options.memory_fraction)
     evaluator = _Evaluator(cost, usable)
     spare = hardware.physical_cpu_bytes - usable["cpu"] - (usable["gpu"] if hardware.unified else 0)
-    dense_weights = sum(f.weight_bytes for f in cost.layers)
+    dense_weights = sum(f.weight_bytes for f in cost.memory_model.layers)
     disk_cached = bool(hardware.disk_to_cpu_cached) and dense_weights <= spare
 
     candidates = _search(cost, workload, options, usable, disk_cached)

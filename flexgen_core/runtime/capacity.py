@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from flexgen_core.memory import TIERS
+from flexgen_core.placement import TIERS
 
 
 class PolicyDoesNotFit(ValueError):

@@ -70,7 +70,7 @@ class KVCache:
         self.dtype = dtype
         self.offload = offload
         self.batch_sizes = batch_sizes
-        self.segments = cache_segments(shape.num_kv_heads, policy, devices.split)
+        self.segments = cache_segments(shape.num_kv_heads, policy, devices.separate_device)
         self.layouts = [_Segment(seg, total_len, shape.head_dim, dtype, policy.compress_cache) for seg in self.segments]
         # (attention layer, batch) -> per segment: part name -> tensor (gpu/cpu tier) or DiskFile (disk)
         self.homes: dict[tuple[int, int], list[dict[str, object]]] = {}
@@ -95,7 +95,7 @@ class KVCache:
         self.staging: dict[tuple[int, str], dict[str, Slots]] = {}
         self.dense: dict[int, Slots] = {}
         for seg_idx, layout in enumerate(self.layouts):
-            for tier in cache_staging_tiers(layout.seg, devices.split):
+            for tier in cache_staging_tiers(layout.seg, devices.separate_device):
                 self.staging[(seg_idx, tier)] = {
                     name: Slots(devices, tier, prod(part_shape) * part_dtype.itemsize, slots)
                     for name, part_dtype, part_shape in layout.parts(widest)}

@@ -17,7 +17,6 @@ import re
 import secrets
 import shutil
 import stat
-import threading
 import weakref
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def view_as(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> tor
 class Devices:
     """The compute device and how host memory is allocated next to it.
 
-    `split` says whether the compute tier ("gpu") is memory of its own, reached from the host tier
+    `separate_device` says whether the compute tier ("gpu") is memory of its own, reached from the host tier
     ("cpu") by explicit copies: true on CUDA and on the simulated device, false on a plain CPU, where
     both tiers are the same RAM and no staging copies are made. The simulated device is a GPU that
     CPU-only hosts can run (simulated_cuda.py): its tensors report `cuda:0`, keep real values on the
@@ -76,7 +75,7 @@ class Devices:
         self.simulated = device == "simulated"
         self.compute = SIMULATED_DEVICE if self.simulated else torch.device(device)
         self.cuda = self.compute.type == "cuda" and not self.simulated  # CUDA's own API is there to call
-        self.split = self.cuda or self.simulated
+        self.separate_device = self.cuda or self.simulated
         if self.cuda:
             _expandable_segments()
         self.host = torch.device("cpu")

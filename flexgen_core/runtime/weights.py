@@ -70,7 +70,7 @@ class WeightStore:
                 dense_bytes = max(dense_bytes, sum(dense))
         slots = num_slots(policy)
         self.host_slots = Slots(devices, "cpu", max(p["disk"] for p in self.packed_bytes), slots)
-        device_stage = max(p["cpu"] + p["disk"] for p in self.packed_bytes) if devices.split else 0
+        device_stage = max(p["cpu"] + p["disk"] for p in self.packed_bytes) if devices.separate_device else 0
         self.device_slots = Slots(devices, "gpu", device_stage, slots)
         self.dense_slots = Slots(devices, "gpu", dense_bytes, slots)
 
@@ -126,7 +126,7 @@ class WeightStore:
         if sizes["disk"]:
             sources["disk"] = self.host_slots.get(slot)[:sizes["disk"]]
             self.disk_files[layer_idx].read_into(0, sources["disk"])
-        if self.devices.split:
+        if self.devices.separate_device:
             start = 0
             for tier in ("cpu", "disk"):
                 if sizes[tier]:
