@@ -19,8 +19,8 @@ from flexgen_core.plan.forms import TierShares
 from flexgen_core.plan.memory_model import SharedPrefixMemory
 from flexgen_core.plan.workload import Switches, Workload
 from flexgen_core.plan.hardware import GiB, load_profile, parse_size
+from flexgen_core.plan.lp import PlacementLP
 from flexgen_core.plan.search import (
-    PlacementLP,
     PlanInfeasible,
     PlanOptions,
     _Evaluator,
