@@ -29,7 +29,8 @@ from flexgen_core.runtime.decoding import (
     SequenceState,
     sequence_generator,
 )
-from flexgen_core.runtime.schedule import Batch, BlockRunner, RunContext, SharedPrefix
+from flexgen_core.runtime.batch import Batch
+from flexgen_core.runtime.schedule import BlockRunner, RunContext, SharedPrefix
 from flexgen_core.runtime.storage import TORCH_DTYPES, Devices, OffloadDir
 from flexgen_core.runtime.weights import WeightStore
 

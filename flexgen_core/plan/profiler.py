@@ -198,7 +198,8 @@ class _Bench:
         from flexgen_core.models import opt
         from flexgen_core.plan.shapes import PlanModel
         from flexgen_core.runtime.decoding import DecodeSettings, SequenceState
-        from flexgen_core.runtime.schedule import Batch, BlockRunner, RunContext
+        from flexgen_core.runtime.batch import Batch
+        from flexgen_core.runtime.schedule import BlockRunner, RunContext
         from flexgen_core.runtime.weights import WeightStore
 
         cfg = opt.OPTConfig.from_hf({"hidden_size": hidden, "num_attention_heads": hidden // 64,

@@ -4,6 +4,9 @@ For each generation step, for each layer, for each GPU batch of the block: compu
 batch) while the next layer's weights, the next batch's KV cache and hidden states load, and the
 previous batch's cache and hidden states store. A layer's weights are loaded once per step and
 reused by every GPU batch. `overlap=False` runs the very same order with each copy done in place.
+
+Here are the order, the prefetches, the futures, and forking and packing of batches; the math of one
+(step, layer, batch) unit is unit_math.py's, the batches' positions and masks batch.py's.
 """
 
 from __future__ import annotations
@@ -17,17 +20,12 @@ from typing import Callable
 import torch
 
 from flexgen_core.memory import num_slots
-from flexgen_core.models import layers as layer_math
 from flexgen_core.models.base import LayerKind, ModelShape
 from flexgen_core.policy import Policy
+from flexgen_core.runtime import unit_math
 from flexgen_core.runtime.activations import Activations
-from flexgen_core.runtime.decoding import (
-    DecodeSettings,
-    NonFiniteError,
-    SequenceState,
-    record_prompt_logprobs,
-    select_tokens,
-)
+from flexgen_core.runtime.batch import Batch
+from flexgen_core.runtime.decoding import DecodeSettings, SequenceState
 from flexgen_core.runtime.kv_cache import KVCache
 from flexgen_core.runtime.storage import Devices, OffloadDir
 from flexgen_core.runtime.weights import WeightStore
@@ -77,76 +75,6 @@ class IOQueue:
             self.pool.shutdown(wait=True)
         if self.stream is not None:
             self.stream.close()
-
-
-@dataclass
-class Batch:
-    """One GPU batch of a block: left-padded prompts and the sequences they feed."""
-
-    token_ids: torch.Tensor  # (B, prompt_len) on the compute device: the prompts after any shared prefix
-    pads: list[int]
-    seqs: list[SequenceState]
-    offset: int = 0  # tokens of the shared prefix before index 0
-    # Sequences that repeat a prompt (sampled completions of one prompt): the prompt pass runs on the
-    # distinct prompts (the rows above, `seqs` one sequence each) and the batch then forks into
-    # `fork[0]`, every sequence, each continuing row `fork[1][i]`.
-    fork: tuple[list[SequenceState], list[int]] | None = None
-
-    @classmethod
-    def of(cls, token_ids: torch.Tensor, pads: list[int], seqs: list[SequenceState], offset: int = 0) -> "Batch":
-        """A batch of `seqs`, its prompt pass computing each distinct prompt once."""
-        first: dict[tuple[int, ...], int] = {}
-        rows = [first.setdefault(tuple(seq.prompt), len(first)) for seq in seqs]
-        if len(first) == len(seqs):
-            return cls(token_ids, pads, seqs, offset)
-        unique = [rows.index(row) for row in range(len(first))]
-        index = torch.tensor(unique, device=token_ids.device)
-        return cls(token_ids.index_select(0, index), [pads[i] for i in unique], [seqs[i] for i in unique], offset,
-                   (seqs, rows))
-
-    @property
-    def members(self) -> list[SequenceState]:
-        """Every sequence the batch generates for."""
-        return self.fork[0] if self.fork is not None else self.seqs
-
-    def keep(self, rows: list[int]) -> "Batch":
-        """This batch with only `rows` (with repeats, in any order) of its current rows, as one row each."""
-        index = torch.tensor(rows, device=self.token_ids.device)
-        return Batch(self.token_ids.index_select(0, index), [self.pads[r] for r in rows],
-                     [self.seqs[r] for r in rows], self.offset)
-
-    def forked(self) -> "Batch":
-        """After the prompt pass: one row per sequence."""
-        seqs, rows = self.fork
-        return Batch(self.keep(rows).token_ids, [self.pads[r] for r in rows], list(seqs), self.offset)
-
-    def positions(self, start: int, length: int) -> torch.Tensor:
-        """Positions of padded indices [start, start+length): offset + index - pad, and -1 on padding."""
-        index = torch.arange(start, start + length, device=self.token_ids.device)
-        pads = torch.tensor(self.pads, device=self.token_ids.device)[:, None]
-        return torch.where(index >= pads, index - pads + self.offset, -1)  # (B, length)
-
-    def prefix_allowed(self, start: int, length: int, device, window: int | None) -> torch.Tensor | None:
-        """Which shared-prefix keys each query sees (B, 1, length, offset): all of them (None) unless a
-        sliding `window` hides those more than `window` positions back."""
-        if window is None or start + length - min(self.pads) + self.offset <= window:
-            return None
-        query = self.positions(start, length).to(device)[:, None, :, None]  # (B, 1, length, 1)
-        key = torch.arange(self.offset, device=device)[None, None, None, :]
-        return key > query - window
-
-    def allowed(self, start: int, length: int, key_len: int, device, window: int | None = None) -> torch.Tensor:
-        """Attention mask (B, 1, length, key_len): causal, no padding keys, and with a sliding `window`
-        only keys less than `window` positions back; each query also sees itself so padding rows stay
-        finite (their outputs are never used)."""
-        query = torch.arange(start, start + length, device=device)[:, None]
-        key = torch.arange(key_len, device=device)[None, :]
-        pads = torch.tensor(self.pads, device=device)[:, None, None]
-        visible = key <= query
-        if window is not None:
-            visible = visible & (key > query - window)
-        allowed = (visible[None] & (key[None] >= pads)) | (key == query)[None]
-        return allowed[:, None]
 
 
 @dataclass(frozen=True)
@@ -294,7 +222,8 @@ class SharedPrefix:
 
 
 class _BlockPass:
-    """The state of one block's schedule: pending loads and stores, the units in order."""
+    """The state of one block's schedule: pending loads and stores, the units in order. Each unit's math is
+    a function of unit_math.py; the pass hands it its inputs and stores what it returns."""
 
     def __init__(self, runner: BlockRunner, batches, cache: KVCache, acts: Activations,
                  settings: DecodeSettings, echo_prompt: bool, prefix: SharedPrefix | None,
@@ -554,93 +483,68 @@ class _BlockPass:
         length = self.prompt_len if step == 0 else 1
         if layer.kind is LayerKind.INPUT:
             tokens = batch.token_ids if step == 0 else self.last_tokens[batch_idx][:, None]
-            hidden = layer.forward(weights, tokens, self._positions(step, batch_idx, start, length))
+            hidden = unit_math.input_unit(layer, weights, tokens, self._positions(step, batch_idx, start, length))
         elif layer.kind is LayerKind.ATTENTION:
             hidden = self._attention(layer, layer_idx, batch_idx, weights, step, start, length)
-        elif layer.kind is LayerKind.MLP:  # position-wise: in chunks of positions (memory.MLP_CHUNK_BYTES)
-            hidden = layer_math.in_token_chunks(lambda part: layer.forward(weights, part), self._hidden(batch_idx),
-                                          self.ctx.shape.ffn_size)
+        elif layer.kind is LayerKind.MLP:
+            hidden = unit_math.mlp_unit(layer, weights, self._hidden(batch_idx), self.ctx.shape.ffn_size)
         else:
             self._output(layer, batch_idx, weights, step)
             return
         self._keep_hidden(batch_idx, hidden)
 
     def _attention(self, layer, layer_idx, batch_idx, weights, step, start, length) -> torch.Tensor:
-        x = self._hidden(batch_idx)
-        q, k, v = layer.qkv(weights, x, self._positions(step, batch_idx, start, length))  # each (B, s, heads, hd)
-        group = self.ctx.shape.num_heads // self.ctx.shape.num_kv_heads
-        key_len = start + length
-        compute = self.ctx.devices.compute
-        if step == 0:
-            buffers, slot = None, None
-        else:
-            future, slot = self.cache_loads.pop((layer_idx, batch_idx), (None, None))
-            if future is None:
-                self._request_cache(step, layer_idx, batch_idx)
-                future, slot = self.cache_loads.pop((layer_idx, batch_idx))
-            buffers = future.result()
-        outputs, rows = [], []
-        for seg_idx, seg in enumerate(self.cache.segments):
-            new_kv = torch.stack((k[:, :, seg.start:seg.stop], v[:, :, seg.start:seg.stop]))  # (2, B, s, h, hd)
-            new_kv = new_kv.permute(2, 0, 1, 3, 4)  # (s, 2, B, h, hd): the cache layout
-            if buffers is None:  # prompt pass: attend over the fresh K/V, then store them
-                kv = new_kv
-                rows.append(new_kv.contiguous())
-            else:  # decode: write the new row into the loaded buffer, attend over rows [0, key_len)
-                kv = buffers[seg_idx]
-                kv[start].copy_(new_kv[0])
-                kv = kv[:key_len]
-                rows.append(buffers[seg_idx][start:start + 1])
-            # Where this segment's attention runs: the prompt pass always attends on the compute device,
-            # where its fresh K/V are (FlexGen's prefill); decode steps where the policy says (CPU
-            # attention reads an off-device cache where it lies).
-            tier = seg.attends_on(prompt_pass=step == 0)
-            device = self.ctx.devices.tier_device(tier)
-            window = layer.sliding_window  # Mistral-style local attention (models/base.AttentionLayer)
-            mask = self._mask(step, batch_idx, start, length, key_len, tier, window)
-            q_seg = q[:, :, seg.start * group:seg.stop * group].to(device)
-            if self.prefix_kv is None:
-                out = layer_math.attend(q_seg, kv[:, 0], kv[:, 1], mask)
-            else:  # the shared prefix's rows (P, 2, 1, heads, hd), then this batch's own
-                if self.prefix_kv[seg_idx].device != device:  # loaded where decode attends: once per layer
-                    self.prefix_kv[seg_idx] = self.prefix_kv[seg_idx].to(device)
-                prefix_kv = self.prefix_kv[seg_idx]
-                prefix_mask = self._prefix_mask(step, batch_idx, start, length, tier, window)
-                out = layer_math.attend_with_prefix(q_seg, prefix_kv[:, 0, 0], prefix_kv[:, 1, 0], kv[:, 0], kv[:, 1],
-                                              mask, prefix_mask)
-            outputs.append(out.to(compute))
-        attn_idx = self.runner.attention_index[layer_idx]
+        buffers, slot = (None, None) if step == 0 else self._take_cache(step, layer_idx, batch_idx)
+        segments = [self._segment_inputs(layer, seg_idx, buffers, step, batch_idx, start, length)
+                    for seg_idx in range(len(self.cache.segments))]
+        hidden, rows = unit_math.attention_unit(layer, weights, self._hidden(batch_idx),
+                                                self._positions(step, batch_idx, start, length), segments, start,
+                                                start + length, self.ctx.devices.compute)
         key = (layer_idx, batch_idx)
-        waits = (self.cache_stores.get(key),)
-        store = self.runner.stores.submit(self.cache.store, attn_idx, batch_idx, start, rows, waits=waits)
+        store = self.runner.stores.submit(self.cache.store, self.runner.attention_index[layer_idx], batch_idx, start,
+                                          rows, waits=(self.cache_stores.get(key),))
         self.cache_stores[key] = store
         if slot is not None:
             self.slot_stores[slot % num_slots(self.ctx.policy)] = store
-        attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-        return layer.finish(weights, x, attn)
+        return hidden
+
+    def _take_cache(self, step: int, layer_idx: int, batch_idx: int) -> tuple[list[torch.Tensor], int]:
+        """This unit's loaded cache rows (per segment) and their staging slot, loading them now if no
+        prefetch did."""
+        future, slot = self.cache_loads.pop((layer_idx, batch_idx), (None, None))
+        if future is None:
+            self._request_cache(step, layer_idx, batch_idx)
+            future, slot = self.cache_loads.pop((layer_idx, batch_idx))
+        return future.result(), slot
+
+    def _segment_inputs(self, layer, seg_idx, buffers, step, batch_idx, start, length) -> unit_math.SegmentInputs:
+        """Where one cache segment's attention runs, and its inputs there. The prompt pass always attends on
+        the compute device, where its fresh K/V are (FlexGen's prefill); decode steps where the policy says
+        (CPU attention reads an off-device cache where it lies)."""
+        seg = self.cache.segments[seg_idx]
+        group = self.ctx.shape.num_heads // self.ctx.shape.num_kv_heads
+        tier = seg.attends_on(prompt_pass=step == 0)
+        device = self.ctx.devices.tier_device(tier)
+        window = layer.sliding_window  # Mistral-style local attention (models/base.AttentionLayer)
+        mask = self._mask(step, batch_idx, start, length, start + length, tier, window)
+        prefix_kv = prefix_mask = None
+        if self.prefix_kv is not None:
+            if self.prefix_kv[seg_idx].device != device:  # loaded where decode attends: moved once per layer
+                self.prefix_kv[seg_idx] = self.prefix_kv[seg_idx].to(device)
+            prefix_kv = self.prefix_kv[seg_idx]
+            prefix_mask = self._prefix_mask(step, batch_idx, start, length, tier, window)
+        return unit_math.SegmentInputs(slice(seg.start, seg.stop), slice(seg.start * group, seg.stop * group),
+                                       device, None if buffers is None else buffers[seg_idx], mask, prefix_kv,
+                                       prefix_mask)
 
     def _output(self, layer, batch_idx, weights, step) -> None:
         batch = self.batches[batch_idx]
         x = self._hidden(batch_idx)
         if self.building is not None:  # the shared prefix: its token logprobs and what may follow it
-            logits = layer.forward(weights, x)  # (1, P, V)
-            record_prompt_logprobs(logits, batch.token_ids, batch.pads, batch.seqs)
-            self.building.prompt_logprobs = batch.seqs[0].prompt_logprobs
-            self.building.next_logprobs = torch.log_softmax(logits[0, -1].float(), dim=-1).cpu()
-            if not torch.isfinite(self.building.next_logprobs).all():
-                raise NonFiniteError("non-finite logits at the end of the shared prefix")
+            self.building.prompt_logprobs, self.building.next_logprobs = unit_math.prefix_output_unit(
+                layer, weights, x, batch)
             return
-        if step == 0 and self.echo_prompt:
-            logits = layer.forward(weights, x)  # (B, s, V)
-            record_prompt_logprobs(logits, batch.token_ids, batch.pads, batch.seqs, self.prefix)
-            if batch.fork is not None:  # a repeated prompt's logprobs are its first occurrence's
-                for seq, row in zip(*batch.fork):
-                    seq.prompt_logprobs = list(batch.seqs[row].prompt_logprobs)
-            logits = logits[:, -1]
-        else:
-            logits = layer.forward(weights, x[:, -1:])[:, 0]  # (B, V)
-        if self.settings.max_new_tokens == 0:
-            return
-        if batch.fork is not None:  # each sequence draws its first token from its prompt's row
-            logits = logits.index_select(0, torch.tensor(batch.fork[1], device=logits.device))
-        self.last_tokens[batch_idx] = select_tokens(logits, batch.members, self.settings)
+        tokens = unit_math.output_unit(layer, weights, x, batch, self.settings, step == 0 and self.echo_prompt,
+                                       self.prefix)
+        if tokens is not None:
+            self.last_tokens[batch_idx] = tokens
