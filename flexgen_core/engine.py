@@ -19,7 +19,7 @@ import torch
 from flexgen_core import memory, placement
 from flexgen_core.models.registry import family_for
 from flexgen_core.policy import Policy, auto_compression
-from flexgen_core.prefix import MAX_KEPT_PREFIXES, common_prefix_len, sharable_prefix_len
+from flexgen_core.prefix import common_prefix_len, sharable_prefix_len
 from flexgen_core.runtime import checkpoint
 from flexgen_core.runtime.capacity import PolicyDoesNotFit, check_fits, mem_available, out_of_memory_error
 from flexgen_core.runtime.decoding import (
@@ -30,6 +30,7 @@ from flexgen_core.runtime.decoding import (
     sequence_generator,
 )
 from flexgen_core.runtime.batch import Batch
+from flexgen_core.runtime.prefix_cache import PrefixCache
 from flexgen_core.runtime.schedule import BlockRunner, RunContext, SharedPrefix
 from flexgen_core.runtime.storage import TORCH_DTYPES, Devices, OffloadDir
 from flexgen_core.runtime.weights import WeightStore
@@ -84,7 +85,7 @@ class Engine:
         self.config = config
         self.ctx = ctx
         self.runner = BlockRunner(ctx)
-        self._prefixes: list[SharedPrefix] = []  # kept for later calls, most recently used last
+        self.prefixes = PrefixCache()  # shared prefixes kept for later calls
         self._closed = False
         self._planning: dict[str, Any] | None = None  # how policy="auto" planned it (for replan)
 
@@ -192,7 +193,7 @@ class Engine:
             return
         cache_layout = ("cache_gpu_percent", "cache_cpu_percent", "cpu_cache_compute", "compress_cache", "share_prefix")
         if any(getattr(policy, f) != getattr(self.policy, f) for f in cache_layout):
-            self._drop_prefixes()
+            self.prefixes.drop()
         self.ctx = dataclasses.replace(self.ctx, policy=policy)
         self.runner.ctx = self.ctx
 
@@ -280,9 +281,9 @@ class Engine:
         try:
             check_fits(terms, self.devices, self.offload.path, self.policy, what)
         except PolicyDoesNotFit:
-            if not any(p is not keep for p in self._prefixes):
+            if not self.prefixes.others_than(keep):
                 raise
-            self._drop_prefixes(keep=keep)
+            self.prefixes.drop(keep=keep)
             check_fits(terms, self.devices, self.offload.path, self.policy, what)
 
     # ---- shared prefixes ------------------------------------------------------------------------
@@ -290,24 +291,19 @@ class Engine:
         """The prefix the sequences of this call share, computed once (or kept from an earlier call).
 
         The longest common token prefix, leaving each sequence at least one token of its own. A kept
-        prefix (the engine keeps the MAX_KEPT_PREFIXES most recently used, HELM runs one run entry's
-        blocks after another) is reused while every prompt starts with it, unless a longer common
+        prefix (runtime/prefix_cache.py) is reused while every prompt starts with it, unless a longer common
         prefix saves more prompt tokens than computing it costs; a new one needs
         SHARED_PREFIX_MIN_TOKENS tokens (the rules: flexgen_core/prefix.py)."""
         if not self.policy.share_prefix:
             return None
         common = common_prefix_len(prompts)
-        usable = [p for p in self._prefixes if p.length <= common and tuple(prompts[0][:p.length]) == p.tokens]
-        kept = max(usable, key=lambda p: p.length, default=None)
-        if kept is not None and (len(prompts) - 1) * (common - kept.length) <= common:
-            self._prefixes.remove(kept)
-            self._prefixes.append(kept)
+        kept = self.prefixes.find(prompts, common)
+        if kept is not None:
             self.runner.stats.prefixes_reused += 1
             return kept
         if sharable_prefix_len(prompts) == 0:
             return None
-        while len(self._prefixes) >= MAX_KEPT_PREFIXES:
-            self._prefixes.pop(0).close()
+        self.prefixes.make_room()
         needs = memory.MemoryReport()
         memory.add_shared_prefix_terms(needs, self.layers, self.config, self.policy, common, self.dtype.itemsize,
                                        self.devices.separate_device)
@@ -316,7 +312,7 @@ class Engine:
             prefix = self.runner.run_prefix(prompts[0][:common])
         except NonFiniteError as e:
             raise NonFiniteError(f"{e}; {self._nonfinite_source()}") from None
-        self._prefixes.append(prefix)
+        self.prefixes.add(prefix)
         log.info("computed a shared prefix of %d tokens for %d sequences (kept for later calls)", common, len(prompts))
         return prefix
 
@@ -334,11 +330,6 @@ class Engine:
         return (f"weight {self.layers[layer_idx].name}.{name} on the {tier} tier{where} holds {count} NaN or "
                 f"infinite values ({len(found)} corrupt weights in all; it was finite when loaded: the stored "
                 "copy was overwritten). Nothing of this call was returned; load the engine again")
-
-    def _drop_prefixes(self, keep: SharedPrefix | None = None) -> None:
-        for prefix in [p for p in self._prefixes if p is not keep]:
-            prefix.close()
-            self._prefixes.remove(prefix)
 
     # A call holds every sequence's results until it returns: more than this many is refused up front
     # (split the call, or set `engine.max_sequences`), as is a call whose results would not fit in RAM.
@@ -409,7 +400,7 @@ class Engine:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._drop_prefixes()
+            self.prefixes.drop()
             self.runner.close()
             self.offload.close()
 

@@ -33,4 +33,12 @@ def sharable_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return common if common >= SHARED_PREFIX_MIN_TOKENS and len(prompts) > 1 else 0
 
 
-__all__ = ["MAX_KEPT_PREFIXES", "SHARED_PREFIX_MIN_TOKENS", "common_prefix_len", "sharable_prefix_len"]
+def reuse_kept_prefix(kept_len: int, common_len: int, num_prompts: int) -> bool:
+    """Whether prompts whose common prefix is `common_len` tokens use a kept prefix of `kept_len` of them
+    (all prompts start with it) rather than computing their longer one: unless the longer prefix saves more
+    prompt tokens ((num_prompts - 1) x the difference) than its own pass costs (common_len)."""
+    return (num_prompts - 1) * (common_len - kept_len) <= common_len
+
+
+__all__ = ["MAX_KEPT_PREFIXES", "SHARED_PREFIX_MIN_TOKENS", "common_prefix_len", "reuse_kept_prefix",
+           "sharable_prefix_len"]

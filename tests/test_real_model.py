@@ -77,7 +77,7 @@ def test_shared_few_shot_prefix_matches_transformers(real, tmp_path):
     with Engine.from_pretrained(path, policy=PLACEMENTS["mixed-three-tiers"], offload_dir=tmp_path,
                                 device="simulated") as engine:
         results = engine.generate(prompts, max_new_tokens=4, echo_prompt=True)
-        assert engine._prefixes and engine._prefixes[-1].length >= 40
+        assert engine.prefixes.newest and engine.prefixes.newest.length >= 40
     for prompt, result in zip(prompts, results):
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True)
 

@@ -148,7 +148,7 @@ def test_only_the_most_recent_prefixes_are_kept(tmp_path, monkeypatch):
             engine.generate(group, max_new_tokens=2)
         held = {f.name.split("-")[0] for f in engine.offload.path.iterdir() if f.name.startswith("prefix")}
         assert held == {f"prefix{n}" for n in range(2, MAX_KEPT_PREFIXES + 2)}  # the first one's files went
-        assert len(engine._prefixes) == MAX_KEPT_PREFIXES
+        assert len(engine.prefixes) == MAX_KEPT_PREFIXES
         engine.generate(groups[-1], max_new_tokens=2)  # kept
         engine.generate(groups[0], max_new_tokens=2)  # the oldest: dropped, computed again
     assert counter.lengths == [20] * (MAX_KEPT_PREFIXES + 2)
