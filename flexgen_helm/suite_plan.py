@@ -188,7 +188,7 @@ class EntryPlan:
 
 def plan_suite(descriptions: Sequence[str], workloads: dict[str, tuple[EntryWorkload | None, str | None]],
                model, hardware, dtype_bytes: int) -> list[EntryPlan]:
-    from flexgen_core.plan.cost_model import Workload
+    from flexgen_core.plan.workload import Workload
     from flexgen_core.plan.search import PlanOptions, plan
 
     plans = []
