@@ -262,8 +262,13 @@ def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_by
     attention = 8 * hidden + kv + scores + mask + lse + prefix_kv
     # Input, norm, each chunk's output and their concatenation; per chunk of positions up to three
     # (B, chunk, FFN) intermediates (fc1 and its activation; gate, its activation and up).
-    positions = token_chunk(batch, prompt_len, shape.ffn_size, dtype_bytes)
-    mlp = 6 * hidden + 3 * batch * positions * shape.ffn_size * dtype_bytes
+    positions = token_chunk(batch, prompt_len, shape.mlp_width, dtype_bytes)
+    mlp = 6 * hidden + 3 * batch * positions * shape.mlp_width * dtype_bytes
+    if shape.moe is not None:  # per chunk: router logits, float32 probabilities, top-k; per expert, at
+        # worst every token of the chunk: its inputs, its output (float32 when weighed so) and the sum
+        rows = batch * positions
+        router = rows * shape.moe.num_experts * (dtype_bytes + 4) + rows * shape.moe.top_k * (4 + 8 + 8)
+        mlp += router + rows * shape.hidden_size * (3 * dtype_bytes + 4 + 4)
     logit_rows = tokens if echo_prompt else batch
     output = 2 * hidden + logit_rows * shape.vocab_size * (dtype_bytes + 4 + 4)  # logits, fp32 log-softmax
     in_flight = 2 * hidden + kv

@@ -28,6 +28,8 @@ class WeightSpec:
     shape: tuple[int, ...]
     # Dimension grouped by 4-bit compression (the output channel for matrices); None = never compressed.
     compress_group_dim: int | None = None
+    # Share of the tokens that multiply by this weight: 1, or k/E on average for a routed expert's (moe.py).
+    tokens_share: float = 1.0
 
     @property
     def numel(self) -> int:
@@ -69,6 +71,44 @@ def config_int(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, minimu
 
 
 @dataclass(frozen=True)
+class ExpertNames:
+    """How a family spells an MoE block's checkpoint keys, below `layers.{i}.`."""
+
+    block: str    # "block_sparse_moe." (Mixtral) or "mlp."
+    gate: str     # an expert's gate, up and down projections, "{e}" for its index
+    up: str
+    down: str
+
+
+MIXTRAL_NAMES = ExpertNames("block_sparse_moe.", "experts.{e}.w1.weight", "experts.{e}.w3.weight",
+                            "experts.{e}.w2.weight")
+QWEN_NAMES = ExpertNames("mlp.", "experts.{e}.gate_proj.weight", "experts.{e}.up_proj.weight",
+                         "experts.{e}.down_proj.weight")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int
+    top_k: int
+    expert_ffn: int
+    normalize_top_k: bool        # renormalise the k chosen probabilities to sum to 1
+    float32_weights: bool        # weigh expert outputs in float32 (Mixtral) or in the activations' dtype
+    names: ExpertNames
+    shared_ffn: int = 0          # Qwen2-MoE's shared expert (0: none)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+
+
+def config_num_experts(hf: Mapping[str, Any]) -> int:
+    """The experts of an MoE config: `num_experts` on the hub for the Qwens and OLMoE, `num_local_experts`
+    for Mixtral and as transformers 5 writes them all."""
+    key = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
+    return config_int(hf, key)
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """Family-independent shape: what memory accounting and the cost model need."""
 
@@ -81,11 +121,19 @@ class ModelShape:
     ffn_size: int
     vocab_size: int
     max_positions: int
+    moe: MoESpec | None = None  # the mixture of experts of MoE layers (models/moe.py)
 
     @property
     def kv_width(self) -> int:
         """Width of one token's K (or V) in one layer."""
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_width(self) -> int:
+        """The widest intermediate of any MLP: the dense one's, an expert's or a shared expert's."""
+        if self.moe is None:
+            return self.ffn_size
+        return max(self.ffn_size, self.moe.expert_ffn, self.moe.shared_ffn)
 
 
 @runtime_checkable

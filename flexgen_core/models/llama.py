@@ -1,5 +1,6 @@
 """Llama-style decoders: Llama 2/3, Mistral and Qwen2, as in transformers' `models/llama/modeling_llama.py`,
-`models/mistral/modeling_mistral.py` and `models/qwen2/modeling_qwen2.py`.
+`models/mistral/modeling_mistral.py` and `models/qwen2/modeling_qwen2.py`; and the layers that Qwen3,
+Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (their own files: qwen3.py, mixtral.py, olmoe.py) build on.
 
 One family with switches, since the three differ only in details:
 - all: RMSNorm before attention and MLP, rotary position embeddings (RoPE) on q and k, grouped-query
@@ -10,6 +11,10 @@ One family with switches, since the three differ only in details:
 - Mistral: a sliding attention window (`sliding_window`) in every layer;
 - Qwen2: biases on q/k/v (never on o); a sliding window only when `use_sliding_window`, and then only
   in layers `>= max_window_layers` (or as `layer_types` says).
+
+The others add: q/k RMSNorm, per head before RoPE (Qwen3, `qk_norm="head"`) or over the whole projection
+(OLMoE, `qk_norm="full"`, with `clip_qkv`); mixture-of-experts MLPs (moe.py) in the layers `moe_layers`
+names.
 
 Sliding windows are applied as an attention mask (a query at index i sees keys (i - window, i]), as
 transformers does; the KV cache still holds every position, so memory is that of full attention.
@@ -29,6 +34,7 @@ import torch
 
 from flexgen_core.models import layers as L
 from flexgen_core.models.base import CheckpointNames, LayerKind, ModelShape, WeightSpec, config_int
+from flexgen_core.models.moe import SparseMoE
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,6 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class LlamaConfig(ModelShape):
-    variant: str = "llama"
     rms_norm_eps: float = 1e-6
     rope_theta: float = DEFAULT_ROPE_THETA
     rope_scaling: RopeScaling | None = None
@@ -63,52 +68,60 @@ class LlamaConfig(ModelShape):
     activation: str = "silu"
     sliding_windows: tuple[int | None, ...] = ()  # per decoder layer; None = full causal attention
     eos_token_id: int | None = 2
+    qk_norm: str | None = None   # "head": RMSNorm of each head of q and k (Qwen3); "full": of q and k (OLMoE)
+    clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] (OLMoE)
+    moe_layers: tuple[bool, ...] = ()  # per decoder layer: a mixture of experts (else the dense MLP)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], variant: str | None = None) -> "LlamaConfig":
         variant = variant or hf.get("model_type", "llama")
         if variant not in VARIANTS:
             raise ValueError(f"Llama-style variant must be one of {VARIANTS}, got {variant!r}")
-        hidden, heads = config_int(hf, "hidden_size"), config_int(hf, "num_attention_heads")
-        kv_heads = config_int(hf, "num_key_value_heads", heads)
-        head_dim = config_int(hf, "head_dim", hidden // heads)
-        num_layers, ffn = config_int(hf, "num_hidden_layers"), config_int(hf, "intermediate_size")
-        vocab = config_int(hf, "vocab_size")
-        if heads % kv_heads:
-            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        if head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-        if hf.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"partial_rotary_factor {hf['partial_rotary_factor']} is not supported (only 1.0)")
-        max_positions = config_int(hf, "max_position_embeddings", 4096)
-        theta, scaling = _rope_from_hf(hf, max_positions)
+        fields = common_fields(hf)
         if variant == "llama":
             qkv_bias = o_bias = bool(hf.get("attention_bias", False))
             mlp_bias = bool(hf.get("mlp_bias", False))
         else:
             qkv_bias, o_bias, mlp_bias = variant == "qwen2", False, False  # as the HF modules hard-code them
-        return cls(
-            family=variant,
-            num_layers=num_layers,
-            hidden_size=hidden,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            ffn_size=ffn,
-            vocab_size=vocab,
-            max_positions=max_positions,
-            variant=variant,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=mlp_bias,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            activation=hf.get("hidden_act", "silu"),
-            sliding_windows=_sliding_windows(hf, variant, num_layers, max_positions),
-            eos_token_id=_eos_token_id(hf),
-        )
+        if variant == "mistral":
+            windows = mistral_windows(hf, fields["num_layers"], fields["max_positions"])
+        elif variant == "qwen2":
+            windows = qwen_windows(hf, fields["num_layers"], fields["max_positions"])
+        else:
+            windows = (None,) * fields["num_layers"]
+        return cls(**fields, family=variant, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias,
+                   sliding_windows=windows)
+
+
+def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields every Llama-style config.json gives alike: shape, RoPE, norms, activation, tied head, EOS."""
+    hidden, heads = config_int(hf, "hidden_size"), config_int(hf, "num_attention_heads")
+    kv_heads = config_int(hf, "num_key_value_heads", heads)
+    head_dim = config_int(hf, "head_dim", hidden // heads)
+    if heads % kv_heads:
+        raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor {hf['partial_rotary_factor']} is not supported (only 1.0)")
+    max_positions = config_int(hf, "max_position_embeddings", 4096)
+    theta, scaling = _rope_from_hf(hf, max_positions)
+    return dict(
+        num_layers=config_int(hf, "num_hidden_layers"),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn_size=config_int(hf, "intermediate_size"),
+        vocab_size=config_int(hf, "vocab_size"),
+        max_positions=max_positions,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        activation=hf.get("hidden_act", "silu"),
+        eos_token_id=_eos_token_id(hf),
+    )
 
 
 def _rope_from_hf(hf: Mapping[str, Any], max_positions: int) -> tuple[float, RopeScaling | None]:
@@ -134,17 +147,27 @@ def _rope_from_hf(hf: Mapping[str, Any], max_positions: int) -> tuple[float, Rop
     )
 
 
-def _sliding_windows(hf: Mapping[str, Any], variant: str, num_layers: int, max_positions: int) -> tuple:
+def mistral_windows(hf: Mapping[str, Any], num_layers: int, max_positions: int) -> tuple:
+    """Mistral and Mixtral: `sliding_window` in every layer (None: full attention)."""
     window = hf.get("sliding_window")
-    if variant == "llama" or window is None or window >= max_positions:
+    if window is None or window >= max_positions:
         return (None,) * num_layers  # a window as long as the context never masks anything
-    if variant == "mistral":
-        return (window,) * num_layers
-    if not hf.get("use_sliding_window", False):  # qwen2: the field is set but off in released models
+    return (window,) * num_layers
+
+
+def qwen_windows(hf: Mapping[str, Any], num_layers: int, max_positions: int, default_layers: str = "upper") -> tuple:
+    """The Qwens: a window only with `use_sliding_window` (off in released models), in the layers that
+    `layer_types` says, else in those >= `max_window_layers` ("upper": Qwen2, Qwen3) or in all ("all":
+    Qwen3-MoE)."""
+    window = hf.get("sliding_window")
+    if not hf.get("use_sliding_window", False) or window is None or window >= max_positions:
         return (None,) * num_layers
-    layer_types = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(num_layers)
-    ]
+    layer_types = hf.get("layer_types")
+    if layer_types is None and default_layers == "upper":
+        layer_types = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                       for i in range(num_layers)]
+    if layer_types is None:
+        return (window,) * num_layers
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
 
@@ -263,13 +286,23 @@ class LlamaAttention:
                            _NAMES.vector("v_b", p + "self_attn.v_proj.bias", kv_width)]
         if cfg.o_bias:
             self.specs.append(_NAMES.vector("o_b", p + "self_attn.o_proj.bias", h))
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.specs += [_NAMES.vector("q_norm", p + "self_attn.q_norm.weight", cfg.head_dim if per_head else q_width),
+                           _NAMES.vector("k_norm", p + "self_attn.k_norm.weight", cfg.head_dim if per_head else kv_width)]
 
     def qkv(self, w, x: torch.Tensor, positions: torch.Tensor):
         """(B, s, H) -> q (B, s, nh, hd), k and v (B, s, nkv, hd); q and k rotated by position."""
-        y = L.rms_norm(x, w["norm_w"], self.cfg.rms_norm_eps)
-        q = L.split_heads(L.linear(y, w["q"], w.get("q_b")), self.cfg.num_heads)
-        k = L.split_heads(L.linear(y, w["k"], w.get("k_b")), self.cfg.num_kv_heads)
-        v = L.split_heads(L.linear(y, w["v"], w.get("v_b")), self.cfg.num_kv_heads)
+        cfg = self.cfg
+        y = L.rms_norm(x, w["norm_w"], cfg.rms_norm_eps)
+        q, k, v = L.linear(y, w["q"], w.get("q_b")), L.linear(y, w["k"], w.get("k_b")), L.linear(y, w["v"], w.get("v_b"))
+        if cfg.qk_norm == "full":
+            q, k = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps), L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q, k, v = L.split_heads(q, cfg.num_heads), L.split_heads(k, cfg.num_kv_heads), L.split_heads(v, cfg.num_kv_heads)
+        if cfg.qk_norm == "head":
+            q, k = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps), L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         cos, sin = self.rotary(positions, q.dtype)
         return L.apply_rotary(q, cos, sin), L.apply_rotary(k, cos, sin), v
 
@@ -326,6 +359,7 @@ def build_layers(cfg: LlamaConfig) -> list:
     rotary = Rotary(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     layers: list = [LlamaInput(cfg)]
     for i in range(cfg.num_layers):
-        layers += [LlamaAttention(cfg, i, rotary), LlamaMLP(cfg, i)]
+        mlp = SparseMoE(cfg, i, cfg.moe, _NAMES) if cfg.moe_layers and cfg.moe_layers[i] else LlamaMLP(cfg, i)
+        layers += [LlamaAttention(cfg, i, rotary), mlp]
     layers.append(LlamaOutput(cfg))
     return layers

@@ -30,12 +30,30 @@ def _llama_style(variant: str) -> Callable[[], Family]:
     return load
 
 
+def _llama_layers(name: str, module: str, parse: str = "config_from_hf") -> Callable[[], Family]:
+    """A family over Llama-style layers (llama.build_layers) whose config `models/<module>.py`'s `parse` reads."""
+    def load() -> Family:
+        import importlib
+
+        from flexgen_core.models import llama
+
+        return Family(name, getattr(importlib.import_module(f"flexgen_core.models.{module}"), parse),
+                      llama.build_layers)
+
+    return load
+
+
 # The one registry: HF architecture name -> (model_type, family loader, imported lazily).
 _FAMILIES: dict[str, tuple[str, Callable[[], Family]]] = {
     "OPTForCausalLM": ("opt", _opt),
     "LlamaForCausalLM": ("llama", _llama_style("llama")),
     "MistralForCausalLM": ("mistral", _llama_style("mistral")),
     "Qwen2ForCausalLM": ("qwen2", _llama_style("qwen2")),
+    "Qwen3ForCausalLM": ("qwen3", _llama_layers("qwen3", "qwen3")),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", _llama_layers("qwen3_moe", "qwen3", "moe_config_from_hf")),
+    "MixtralForCausalLM": ("mixtral", _llama_layers("mixtral", "mixtral")),
+    "OlmoeForCausalLM": ("olmoe", _llama_layers("olmoe", "olmoe")),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", _llama_layers("qwen2_moe", "qwen2_moe")),
 }
 
 

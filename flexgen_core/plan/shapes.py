@@ -151,7 +151,8 @@ def _hub_config(repo_id: str) -> dict[str, Any]:
 
 
 def matrix_params(layer) -> int:
-    """Parameters a layer multiplies by (2-D weights); the input embedding only gathers rows."""
+    """Parameters a layer multiplies each token by (2-D weights; a routed expert's for the share of tokens
+    routed to it, on average); the input embedding only gathers rows."""
     if layer.kind is LayerKind.INPUT:
         return 0
-    return sum(prod(spec.shape) for spec in layer.specs if len(spec.shape) == 2)
+    return round(sum(prod(spec.shape) * spec.tokens_share for spec in layer.specs if len(spec.shape) == 2))

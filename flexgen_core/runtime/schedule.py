@@ -487,7 +487,7 @@ class _BlockPass:
         elif layer.kind is LayerKind.ATTENTION:
             hidden = self._attention(layer, layer_idx, batch_idx, weights, step, start, length)
         elif layer.kind is LayerKind.MLP:
-            hidden = unit_math.mlp_unit(layer, weights, self._hidden(batch_idx), self.ctx.shape.ffn_size)
+            hidden = unit_math.mlp_unit(layer, weights, self._hidden(batch_idx), self.ctx.shape.mlp_width)
         else:
             self._output(layer, batch_idx, weights, step)
             return

@@ -63,9 +63,10 @@ def attention_unit(layer, weights, x: torch.Tensor, positions: torch.Tensor, seg
     return layer.finish(weights, x, attn), rows
 
 
-def mlp_unit(layer, weights, x: torch.Tensor, ffn_size: int) -> torch.Tensor:
-    """Position-wise, so computed in chunks of positions (memory.MLP_CHUNK_BYTES bounds the intermediate)."""
-    return layer_math.in_token_chunks(lambda part: layer.forward(weights, part), x, ffn_size)
+def mlp_unit(layer, weights, x: torch.Tensor, width: int) -> torch.Tensor:
+    """A dense MLP or a mixture of experts. Position-wise, so computed in chunks of positions: each chunk's
+    intermediates, `width` wide, take at most memory.MLP_CHUNK_BYTES."""
+    return layer_math.in_token_chunks(lambda part: layer.forward(weights, part), x, width)
 
 
 def prefix_output_unit(layer, weights, x: torch.Tensor, batch: Batch) -> tuple[list, torch.Tensor]:

@@ -37,7 +37,11 @@ LLAMA_UNK_TOKEN_ID, LLAMA_BOS_TOKEN_ID, LLAMA_EOS_TOKEN_ID = 0, 1, 2
 NUM_BYTE_TOKENS = 256  # <0x00>..<0xFF>, ids 3..258
 ALPHABET_LIMIT = 96  # characters the BPE learns; rarer ones go through byte fallback
 LLAMA_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+ROUTER_GAIN = 2.0  # router logits of std ~2: decisive routing, varied across tokens
 # E[silu(g)^2] for g ~ N(0, 1) is 0.356: a SwiGLU of unit-variance gate and up inputs has std ~0.6.
 SWIGLU_STD = 0.356**0.5
 
@@ -62,6 +66,13 @@ class LlamaPreset:
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False)  # e.g. {"rope_type": "llama3", ...}
     sliding_window: int | None = None  # Mistral's local attention
     rms_norm_eps: float = 1e-6
+    experts: int = 0  # MoE architectures: routed experts per layer, each token's top `experts_per_token`
+    experts_per_token: int = 0
+    expert_ffn: int = 0  # an expert's intermediate width (Mixtral and OLMoE: `ffn`)
+    shared_expert_ffn: int = 0  # Qwen2-MoE's shared expert
+    norm_topk_prob: bool = False
+    dense_layers: tuple[int, ...] = ()  # Qwen MoE: layers with a dense MLP (`mlp_only_layers`)
+    clip_qkv: float | None = None  # OLMoE
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -76,8 +87,10 @@ class LlamaPreset:
             )
         if self.tokenizer_vocab < len(LLAMA_SPECIAL_TOKENS) + NUM_BYTE_TOKENS + ALPHABET_LIMIT:
             raise ValueError(f"Preset {self.name!r}: tokenizer_vocab {self.tokenizer_vocab} is too small")
-        if self.sliding_window is not None and self.architecture != "mistral":
-            raise ValueError(f"Preset {self.name!r}: only mistral presets take a sliding_window")
+        if self.sliding_window is not None and self.architecture not in ("mistral", "mixtral"):
+            raise ValueError(f"Preset {self.name!r}: only mistral and mixtral presets take a sliding_window")
+        if (self.architecture in MOE_ARCHITECTURES) != (self.experts > 0):
+            raise ValueError(f"Preset {self.name!r}: experts are for the MoE architectures {MOE_ARCHITECTURES}")
 
     @property
     def family(self) -> str:
@@ -100,11 +113,19 @@ class LlamaPreset:
         """Parameter count as transformers counts it (a tied output embedding once)."""
         h, f = self.hidden, self.ffn
         attention = 2 * h * self.q_width + 2 * h * self.kv_width
-        if self.architecture == "qwen2":
+        if self.architecture in ("qwen2", "qwen2_moe"):
             attention += self.q_width + 2 * self.kv_width  # q/k/v biases
-        block = attention + 3 * h * f + 2 * h  # + gate/up/down, two RMSNorms
+        if self.architecture in ("qwen3", "qwen3_moe"):
+            attention += 2 * self.resolved_head_dim  # per-head q/k norms
+        if self.architecture == "olmoe":
+            attention += self.q_width + self.kv_width  # q/k norms over the projections
+        dense = 3 * h * f
+        moe = self.experts * (3 * h * self.expert_ffn + h)  # experts and the router's rows
+        if self.shared_expert_ffn:
+            moe += 3 * h * self.shared_expert_ffn + h  # the shared expert and its gate
+        mlps = sum(moe if self.experts and i not in self.dense_layers else dense for i in range(self.layers))
         embeddings = self.vocab * h * (1 if self.tie_word_embeddings else 2)
-        return self.layers * block + embeddings + h  # + final RMSNorm
+        return self.layers * (attention + 2 * h) + mlps + embeddings + h  # + two RMSNorms a block, the final one
 
     def hf_config(self):
         """The matching `transformers` config object."""
@@ -133,7 +154,22 @@ class LlamaPreset:
             return transformers.LlamaConfig(**kwargs, attention_bias=False, mlp_bias=False)
         if self.architecture == "mistral":
             return transformers.MistralConfig(**kwargs, sliding_window=self.sliding_window)  # default is 4096
-        return transformers.Qwen2Config(**kwargs, use_sliding_window=False)
+        if self.architecture == "qwen2":
+            return transformers.Qwen2Config(**kwargs, use_sliding_window=False)
+        if self.architecture == "qwen3":
+            return transformers.Qwen3Config(**kwargs, use_sliding_window=False, attention_bias=False)
+        moe = dict(num_experts_per_tok=self.experts_per_token, output_router_logits=False)
+        if self.architecture == "mixtral":
+            return transformers.MixtralConfig(**kwargs, **moe, num_local_experts=self.experts,
+                                              sliding_window=self.sliding_window)
+        moe.update(num_experts=self.experts, norm_topk_prob=self.norm_topk_prob)
+        if self.architecture == "olmoe":
+            return transformers.OlmoeConfig(**kwargs, **moe, clip_qkv=self.clip_qkv)
+        qwen_moe = dict(**moe, moe_intermediate_size=self.expert_ffn, decoder_sparse_step=1,
+                        mlp_only_layers=list(self.dense_layers), use_sliding_window=False)
+        if self.architecture == "qwen3_moe":
+            return transformers.Qwen3MoeConfig(**kwargs, **qwen_moe, attention_bias=False)
+        return transformers.Qwen2MoeConfig(**kwargs, **qwen_moe, shared_expert_intermediate_size=self.shared_expert_ffn)
 
     def hf_model_class(self):
         import transformers
@@ -158,6 +194,26 @@ LLAMA_PRESETS: tuple[LlamaPreset, ...] = (
     # q/k/v biases; Qwen2.5's rope theta.
     LlamaPreset("qwen2", "qwen2", layers=2, hidden=96, heads=6, kv_heads=2, ffn=160, vocab=1001,
                 tokenizer_vocab=1000, max_positions=256, rope_theta=1000000.0),
+    # Per-head q/k norms; head_dim 32 != hidden / heads, as Qwen3's 128 against 4096 / 32 is not.
+    LlamaPreset("qwen3", "qwen3", layers=2, hidden=96, heads=6, kv_heads=2, ffn=160, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, head_dim=32, rope_theta=1000000.0),
+    # Mixture-of-experts presets: 4 to 8 experts, top 2, each token's routing its own.
+    # Mixtral: top-2 of 4, renormalised, weighed in float32; a sliding window as Mistral's.
+    LlamaPreset("mixtral", "mixtral", layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, sliding_window=16, experts=4, experts_per_token=2,
+                expert_ffn=96),
+    # Qwen2-MoE: a shared expert with its sigmoid gate, q/k/v biases, and a dense second layer.
+    LlamaPreset("qwen2_moe", "qwen2_moe", layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, experts=4, experts_per_token=2, expert_ffn=48,
+                shared_expert_ffn=96, dense_layers=(1,)),
+    # Qwen3-MoE: top-2 of 8 renormalised (norm_topk_prob), per-head q/k norms, head_dim 32.
+    LlamaPreset("qwen3_moe", "qwen3_moe", layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, head_dim=32, experts=8, experts_per_token=2,
+                expert_ffn=32, norm_topk_prob=True),
+    # OLMoE: top-2 of 8 not renormalised, q/k norms over the projections, q/k/v clipped; full MHA.
+    LlamaPreset("olmoe", "olmoe", layers=2, hidden=64, heads=4, kv_heads=4, ffn=48, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, experts=8, experts_per_token=2, expert_ffn=48,
+                clip_qkv=2.0),
 )
 
 
@@ -265,7 +321,7 @@ def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales
         for rows in _rare_rows(preset):
             values[rows] *= scales.special_row_scale
         return values
-    if name.endswith("layernorm.weight") or name.endswith("model.norm.weight"):
+    if name.endswith(("layernorm.weight", "model.norm.weight", "q_norm.weight", "k_norm.weight")):
         gain = scales.logit_std / scales.token_norm if name == "model.norm.weight" else 1.0
         return gain * (1.0 + scales.norm_weight_std * noise)
     if name.endswith(".bias"):
@@ -278,6 +334,12 @@ def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales
         "gate_proj.weight": 1.0 / hidden**0.5,
         "up_proj.weight": 1.0 / hidden**0.5,
         "down_proj.weight": scales.mlp_out_gain / (SWIGLU_STD * preset.ffn**0.5),
+        # MoE (transformers' in-memory names): the router, the experts' fused gate/up and down projections
+        # (each token's output a weighted mean of its experts'), Qwen2-MoE's shared expert gate.
+        "gate.weight": ROUTER_GAIN / hidden**0.5,
+        "experts.gate_up_proj": 1.0 / hidden**0.5,
+        "experts.down_proj": scales.mlp_out_gain / (SWIGLU_STD * max(preset.expert_ffn, 1)**0.5),
+        "shared_expert_gate.weight": 1.0 / hidden**0.5,
     }
     suffix = ".".join(name.split(".")[-2:])
     if suffix not in std_by_suffix:
