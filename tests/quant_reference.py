@@ -86,12 +86,26 @@ def quantise_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantised_weights_model(model):
-    """A copy of `model` whose matrices went through the paper's 4-bit weight quantisation."""
+    """A copy of `model` whose matrices went through the paper's 4-bit weight quantisation.
+
+    Mixture-of-experts layers hold their experts as 3-D tensors in transformers (E, 2F, H) for the fused
+    gate and up projections, (E, H, F) for down; checkpoints, and so the engine, hold one matrix per
+    expert and projection: each is quantised as the matrix it is stored as."""
     import copy
 
     quantised = copy.deepcopy(model)
     with torch.no_grad():
-        for param in quantised.parameters():  # tied embeddings are one parameter: quantised once
+        for name, param in quantised.named_parameters():  # tied embeddings are one parameter: quantised once
             if param.dim() == 2:
                 param.copy_(quantise_weight(param.data))
+            elif param.dim() == 3 and name.endswith("gate_up_proj"):
+                for expert in param:
+                    gate, up = expert.chunk(2, dim=0)
+                    gate.copy_(quantise_weight(gate))
+                    up.copy_(quantise_weight(up))
+            elif param.dim() == 3 and name.endswith("down_proj"):
+                for expert in param:
+                    expert.copy_(quantise_weight(expert))
+            elif param.dim() > 2:
+                raise AssertionError(f"no quantisation rule for {name} {tuple(param.shape)}")
     return quantised

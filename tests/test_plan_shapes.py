@@ -13,7 +13,9 @@ from flexgen_core import Engine, Policy, memory
 from flexgen_core.plan.shapes import hf_config_from_entry, known_models, load_model
 from flexgen_core.testing import PRESETS, build_checkpoint
 
-CONFIG_CLASSES = {"opt": "OPTConfig", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+CONFIG_CLASSES = {"opt": "OPTConfig", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                  "qwen3": "Qwen3Config", "mixtral": "MixtralConfig", "olmoe": "OlmoeConfig",
+                  "qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig"}
 POLICY = Policy(gpu_batch_size=2, num_gpu_batches=1, w_gpu_percent=30, w_cpu_percent=30)
 
 
@@ -40,3 +42,28 @@ def test_known_models_plan_transformers_parameter_count(name):
     # The engine stores a tied output embedding a second time, in the output layer.
     expected = unique + (model.get_output_embeddings().weight.numel() if tied else 0)
     assert load_model(name).num_params == expected
+
+
+@pytest.mark.parametrize("name, published", [
+    ("mistralai/Mixtral-8x7B-v0.1", 46.7e9),  # Mistral AI's announcement: 46.7B total, 12.9B per token
+    ("allenai/OLMoE-1B-7B-0125-Instruct", 6.9e9),  # "1B active, 7B total" (6.9B in the OLMoE paper)
+    ("Qwen/Qwen3-30B-A3B", 30.5e9),  # Qwen3's model card: 30.5B total, 3.3B activated
+    ("Qwen/Qwen1.5-MoE-A2.7B", 14.3e9),  # its model card: 14.3B total, 2.7B activated
+])
+def test_moe_table_models_have_their_published_sizes(name, published):
+    """An independent check of the table's MoE fields: the totals their authors publish."""
+    assert load_model(name).num_params == pytest.approx(published, rel=0.01)
+
+
+def test_mixtral_plans_cpu_attention_and_a_large_block():
+    """Per token Mixtral reads a quarter of its experts' weights but stores all of them: on the paper's T4
+    machine the planner keeps the weights on the host and amortises each layer's load over a large block,
+    with attention over a host-resident cache on the CPU (as MoE-Lightning and FlexGen do)."""
+    from flexgen_core.plan.hardware import load_profile
+    from flexgen_core.plan.search import plan
+    from flexgen_core.plan.workload import Workload
+
+    result = plan(load_model("mistralai/Mixtral-8x7B-v0.1"), Workload(512, 32), load_profile("t4-gcp"), 2)
+    policy = result.policy
+    assert policy.cpu_cache_compute and policy.cache_gpu_percent == 0
+    assert policy.block_size >= 256 and policy.w_gpu_percent < 20

@@ -4,7 +4,8 @@ A model to plan for is its family-independent `ModelShape` plus its list of laye
 specs (what `memory.account` and the cost model read). It comes from, in order:
 
 1. a local checkpoint folder's `config.json`;
-2. the packaged table of known models (`model_shapes.json`: OPT, Llama 2/3, Mistral, Qwen2.5), offline;
+2. the packaged table of known models (`model_shapes.json`: OPT, Llama 2/3, Mistral, Qwen2.5, Qwen3, and the
+   mixtures of experts Mixtral, OLMoE, Qwen1.5-MoE and Qwen3-MoE), offline;
 3. the `config.json` of a Hugging Face hub repository (downloaded alone, no weights).
 
 Every model is built by its engine family (`models/registry.py`): the family's config class and layer
@@ -80,6 +81,7 @@ def hf_config_from_entry(entry: Mapping[str, Any]) -> dict[str, Any]:
         }
     if family in supported_model_types():
         return {
+            **entry.get("config", {}),  # what else the family reads (experts, head_dim, ...)
             "model_type": family,
             "num_hidden_layers": entry["layers"],
             "hidden_size": entry["hidden"],

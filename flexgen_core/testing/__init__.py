@@ -24,6 +24,7 @@ into place with `os.rename`, so concurrent test processes can race safely.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 import time
@@ -69,7 +70,8 @@ PRESETS: dict[str, Preset | LlamaPreset] = {
 
 def _checkpoint_key(preset: Preset | LlamaPreset, seed: int, sharded: bool, dtype: str) -> str:
     layout = "sharded" if sharded else "single"
-    return f"model-{preset.name}-seed{seed}-{dtype}-{layout}-v{FACTORY_VERSION}-{corpus_digest()}"
+    shape = hashlib.sha256(repr(preset).encode()).hexdigest()[:8]  # an edited preset is built anew
+    return f"model-{preset.name}-{shape}-seed{seed}-{dtype}-{layout}-v{FACTORY_VERSION}-{corpus_digest()}"
 
 
 def build_checkpoint(

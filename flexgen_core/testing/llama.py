@@ -41,7 +41,6 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-ROUTER_GAIN = 2.0  # router logits of std ~2: decisive routing, varied across tokens
 # E[silu(g)^2] for g ~ N(0, 1) is 0.356: a SwiGLU of unit-variance gate and up inputs has std ~0.6.
 SWIGLU_STD = 0.356**0.5
 
@@ -73,6 +72,7 @@ class LlamaPreset:
     norm_topk_prob: bool = False
     dense_layers: tuple[int, ...] = ()  # Qwen MoE: layers with a dense MLP (`mlp_only_layers`)
     clip_qkv: float | None = None  # OLMoE
+    router_gain: float = 1.0  # router logits of std ~this: routing varied across tokens, rarely near a tie
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -336,7 +336,7 @@ def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales
         "down_proj.weight": scales.mlp_out_gain / (SWIGLU_STD * preset.ffn**0.5),
         # MoE (transformers' in-memory names): the router, the experts' fused gate/up and down projections
         # (each token's output a weighted mean of its experts'), Qwen2-MoE's shared expert gate.
-        "gate.weight": ROUTER_GAIN / hidden**0.5,
+        "gate.weight": preset.router_gain / hidden**0.5,
         "experts.gate_up_proj": 1.0 / hidden**0.5,
         "experts.down_proj": scales.mlp_out_gain / (SWIGLU_STD * max(preset.expert_ffn, 1)**0.5),
         "shared_expert_gate.weight": 1.0 / hidden**0.5,
