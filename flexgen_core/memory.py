@@ -260,16 +260,25 @@ def workspace_bound(shape, batch: int, prompt_len: int, total_len: int, dtype_by
     lse = batch * shape.num_heads * (prompt_len + 32) * SCORE_BYTES
     prefix_kv = 2 * prefix_len * shape.kv_width * dtype_bytes
     attention = 8 * hidden + kv + scores + mask + lse + prefix_kv
-    # Input, norm, each chunk's output and their concatenation; per chunk of positions up to three
-    # (B, chunk, FFN) intermediates (fc1 and its activation; gate, its activation and up).
-    positions = token_chunk(batch, prompt_len, shape.mlp_width, dtype_bytes)
-    mlp = 6 * hidden + 3 * batch * positions * shape.mlp_width * dtype_bytes
-    if shape.moe is not None:  # per chunk: router logits, float32 probabilities, top-k; per expert, at
-        # worst every token of the chunk: its inputs, its output (float32 when weighed so) and the sum
-        rows = batch * positions
-        router = rows * shape.moe.num_experts * (dtype_bytes + 4) + rows * shape.moe.top_k * (4 + 8 + 8)
-        mlp += router + rows * shape.hidden_size * (3 * dtype_bytes + 4 + 4)
+    mlp = mlp_workspace(shape, batch, prompt_len, dtype_bytes)
     logit_rows = tokens if echo_prompt else batch
     output = 2 * hidden + logit_rows * shape.vocab_size * (dtype_bytes + 4 + 4)  # logits, fp32 log-softmax
     in_flight = 2 * hidden + kv
     return max(attention, mlp, output) + in_flight
+
+
+def mlp_workspace(shape, batch: int, num_tokens: int, dtype_bytes: int) -> int:
+    """Upper bound on an MLP layer's transient tensors over (batch, num_tokens) hidden states: the input,
+    its norm (float32 in RMSNorm), each chunk's output and their concatenation; per chunk of positions up
+    to three (B, chunk, width) intermediates (fc1 and its activation; gate, its activation and up). A
+    mixture of experts adds, per chunk, the router's logits, their float32 softmax and the top-k, and per
+    expert, at worst every token of the chunk, its gathered inputs, its output, that output weighed (in
+    float32 for Mixtral) and the running sum."""
+    hidden = batch * num_tokens * shape.hidden_size * dtype_bytes
+    positions = token_chunk(batch, num_tokens, shape.mlp_width, dtype_bytes)
+    mlp = 6 * hidden + 3 * batch * positions * shape.mlp_width * dtype_bytes
+    if shape.moe is not None:
+        rows = batch * positions
+        router = rows * shape.moe.num_experts * (dtype_bytes + 4) + rows * shape.moe.top_k * (4 + 8 + 8)
+        mlp += router + rows * shape.hidden_size * (3 * dtype_bytes + 4 + 4)
+    return mlp
