@@ -61,7 +61,7 @@ from pathlib import Path
 mount, size_bytes, checkpoint, gen_len = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount)], check=True)
 from flexgen_core import Engine, Policy
-from flexgen_core.runtime import schedule
+from flexgen_core.runtime import unit_math
 from flexgen_core.runtime.capacity import PolicyDoesNotFit
 from flexgen_core.runtime.storage import DiskFile, OffloadSpaceError
 from flexgen_core.testing import sample_prompts
@@ -71,7 +71,7 @@ prompts = sample_prompts(checkpoint, 4, 64, 64, seed=1)
 a = Engine.from_pretrained(checkpoint, policy=policy, offload_dir=mount / "a", device="cpu")
 b = Engine.from_pretrained(checkpoint, policy=policy, offload_dir=mount / "b", device="cpu")
 started, resume = threading.Event(), threading.Event()
-choose = schedule.select_tokens
+choose = unit_math.select_tokens
 
 def paused(*args, **kwargs):  # A holds its block's cache files until B has tried
     started.set()
@@ -79,11 +79,11 @@ def paused(*args, **kwargs):  # A holds its block's cache files until B has trie
     return choose(*args, **kwargs)
 
 out = {}
-schedule.select_tokens = paused
+unit_math.select_tokens = paused
 thread = threading.Thread(target=lambda: out.update(a=a.generate(prompts, max_new_tokens=gen_len)))
 thread.start()
 started.wait(120)
-schedule.select_tokens = choose
+unit_math.select_tokens = choose
 try:
     b.generate(prompts, max_new_tokens=gen_len)
     out["b_refused"] = None
@@ -308,7 +308,7 @@ def test_sighup_removes_offload_files(tmp_path):
 _CHILD_TESTS = r'''
 import os, time
 from flexgen_core import Engine, Policy
-from flexgen_core.runtime import schedule
+from flexgen_core.runtime import unit_math
 
 
 def test_holds_a_block():
@@ -318,7 +318,7 @@ def test_holds_a_block():
         def stalled(*args, **kwargs):  # mid-block: the first token is being chosen
             open(os.environ["MARKER"], "w").close()
             time.sleep(300)
-        schedule.select_tokens = stalled
+        unit_math.select_tokens = stalled
         engine.generate([[2, 5, 7, 9]], max_new_tokens=4)
 
 
