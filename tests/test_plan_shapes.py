@@ -15,7 +15,7 @@ from flexgen_core.testing import PRESETS, build_checkpoint
 
 CONFIG_CLASSES = {"opt": "OPTConfig", "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                   "qwen3": "Qwen3Config", "mixtral": "MixtralConfig", "olmoe": "OlmoeConfig",
-                  "qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig"}
+                  "qwen3_moe": "Qwen3MoeConfig", "qwen2_moe": "Qwen2MoeConfig", "phi3": "Phi3Config"}
 POLICY = Policy(gpu_batch_size=2, num_gpu_batches=1, w_gpu_percent=30, w_cpu_percent=30)
 
 
@@ -49,9 +49,11 @@ def test_known_models_plan_transformers_parameter_count(name):
     ("allenai/OLMoE-1B-7B-0125-Instruct", 6.9e9),  # "1B active, 7B total" (6.9B in the OLMoE paper)
     ("Qwen/Qwen3-30B-A3B", 30.5e9),  # Qwen3's model card: 30.5B total, 3.3B activated
     ("Qwen/Qwen1.5-MoE-A2.7B", 14.3e9),  # its model card: 14.3B total, 2.7B activated
+    ("microsoft/Phi-3-mini-4k-instruct", 3.8e9),  # the Phi-3 report: 3.8B
+    ("microsoft/Phi-3-medium-4k-instruct", 14e9),  # the Phi-3 report: 14B
 ])
-def test_moe_table_models_have_their_published_sizes(name, published):
-    """An independent check of the table's MoE fields: the totals their authors publish."""
+def test_new_table_models_have_their_published_sizes(name, published):
+    """An independent check of the table's MoE and Phi-3 fields: the totals their authors publish."""
     assert load_model(name).num_params == pytest.approx(published, rel=0.01)
 
 

@@ -1,6 +1,7 @@
 """Llama-style decoders: Llama 2/3, Mistral and Qwen2, as in transformers' `models/llama/modeling_llama.py`,
 `models/mistral/modeling_mistral.py` and `models/qwen2/modeling_qwen2.py`; and the layers that Qwen3,
-Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (their own files: qwen3.py, mixtral.py, olmoe.py) build on.
+Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (their own files: qwen3.py, phi3.py, mixtral.py,
+qwen2_moe.py, olmoe.py) build on.
 
 One family with switches, since the three differ only in details:
 - all: RMSNorm before attention and MLP, rotary position embeddings (RoPE) on q and k, grouped-query
@@ -13,8 +14,8 @@ One family with switches, since the three differ only in details:
   in layers `>= max_window_layers` (or as `layer_types` says).
 
 The others add: q/k RMSNorm, per head before RoPE (Qwen3, `qk_norm="head"`) or over the whole projection
-(OLMoE, `qk_norm="full"`, with `clip_qkv`); mixture-of-experts MLPs (moe.py) in the layers `moe_layers`
-names.
+(OLMoE, `qk_norm="full"`, with `clip_qkv`); fused qkv and gate_up projections (Phi-3, `fused_qkv`);
+mixture-of-experts MLPs (moe.py) in the layers `moe_layers` names.
 
 Sliding windows are applied as an attention mask (a query at index i sees keys (i - window, i]), as
 transformers does; the KV cache still holds every position, so memory is that of full attention.
@@ -71,6 +72,7 @@ class LlamaConfig(ModelShape):
     qk_norm: str | None = None   # "head": RMSNorm of each head of q and k (Qwen3); "full": of q and k (OLMoE)
     clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] (OLMoE)
     moe_layers: tuple[bool, ...] = ()  # per decoder layer: a mixture of experts (else the dense MLP)
+    fused_qkv: bool = False      # one qkv_proj (q, then k, then v rows) and one gate_up_proj (Phi-3)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], variant: str | None = None) -> "LlamaConfig":
@@ -273,10 +275,13 @@ class LlamaAttention:
         h, p = cfg.hidden_size, f"layers.{index}."
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_width
         # Order matters for placement (placement.weight_tiers: byte midpoints in spec order).
-        self.specs = [
-            _NAMES.matrix("q", p + "self_attn.q_proj.weight", q_width, h),
-            _NAMES.matrix("k", p + "self_attn.k_proj.weight", kv_width, h),
-            _NAMES.matrix("v", p + "self_attn.v_proj.weight", kv_width, h),
+        if cfg.fused_qkv:
+            projections = [_NAMES.matrix("qkv", p + "self_attn.qkv_proj.weight", q_width + 2 * kv_width, h)]
+        else:
+            projections = [_NAMES.matrix("q", p + "self_attn.q_proj.weight", q_width, h),
+                           _NAMES.matrix("k", p + "self_attn.k_proj.weight", kv_width, h),
+                           _NAMES.matrix("v", p + "self_attn.v_proj.weight", kv_width, h)]
+        self.specs = projections + [
             _NAMES.matrix("o", p + "self_attn.o_proj.weight", h, q_width),
             _NAMES.vector("norm_w", p + "input_layernorm.weight", h),
         ]
@@ -295,7 +300,10 @@ class LlamaAttention:
         """(B, s, H) -> q (B, s, nh, hd), k and v (B, s, nkv, hd); q and k rotated by position."""
         cfg = self.cfg
         y = L.rms_norm(x, w["norm_w"], cfg.rms_norm_eps)
-        q, k, v = L.linear(y, w["q"], w.get("q_b")), L.linear(y, w["k"], w.get("k_b")), L.linear(y, w["v"], w.get("v_b"))
+        if cfg.fused_qkv:
+            q, k, v = L.linear(y, w["qkv"]).split((cfg.num_heads * cfg.head_dim, cfg.kv_width, cfg.kv_width), dim=-1)
+        else:
+            q, k, v = (L.linear(y, w[name], w.get(f"{name}_b")) for name in ("q", "k", "v"))
         if cfg.qk_norm == "full":
             q, k = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps), L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
@@ -319,9 +327,12 @@ class LlamaMLP:
         self.name = f"layer{index}.mlp"
         self.act = L.activation(cfg.activation)
         h, f, p = cfg.hidden_size, cfg.ffn_size, f"layers.{index}."
-        self.specs = [
-            _NAMES.matrix("gate", p + "mlp.gate_proj.weight", f, h),
-            _NAMES.matrix("up", p + "mlp.up_proj.weight", f, h),
+        if cfg.fused_qkv:
+            projections = [_NAMES.matrix("gate_up", p + "mlp.gate_up_proj.weight", 2 * f, h)]
+        else:
+            projections = [_NAMES.matrix("gate", p + "mlp.gate_proj.weight", f, h),
+                           _NAMES.matrix("up", p + "mlp.up_proj.weight", f, h)]
+        self.specs = projections + [
             _NAMES.matrix("down", p + "mlp.down_proj.weight", h, f),
             _NAMES.vector("norm_w", p + "post_attention_layernorm.weight", h),
         ]
@@ -331,8 +342,13 @@ class LlamaMLP:
 
     def forward(self, w, x: torch.Tensor) -> torch.Tensor:
         y = L.rms_norm(x, w["norm_w"], self.cfg.rms_norm_eps)
-        gated = self.act(L.linear(y, w["gate"], w.get("gate_b")))  # (B, s, F)
-        gated.mul_(L.linear(y, w["up"], w.get("up_b")))  # in place: two (B, s, F) tensors at most
+        if self.cfg.fused_qkv:
+            gate, up = L.linear(y, w["gate_up"]).chunk(2, dim=-1)  # (B, s, 2F): three F-wide at most
+            gated = self.act(gate)
+            gated.mul_(up)
+        else:
+            gated = self.act(L.linear(y, w["gate"], w.get("gate_b")))  # (B, s, F)
+            gated.mul_(L.linear(y, w["up"], w.get("up_b")))  # in place: two (B, s, F) tensors at most
         return x + L.linear(gated, w["down"], w.get("down_b"))
 
 

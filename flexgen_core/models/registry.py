@@ -54,6 +54,7 @@ _FAMILIES: dict[str, tuple[str, Callable[[], Family]]] = {
     "MixtralForCausalLM": ("mixtral", _llama_layers("mixtral", "mixtral")),
     "OlmoeForCausalLM": ("olmoe", _llama_layers("olmoe", "olmoe")),
     "Qwen2MoeForCausalLM": ("qwen2_moe", _llama_layers("qwen2_moe", "qwen2_moe")),
+    "Phi3ForCausalLM": ("phi3", _llama_layers("phi3", "phi3")),
 }
 
 

@@ -4,7 +4,7 @@ A model to plan for is its family-independent `ModelShape` plus its list of laye
 specs (what `memory.account` and the cost model read). It comes from, in order:
 
 1. a local checkpoint folder's `config.json`;
-2. the packaged table of known models (`model_shapes.json`: OPT, Llama 2/3, Mistral, Qwen2.5, Qwen3, and the
+2. the packaged table of known models (`model_shapes.json`: OPT, Llama 2/3, Mistral, Qwen2.5, Qwen3, Phi-3, and the
    mixtures of experts Mixtral, OLMoE, Qwen1.5-MoE and Qwen3-MoE), offline;
 3. the `config.json` of a Hugging Face hub repository (downloaded alone, no weights).
 

@@ -39,7 +39,7 @@ ALPHABET_LIMIT = 96  # characters the BPE learns; rarer ones go through byte fal
 LLAMA_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 # E[silu(g)^2] for g ~ N(0, 1) is 0.356: a SwiGLU of unit-variance gate and up inputs has std ~0.6.
 SWIGLU_STD = 0.356**0.5
@@ -87,8 +87,8 @@ class LlamaPreset:
             )
         if self.tokenizer_vocab < len(LLAMA_SPECIAL_TOKENS) + NUM_BYTE_TOKENS + ALPHABET_LIMIT:
             raise ValueError(f"Preset {self.name!r}: tokenizer_vocab {self.tokenizer_vocab} is too small")
-        if self.sliding_window is not None and self.architecture not in ("mistral", "mixtral"):
-            raise ValueError(f"Preset {self.name!r}: only mistral and mixtral presets take a sliding_window")
+        if self.sliding_window is not None and self.architecture not in ("mistral", "mixtral", "phi3"):
+            raise ValueError(f"Preset {self.name!r}: only mistral, mixtral and phi3 presets take a sliding_window")
         if (self.architecture in MOE_ARCHITECTURES) != (self.experts > 0):
             raise ValueError(f"Preset {self.name!r}: experts are for the MoE architectures {MOE_ARCHITECTURES}")
 
@@ -158,6 +158,9 @@ class LlamaPreset:
             return transformers.Qwen2Config(**kwargs, use_sliding_window=False)
         if self.architecture == "qwen3":
             return transformers.Qwen3Config(**kwargs, use_sliding_window=False, attention_bias=False)
+        if self.architecture == "phi3":
+            return transformers.Phi3Config(**kwargs, sliding_window=self.sliding_window, resid_pdrop=0.0,
+                                           embd_pdrop=0.0)
         moe = dict(num_experts_per_tok=self.experts_per_token, output_router_logits=False)
         if self.architecture == "mixtral":
             return transformers.MixtralConfig(**kwargs, **moe, num_local_experts=self.experts,
@@ -197,6 +200,9 @@ LLAMA_PRESETS: tuple[LlamaPreset, ...] = (
     # Per-head q/k norms; head_dim 32 != hidden / heads, as Qwen3's 128 against 4096 / 32 is not.
     LlamaPreset("qwen3", "qwen3", layers=2, hidden=96, heads=6, kv_heads=2, ffn=160, vocab=1001,
                 tokenizer_vocab=1000, max_positions=256, head_dim=32, rope_theta=1000000.0),
+    # Phi-3: fused qkv and gate_up projections, a sliding window.
+    LlamaPreset("phi3", "phi3", layers=2, hidden=96, heads=6, kv_heads=2, ffn=160, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, sliding_window=16),
     # Mixture-of-experts presets: 4 to 8 experts, top 2, each token's routing its own.
     # Mixtral: top-2 of 4, renormalised, weighed in float32; a sliding window as Mistral's.
     LlamaPreset("mixtral", "mixtral", layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1001,
@@ -340,7 +346,13 @@ def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales
         "experts.gate_up_proj": 1.0 / hidden**0.5,
         "experts.down_proj": scales.mlp_out_gain / (SWIGLU_STD * max(preset.expert_ffn, 1)**0.5),
         "shared_expert_gate.weight": 1.0 / hidden**0.5,
+        # Phi-3's fused projections: gate and up alike; q and k rows as q_proj's and k_proj's, v rows as v_proj's.
+        "gate_up_proj.weight": 1.0 / hidden**0.5,
     }
+    if name.endswith("qkv_proj.weight"):
+        values = noise * (scales.qk_gain / hidden**0.5)
+        values[preset.q_width + preset.kv_width:] /= scales.qk_gain
+        return values
     suffix = ".".join(name.split(".")[-2:])
     if suffix not in std_by_suffix:
         raise AssertionError(f"No init rule for parameter {name!r}")

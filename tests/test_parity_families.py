@@ -1,8 +1,9 @@
-"""The engine against transformers' Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE on the same weights, for
+"""The engine against transformers' Qwen3, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE on the same weights, for
 every kind of placement, on the CPU and on the simulated GPU; routing ties; MoE memory accounting and
 parameter counts; 4-bit experts against the independent quantiser.
 
-Presets (flexgen_core.testing.llama): `qwen3` per-head q/k norms, head_dim != hidden / heads; `mixtral`
+Presets (flexgen_core.testing.llama): `qwen3` per-head q/k norms, head_dim != hidden / heads; `phi3` fused
+qkv and gate_up projections, a sliding window; `mixtral`
 top-2 of 4 renormalised, a sliding window; `qwen2_moe` a shared expert and a dense second layer;
 `qwen3_moe` top-2 of 8 renormalised, q/k norms; `olmoe` top-2 of 8 not renormalised, q/k norms over the
 projections, clip_qkv.
@@ -24,7 +25,7 @@ from flexgen_core.models.registry import family_for, supported
 from flexgen_core.plan.shapes import load_model, matrix_params
 from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts
 
-NEW_PRESETS = ["qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+NEW_PRESETS = ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 MOE_PRESETS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 
@@ -41,7 +42,7 @@ def test_greedy_parity(model, name, device, tmp_path):
 
 
 def test_registry_knows_the_new_families():
-    for arch in ("Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    for arch in ("Qwen3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                  "OlmoeForCausalLM"):
         assert arch in supported()
 
@@ -265,3 +266,13 @@ def test_moe_layer_transients_are_within_its_bound(preset, batch, tokens, tmp_pa
         unit_math.mlp_unit(engine.layers[idx], weights, x, engine.config.mlp_width)
         peak = MEMORY.peak_bytes - base
     assert 0 < peak <= memory.mlp_workspace(engine.config, batch, tokens, engine.dtype.itemsize)
+
+
+def test_phi3_long_context_rope_is_refused_by_name():
+    """Phi-3's 128k models scale RoPE with `longrope`, which the engine does not implement: loading one
+    fails at once, naming the scaling type, not with wrong numbers later."""
+    hf = json.loads((build_checkpoint("phi3") / "config.json").read_text())
+    hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                             "long_factor": [2.0] * 8, "original_max_position_embeddings": 128}
+    with pytest.raises(ValueError, match="longrope"):
+        family_for(hf).config_from_hf(hf)
