@@ -6,6 +6,9 @@
 - `cpu-offload`: the `large` preset (~212M parameters, 848 MB in float32) under a RAM budget for weights
   several times smaller (default 256 MiB); what does not fit is read from disk. Target: >= 10x Accelerate
   under the same budget.
+- `cpu-moe`: the same under a budget, for a mixture of experts: the `olmoe-small` preset (OLMoE-1B-7B's
+  layout, 64 experts of which each token uses 8, scaled down to ~110M parameters; default budget 256 MiB:
+  a layer of all its experts, staged twice for overlap, takes 200 MB of it).
 
 The budget bounds the weights each system keeps in RAM: for the engine its compute- and CPU-tier weights
 plus the staging buffers disk reads land in (`Engine.memory`), for Accelerate `max_memory={"cpu": budget}`.
@@ -14,6 +17,7 @@ same RAM). Throughput = sequences x generated tokens / (prefill + decode) wall t
 
     python benchmarks/bench_cpu.py cpu-small                       # full size: 16 prompts, 512 + 32 tokens
     python benchmarks/bench_cpu.py cpu-offload --budget 256MiB
+    python benchmarks/bench_cpu.py cpu-moe --budget 256MiB
     python benchmarks/bench_cpu.py cpu-small --num-prompts 2 --prompt-len 32 --gen-len 4 --out /tmp/smoke
 """
 
@@ -49,6 +53,7 @@ DTYPE, DTYPE_BYTES = "float32", 4
 SUITES = {
     "cpu-small": dict(preset="opt-100m", num_prompts=16, shapes=["16x1", "8x2", "4x4"]),
     "cpu-offload": dict(preset="large", num_prompts=16, shapes=["16x1", "4x4"], budget="256MiB"),
+    "cpu-moe": dict(preset="olmoe-small", num_prompts=16, shapes=["16x1", "4x4"], budget="256MiB"),
 }
 
 
@@ -95,7 +100,7 @@ def run_suite(args) -> Path:
     weight_bytes = sum(spec.numel for layer in model.layers for spec in layer.specs) * DTYPE_BYTES
 
     measurements = []
-    budget = parse_size(args.budget) if args.suite == "cpu-offload" else 0
+    budget = parse_size(args.budget or conf["budget"]) if "budget" in conf else 0
     plan, disk_label = _plan(args, path, prompts, short, shapes, model, weight_bytes, budget, measurements)
     for name, run in tqdm(plan, desc=f"{args.suite} systems", unit="system"):
         tqdm.write(f"[{args.suite}] {name}")
@@ -270,7 +275,7 @@ def _size_flags(args) -> str:
             f"--batch1-prompts {args.batch1_prompts}"
     if args.shapes:
         flags += " --shapes " + " ".join(args.shapes)
-    if args.suite == "cpu-offload":
+    if args.budget:
         flags += f" --budget {args.budget}"
     return flags
 
@@ -286,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", nargs="+", default=None, metavar="GxK",
                         help="engine block shapes to sweep, GPU batch size x batches per block "
                              "(default: cpu-small 16x1 8x2 4x4; cpu-offload 16x1 4x4)")
-    parser.add_argument("--budget", default="256MiB", help="cpu-offload: RAM for weights (default 256MiB)")
+    parser.add_argument("--budget", default=None,
+                        help="cpu-offload and cpu-moe: RAM for weights (default 256MiB)")
     parser.add_argument("-v", "--verbose", action="store_true")
     suites.add_size_args(parser, num_prompts=16)
     return parser

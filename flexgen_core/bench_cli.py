@@ -40,6 +40,9 @@ SUITES = {
                        "~100M-parameter OPT, weights in RAM and on disk, vs transformers and Accelerate"),
     "cpu-offload": Suite("bench_cpu.py", ("cpu-offload",),
                          "a model 3.3x larger than a 256 MiB weights budget, vs Accelerate under the same budget"),
+    "cpu-moe": Suite("bench_cpu.py", ("cpu-moe",),
+                     "a mixture of experts (OLMoE's layout, ~110M parameters) under a 256 MiB weights budget, vs "
+                     "Accelerate under the same budget"),
     "gpu-30b": Suite("bench_gpu30b.py", (),
                      "OPT-30B shape (or --shape), random weights, GPU capped at 16 GiB, vs FlexGen 0.1.8 and "
                      "Accelerate (needs CUDA; ~60 GB disk)"),
@@ -47,7 +50,8 @@ SUITES = {
 }
 # Options passed on to the suite scripts as given (none apply to the helm suite).
 _PASSED = (
-    ("--budget", str, "cpu-offload: RAM for weights (default 256MiB); gpu-30b: GPU memory cap (default 16GiB)"),
+    ("--budget", str, "cpu-offload and cpu-moe: RAM for weights (default 256MiB); gpu-30b: GPU memory "
+                      "cap (default 16GiB)"),
     ("--shapes", str, "engine block shapes to sweep, GPU batch x batches per block, e.g. 16x1 4x4"),
     ("--batch1-prompts", int, "batch-1 baselines run on the first N prompts (0 = all)"),
     ("--profile", str, "hardware profile JSON for the roofline and cost model instead of measuring now"),

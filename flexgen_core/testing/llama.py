@@ -216,6 +216,11 @@ LLAMA_PRESETS: tuple[LlamaPreset, ...] = (
     LlamaPreset("qwen3_moe", "qwen3_moe", layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1001,
                 tokenizer_vocab=1000, max_positions=256, head_dim=32, experts=8, experts_per_token=2,
                 expert_ffn=32, norm_topk_prob=True),
+    # OLMoE-1B-7B's layout (64 experts, top 8, expert width half the hidden size, full MHA) scaled down to
+    # 4 layers of width 512 and an 8192-token vocabulary: ~110M parameters, nine tenths of them experts.
+    # For the CPU MoE benchmark (benchmarks/bench_cpu.py cpu-moe).
+    LlamaPreset("olmoe-small", "olmoe", layers=4, hidden=512, heads=8, kv_heads=8, ffn=256, vocab=8192,
+                tokenizer_vocab=8192, max_positions=2048, experts=64, experts_per_token=8, expert_ffn=256),
     # OLMoE: top-2 of 8 not renormalised, q/k norms over the projections, q/k/v clipped; full MHA.
     LlamaPreset("olmoe", "olmoe", layers=2, hidden=64, heads=4, kv_heads=4, ffn=48, vocab=1001,
                 tokenizer_vocab=1000, max_positions=256, experts=8, experts_per_token=2, expert_ffn=48,
