@@ -15,7 +15,7 @@ import pytest
 import torch
 from quant_reference import quantised_weights_model
 from reference import check_result
-from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, TIE_TOL, check_greedy_parity
+from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, TIE_TOL, check_greedy_parity, preset_models
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy, memory
@@ -29,10 +29,7 @@ NEW_PRESETS = ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 MOE_PRESETS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 
-@pytest.fixture(scope="module", params=NEW_PRESETS)
-def model(request):
-    path = build_checkpoint(request.param)
-    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+model = preset_models(NEW_PRESETS)
 
 
 @pytest.mark.parametrize("device", DEVICES)

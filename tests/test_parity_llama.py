@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from reference import reference_logprobs
-from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, check_greedy_parity
+from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, check_greedy_parity, preset_models
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
@@ -24,10 +24,7 @@ from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts
 LLAMA_PRESETS = ["llama", "llama3", "mistral", "qwen2"]
 
 
-@pytest.fixture(scope="module", params=LLAMA_PRESETS)
-def model(request):
-    path = build_checkpoint(request.param)
-    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+model = preset_models(LLAMA_PRESETS)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -36,10 +36,17 @@ PLACEMENTS = {
 }
 
 
-@pytest.fixture(scope="module", params=["tiny", "odd", "proj"])
-def model(request):
-    path = build_checkpoint(request.param)
-    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def preset_models(presets: list[str]):
+    """A module-scoped fixture over `presets`: each one's checkpoint and transformers' float32 model of it."""
+    @pytest.fixture(scope="module", params=presets)
+    def model(request):
+        path = build_checkpoint(request.param)
+        return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    return model
+
+
+model = preset_models(["tiny", "odd", "proj"])
 
 
 def check_greedy_parity(model, policy: Policy, offload_dir, device: str = "cpu") -> None:
