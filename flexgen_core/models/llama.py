@@ -14,7 +14,7 @@ One family with switches, since the three differ only in details:
   in layers `>= max_window_layers` (or as `layer_types` says).
 
 The others add: q/k RMSNorm, per head before RoPE (Qwen3, `qk_norm="head"`) or over the whole projection
-(OLMoE, `qk_norm="full"`, with `clip_qkv`); fused qkv and gate_up projections (Phi-3, `fused_qkv`);
+(OLMoE, `qk_norm="full"`, with `clip_qkv`); fused qkv and gate_up projections (Phi-3, `fused_projections`);
 mixture-of-experts MLPs (moe.py) in the layers `moe_layers` names.
 
 Sliding windows are applied as an attention mask (a query at index i sees keys (i - window, i]), as
@@ -72,7 +72,7 @@ class LlamaConfig(ModelShape):
     qk_norm: str | None = None   # "head": RMSNorm of each head of q and k (Qwen3); "full": of q and k (OLMoE)
     clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] (OLMoE)
     moe_layers: tuple[bool, ...] = ()  # per decoder layer: a mixture of experts (else the dense MLP)
-    fused_qkv: bool = False      # one qkv_proj (q, then k, then v rows) and one gate_up_proj (Phi-3)
+    fused_projections: bool = False  # one qkv_proj (q, then k, then v rows) and one gate_up_proj (Phi-3)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], variant: str | None = None) -> "LlamaConfig":
@@ -275,7 +275,7 @@ class LlamaAttention:
         h, p = cfg.hidden_size, f"layers.{index}."
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_width
         # Order matters for placement (placement.weight_tiers: byte midpoints in spec order).
-        if cfg.fused_qkv:
+        if cfg.fused_projections:
             projections = [_NAMES.matrix("qkv", p + "self_attn.qkv_proj.weight", q_width + 2 * kv_width, h)]
         else:
             projections = [_NAMES.matrix("q", p + "self_attn.q_proj.weight", q_width, h),
@@ -300,7 +300,7 @@ class LlamaAttention:
         """(B, s, H) -> q (B, s, nh, hd), k and v (B, s, nkv, hd); q and k rotated by position."""
         cfg = self.cfg
         y = L.rms_norm(x, w["norm_w"], cfg.rms_norm_eps)
-        if cfg.fused_qkv:
+        if cfg.fused_projections:
             q, k, v = L.linear(y, w["qkv"]).split((cfg.num_heads * cfg.head_dim, cfg.kv_width, cfg.kv_width), dim=-1)
         else:
             q, k, v = (L.linear(y, w[name], w.get(f"{name}_b")) for name in ("q", "k", "v"))
@@ -327,7 +327,7 @@ class LlamaMLP:
         self.name = f"layer{index}.mlp"
         self.act = L.activation(cfg.activation)
         h, f, p = cfg.hidden_size, cfg.ffn_size, f"layers.{index}."
-        if cfg.fused_qkv:
+        if cfg.fused_projections:
             projections = [_NAMES.matrix("gate_up", p + "mlp.gate_up_proj.weight", 2 * f, h)]
         else:
             projections = [_NAMES.matrix("gate", p + "mlp.gate_proj.weight", f, h),
@@ -342,7 +342,7 @@ class LlamaMLP:
 
     def forward(self, w, x: torch.Tensor) -> torch.Tensor:
         y = L.rms_norm(x, w["norm_w"], self.cfg.rms_norm_eps)
-        if self.cfg.fused_qkv:
+        if self.cfg.fused_projections:
             gate, up = L.linear(y, w["gate_up"]).chunk(2, dim=-1)  # (B, s, 2F): three F-wide at most
             gated = self.act(gate)
             gated.mul_(up)

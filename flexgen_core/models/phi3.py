@@ -13,5 +13,5 @@ from flexgen_core.models.llama import LlamaConfig, common_fields, mistral_window
 
 def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
     fields = common_fields(hf)
-    return LlamaConfig(**fields, family="phi3", fused_qkv=True,
+    return LlamaConfig(**fields, family="phi3", fused_projections=True,
                        sliding_windows=mistral_windows(hf, fields["num_layers"], fields["max_positions"]))
