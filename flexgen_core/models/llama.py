@@ -293,8 +293,9 @@ class LlamaAttention:
             self.specs.append(_NAMES.vector("o_b", p + "self_attn.o_proj.bias", h))
         if cfg.qk_norm is not None:
             per_head = cfg.qk_norm == "head"
-            self.specs += [_NAMES.vector("q_norm", p + "self_attn.q_norm.weight", cfg.head_dim if per_head else q_width),
-                           _NAMES.vector("k_norm", p + "self_attn.k_norm.weight", cfg.head_dim if per_head else kv_width)]
+            q_norm, k_norm = (cfg.head_dim, cfg.head_dim) if per_head else (q_width, kv_width)
+            self.specs += [_NAMES.vector("q_norm", p + "self_attn.q_norm.weight", q_norm),
+                           _NAMES.vector("k_norm", p + "self_attn.k_norm.weight", k_norm)]
 
     def qkv(self, w, x: torch.Tensor, positions: torch.Tensor):
         """(B, s, H) -> q (B, s, nh, hd), k and v (B, s, nkv, hd); q and k rotated by position."""
@@ -308,7 +309,8 @@ class LlamaAttention:
             q, k = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps), L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q, k, v = L.split_heads(q, cfg.num_heads), L.split_heads(k, cfg.num_kv_heads), L.split_heads(v, cfg.num_kv_heads)
+        q = L.split_heads(q, cfg.num_heads)
+        k, v = L.split_heads(k, cfg.num_kv_heads), L.split_heads(v, cfg.num_kv_heads)
         if cfg.qk_norm == "head":
             q, k = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps), L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         cos, sin = self.rotary(positions, q.dtype)
