@@ -281,9 +281,8 @@ class Engine:
         try:
             check_fits(terms, self.devices, self.offload.path, self.policy, what)
         except PolicyDoesNotFit:
-            if not self.prefixes.others_than(keep):
+            if not self.prefixes.drop(keep=keep):
                 raise
-            self.prefixes.drop(keep=keep)
             check_fits(terms, self.devices, self.offload.path, self.policy, what)
 
     # ---- shared prefixes ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 from quant_reference import quantised_weights_model
 from reference import check_result
-from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, TIE_TOL, check_greedy_parity, preset_models
+from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, TIE_TOL, check_greedy_parity, greedy_parity_test, preset_models
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy, memory
@@ -28,14 +28,8 @@ from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts
 NEW_PRESETS = ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 MOE_PRESETS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
-
 model = preset_models(NEW_PRESETS)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", sorted(PLACEMENTS))
-def test_greedy_parity(model, name, device, tmp_path):
-    check_greedy_parity(model, PLACEMENTS[name], tmp_path, device)
+test_greedy_parity = greedy_parity_test()
 
 
 def test_registry_knows_the_new_families():

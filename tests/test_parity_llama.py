@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from reference import reference_logprobs
-from test_parity_opt import DEVICES, LOGPROB_TOL, PLACEMENTS, check_greedy_parity, preset_models
+from test_parity_opt import LOGPROB_TOL, greedy_parity_test, preset_models
 from transformers import AutoModelForCausalLM
 
 from flexgen_core import Engine, Policy
@@ -23,14 +23,8 @@ from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts
 
 LLAMA_PRESETS = ["llama", "llama3", "mistral", "qwen2"]
 
-
 model = preset_models(LLAMA_PRESETS)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", sorted(PLACEMENTS))
-def test_greedy_parity(model, name, device, tmp_path):
-    check_greedy_parity(model, PLACEMENTS[name], tmp_path, device)
+test_greedy_parity = greedy_parity_test()
 
 
 def test_presets_exercise_what_they_claim():

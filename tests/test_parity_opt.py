@@ -61,10 +61,18 @@ def check_greedy_parity(model, policy: Policy, offload_dir, device: str = "cpu")
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", sorted(PLACEMENTS))
-def test_greedy_parity(model, name, device, tmp_path):
-    check_greedy_parity(model, PLACEMENTS[name], tmp_path, device)
+def greedy_parity_test():
+    """The greedy parity test over every placement and device, for the `model` fixture of the module that
+    binds it (pytest resolves fixtures where it collects the test)."""
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("name", sorted(PLACEMENTS))
+    def test_greedy_parity(model, name, device, tmp_path):
+        check_greedy_parity(model, PLACEMENTS[name], tmp_path, device)
+
+    return test_greedy_parity
+
+
+test_greedy_parity = greedy_parity_test()
 
 
 def test_sharded_checkpoint_matches_single(tmp_path):

@@ -154,6 +154,35 @@ def test_only_the_most_recent_prefixes_are_kept(tmp_path, monkeypatch):
     assert counter.lengths == [20] * (MAX_KEPT_PREFIXES + 2)
 
 
+def test_kept_prefixes_are_let_go_when_a_block_needs_their_room(tmp_path, monkeypatch):
+    """A block that fits only without the prefixes kept from earlier calls frees them and runs; one that
+    does not fit with none kept is refused."""
+    from flexgen_core import engine as engine_module
+    from flexgen_core.runtime.capacity import PolicyDoesNotFit
+
+    path = build_checkpoint("tiny")
+    prompts = _prompts(path, n=4)
+    fits = engine_module.check_fits
+    with Engine.from_pretrained(path, policy=Policy(gpu_batch_size=2), offload_dir=tmp_path) as engine:
+        engine.generate(prompts, max_new_tokens=2)
+        assert len(engine.prefixes) == 1
+        tight = {"calls": 0}
+
+        def fits_once_freed(terms, *args):  # the first check of a block fails, as if the kept K/V were in its way
+            tight["calls"] += 1
+            if tight["calls"] == 1:
+                raise PolicyDoesNotFit("no room beside the kept prefixes")
+            return fits(terms, *args)
+
+        monkeypatch.setattr(engine_module, "check_fits", fits_once_freed)
+        own = sample_prompts(path, 2, 5, 9, seed=13)  # nothing shared: the kept prefix is not used
+        assert len(engine.generate(own, max_new_tokens=2)) == 2
+        assert len(engine.prefixes) == 0
+        tight["calls"] = 0
+        with pytest.raises(PolicyDoesNotFit, match="no room"):
+            engine.generate(own, max_new_tokens=2)
+
+
 def test_a_prompt_that_is_the_prefix_keeps_one_token_of_its_own(tmp_path, monkeypatch):
     path = build_checkpoint("tiny")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -46,6 +46,7 @@ class SparseMoE:
                 names.matrix("shared_router", block + "shared_expert_gate.weight", 1, h),
             ]
         share = moe.top_k / moe.num_experts  # of the tokens, on average, multiply by one expert's weights
+        self.expert_names = [(f"e{e}.gate", f"e{e}.up", f"e{e}.down") for e in range(moe.num_experts)]
         for e in range(moe.num_experts):
             for part, key, shape in (("gate", moe.names.gate, (f, h)), ("up", moe.names.up, (f, h)),
                                      ("down", moe.names.down, (h, f))):
@@ -68,11 +69,12 @@ class SparseMoE:
         top_weights, top_experts = self.route(w, y)
         out = torch.zeros_like(y)
         for e in torch.unique(top_experts).tolist():  # ascending, as transformers sums them
+            gate, up, down = self.expert_names[e]
             token, slot = torch.where(top_experts == e)
             part = y[token]
-            gated = self.act(L.linear(part, w[f"e{e}.gate"]))
-            gated.mul_(L.linear(part, w[f"e{e}.up"]))
-            expert_out = L.linear(gated, w[f"e{e}.down"]) * top_weights[token, slot, None]
+            gated = self.act(L.linear(part, w[gate]))
+            gated.mul_(L.linear(part, w[up]))
+            expert_out = L.linear(gated, w[down]) * top_weights[token, slot, None]
             out.index_add_(0, token, expert_out.to(out.dtype))
         if self.moe.shared_ffn:
             shared = self.act(L.linear(y, w["shared_gate"]))

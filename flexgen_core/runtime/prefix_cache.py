@@ -5,7 +5,7 @@ freed first (the rules: flexgen_core/prefix.py)."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from flexgen_core.prefix import MAX_KEPT_PREFIXES, reuse_kept_prefix
 from flexgen_core.runtime.schedule import SharedPrefix
@@ -20,9 +20,6 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._kept)
-
-    def __iter__(self) -> Iterator[SharedPrefix]:
-        return iter(list(self._kept))
 
     def find(self, prompts: Sequence[Sequence[int]], common_len: int) -> SharedPrefix | None:
         """The longest kept prefix that every prompt starts with (they share `common_len` tokens), if
@@ -43,15 +40,13 @@ class PrefixCache:
     def add(self, prefix: SharedPrefix) -> None:
         self._kept.append(prefix)
 
-    def others_than(self, keep: SharedPrefix | None) -> bool:
-        """Whether any prefix but `keep` is held (something `drop` would free)."""
-        return any(p is not keep for p in self._kept)
-
-    def drop(self, keep: SharedPrefix | None = None) -> None:
-        """Free every kept prefix but `keep`."""
-        for prefix in [p for p in self._kept if p is not keep]:
+    def drop(self, keep: SharedPrefix | None = None) -> bool:
+        """Free every kept prefix but `keep`; whether there was any."""
+        freed = [p for p in self._kept if p is not keep]
+        for prefix in freed:
             prefix.close()
             self._kept.remove(prefix)
+        return bool(freed)
 
     @property
     def newest(self) -> SharedPrefix | None:
