@@ -95,5 +95,5 @@ def test_every_familys_layers_keep_the_layer_interface():
                 assert isinstance(layer, AttentionLayer), (preset, layer)
             else:
                 assert callable(getattr(layer, "forward", None)), (preset, layer)
-    assert seen == {"opt", "llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
-                    "olmoe"}
+    assert seen == {"opt", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "mixtral",
+                    "qwen2_moe", "qwen3_moe", "olmoe"}

@@ -1,9 +1,12 @@
-"""The engine against transformers' Qwen3, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE on the same weights, for
+"""The engine against transformers' Qwen3, Phi-3, Gemma 2, Gemma 3, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE on the
+same weights, for
 every kind of placement, on the CPU and on the simulated GPU; routing ties; MoE memory accounting and
 parameter counts; 4-bit experts against the independent quantiser.
 
 Presets (flexgen_core.testing.llama): `qwen3` per-head q/k norms, head_dim != hidden / heads; `phi3` fused
-qkv and gate_up projections, a sliding window; `mixtral`
+qkv and gate_up projections, a sliding window; `gemma2` scaled embedding, (1 + w) norms after attention and
+MLP too, GeGLU, scores scaled by query_pre_attn_scalar, soft caps on scores and logits, a local and a global
+layer; `gemma3` q/k norms and a RoPE base per layer kind; `mixtral`
 top-2 of 4 renormalised, a sliding window; `qwen2_moe` a shared expert and a dense second layer;
 `qwen3_moe` top-2 of 8 renormalised, q/k norms; `olmoe` top-2 of 8 not renormalised, q/k norms over the
 projections, clip_qkv.
@@ -25,27 +28,31 @@ from flexgen_core.models.registry import family_for, supported
 from flexgen_core.plan.shapes import load_model, matrix_params
 from flexgen_core.testing import PRESETS, build_checkpoint, sample_prompts
 
-NEW_PRESETS = ["qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+NEW_PRESETS = ["qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 MOE_PRESETS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+GEMMA_PRESETS = ["gemma2", "gemma3"]
 
 model = preset_models(NEW_PRESETS)
 test_greedy_parity = greedy_parity_test()
 
 
 def test_registry_knows_the_new_families():
-    for arch in ("Qwen3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    for arch in ("Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                  "OlmoeForCausalLM"):
         assert arch in supported()
 
 
 @pytest.mark.parametrize("preset", NEW_PRESETS)
 def test_planned_parameters_are_transformers_parameters(preset):
-    """The layers the planner and the accounting see hold exactly the parameters transformers builds."""
+    """The layers the planner and the accounting see hold exactly the parameters transformers builds (a tied
+    head twice)."""
     path = build_checkpoint(preset)
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     planned = load_model(str(path))
-    assert sum(spec.numel for layer in planned.layers for spec in layer.specs) == \
+    # The engine stores a tied output embedding a second time, in the output layer (Gemma's).
+    tied = hf.get_output_embeddings().weight.numel() if PRESETS[preset].tie_word_embeddings else 0
+    assert sum(spec.numel for layer in planned.layers for spec in layer.specs) - tied == \
         sum(p.numel() for p in hf.parameters()) == PRESETS[preset].num_params
 
 
@@ -173,7 +180,7 @@ SHARED_PLACEMENTS = ["mixed-three-tiers", "cache-split-cpu-attention", "everythi
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", SHARED_PLACEMENTS)
-@pytest.mark.parametrize("preset", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("preset", ["mixtral", "qwen2_moe", *GEMMA_PRESETS])
 def test_shared_prefix_parity(preset, name, device, tmp_path, monkeypatch):
     from test_shared_prefix import PREFIX_LEN, PrefixCounter, _prompts
 
@@ -189,7 +196,7 @@ def test_shared_prefix_parity(preset, name, device, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("preset", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("preset", ["qwen3_moe", "olmoe", "gemma2"])
 def test_packed_batches_match_transformers(preset, device, tmp_path):
     from test_compaction import MAX_NEW, _prompts, _staggered_stops, _wide
 
@@ -207,10 +214,10 @@ def test_packed_batches_match_transformers(preset, device, tmp_path):
 
 @pytest.mark.parametrize("name", ["all-on-device", "mixed-three-tiers", "cache-split-cpu-attention",
                                   "activations-on-cpu"])
-@pytest.mark.parametrize("preset", MOE_PRESETS)
+@pytest.mark.parametrize("preset", MOE_PRESETS + GEMMA_PRESETS)
 def test_gpu_peak_is_within_the_accounting(preset, name, tmp_path):
-    """The simulated GPU's peak, the MoE layers' routing and per-expert transients included, is at most
-    what memory.account says."""
+    """The simulated GPU's peak, the MoE layers' routing and per-expert transients and Gemma's extra norms
+    and soft-capped scores included, is at most what memory.account says."""
     from test_cuda_sim import _peak_on_gpu
 
     path = build_checkpoint(preset)
@@ -267,3 +274,71 @@ def test_phi3_long_context_rope_is_refused_by_name():
                              "long_factor": [2.0] * 8, "original_max_position_embeddings": 128}
     with pytest.raises(ValueError, match="longrope"):
         family_for(hf).config_from_hf(hf)
+
+
+# ---- Gemma's configs ---------------------------------------------------------------------------------
+
+def _hf_logits(path, prompt, **overrides):
+    config = AutoConfig.from_pretrained(path)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([prompt])).logits[0]
+
+
+def test_gemma2_preset_soft_caps_and_scalar_bite():
+    """The Gemma 2 preset's caps and its query_pre_attn_scalar change transformers' result (so parity checks
+    them), and its prompts reach past the local layer's window."""
+    path = build_checkpoint("gemma2")
+    prompt = sample_prompts(path, 1, 40, 41, seed=1)[0]
+    assert len(prompt) > PRESETS["gemma2"].sliding_window
+    base = _hf_logits(path, prompt)
+    for override in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None},
+                     {"query_pre_attn_scalar": PRESETS["gemma2"].resolved_head_dim}):
+        assert (base - _hf_logits(path, prompt, **override)).abs().max() > 0.1, override
+
+
+HUB_GEMMA3 = {  # google/gemma-3-1b-it's config.json as the hub has it (transformers 4.x layout), shortened to 8 layers
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None, "head_dim": 256, "hidden_activation":
+    "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912, "max_position_embeddings": 32768,
+    "num_attention_heads": 4, "num_hidden_layers": 8, "num_key_value_heads": 1, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144,
+    "eos_token_id": 1, "tie_word_embeddings": True,
+}
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers-5"])
+def test_gemma3_config_reads_as_transformers_does(layout):
+    """A hub Gemma 3 config (4.x: rope_theta, rope_scaling, rope_local_base_freq, sliding_window_pattern) and
+    the same config as transformers 5 writes it (rope_parameters per layer kind, layer_types) give the local
+    layers, windows and RoPE frequencies that transformers' own Gemma3TextConfig and rotary embedding give."""
+    import transformers
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    from flexgen_core.models.gemma import build_layers
+
+    theirs = transformers.Gemma3TextConfig(**{k: v for k, v in HUB_GEMMA3.items() if k != "architectures"})
+    hf = HUB_GEMMA3 if layout == "hub" else {**json.loads(theirs.to_json_string()), "architectures": ["Gemma3ForCausalLM"]}
+    cfg = family_for(hf).config_from_hf(hf)
+    assert cfg.local_layers == tuple(t == "sliding_attention" for t in theirs.layer_types)
+    assert cfg.local_layers == (True,) * 5 + (False,) + (True,) * 2
+    assert cfg.sliding_windows == tuple(512 if t == "sliding_attention" else None for t in theirs.layer_types)
+    rotary = Gemma3RotaryEmbedding(theirs)
+    layers = build_layers(cfg)
+    for i, kind in enumerate(theirs.layer_types):
+        ours = layers[1 + 2 * i].rotary.inv_freq
+        assert torch.allclose(ours, getattr(rotary, f"{kind}_inv_freq"), rtol=1e-6, atol=0), (i, kind)
+    assert layers[1].rotary is not layers[11].rotary
+
+
+def test_gemma_refusals_name_the_field():
+    hf = json.loads((build_checkpoint("gemma2") / "config.json").read_text())
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        family_for(hf).config_from_hf({**hf, "use_bidirectional_attention": True})
+    with pytest.raises(ValueError, match="layer_types"):
+        family_for(hf).config_from_hf({**hf, "layer_types": ["sliding_attention"]})
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        family_for(hf).config_from_hf({**hf, "attn_logit_softcapping": "50"})

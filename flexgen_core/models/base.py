@@ -152,6 +152,7 @@ class AttentionLayer(Layer, Protocol):
     placement says) between `qkv` and `finish`."""
 
     sliding_window: int | None  # keys more than this many positions back are hidden (Mistral); None: all
+    scores: Any  # layers.ScoreRule: the scores' scale and soft cap
 
     def qkv(self, w: Mapping[str, Any], x: Any, positions: Any) -> tuple[Any, Any, Any]:
         """(B, s, H) -> q (B, s, nh, hd), k and v (B, s, nkv, hd)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +14,20 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # Gemma's
 }
+
+
+@dataclass(frozen=True)
+class ScoreRule:
+    """How attention turns q.k into the softmax's inputs: q.k * `scale` (None: head_dim ** -0.5), then, with
+    `softcap`, cap * tanh(score / cap) before the mask (Gemma 2's attention logit soft-capping)."""
+
+    scale: float | None = None
+    softcap: float | None = None
+
+
+STANDARD_SCORES = ScoreRule()
 
 
 def activation(name: str):
@@ -35,6 +50,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Gemma2RMSNorm/Gemma3RMSNorm: normalise and scale by (1 + weight), both in
+    float32, then cast back (the checkpoint stores the scale's offset from 1)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * (1.0 + weight.float())).to(x.dtype)
+
+
+def soft_cap_(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap), in place (Gemma 2's logit soft-capping); x itself when `cap` is None."""
+    if cap is None:
+        return x
+    return x.div_(cap).tanh_().mul_(cap)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -75,29 +105,35 @@ def in_token_chunks(fn, x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([fn(x[:, i:i + step]) for i in range(0, num_tokens, step)], dim=1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+           scores: ScoreRule = STANDARD_SCORES) -> torch.Tensor:
     """Scaled dot-product attention.
 
     q: (B, s_q, nh, hd); k, v: (s_k, B, nkv, hd), the cache layout (positions first, so appending a
     token is one contiguous write); allowed: (B, 1, s_q, s_k) bool. nh may be a multiple of nkv
-    (grouped-query attention). Returns (B, s_q, nh, hd).
+    (grouped-query attention). Returns (B, s_q, nh, hd). Soft-capped scores take the matmul path (no fused
+    kernel caps them).
     """
-    return _in_query_chunks(_attend, q, k.shape[0], (allowed,), k, v)
+    if scores.softcap is not None:
+        return _in_query_chunks(_attend_matmul, q, k.shape[0], (allowed, None), None, None, k, v, scores)
+    return _in_query_chunks(_attend, q, k.shape[0], (allowed,), k, v, scores.scale)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+            allowed: torch.Tensor) -> torch.Tensor:
     q = q.transpose(1, 2)      # (B, nh, s_q, hd)
     k = k.permute(1, 2, 0, 3)  # (B, nkv, s_k, hd)
     v = v.permute(1, 2, 0, 3)
     if k.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     enable_gqa = q.shape[1] != k.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=enable_gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=enable_gqa, scale=scale)
     return out.transpose(1, 2)  # (B, s_q, nh, hd)
 
 
 def attend_with_prefix(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor, allowed: torch.Tensor, prefix_allowed: torch.Tensor | None) -> torch.Tensor:
+                       v: torch.Tensor, allowed: torch.Tensor, prefix_allowed: torch.Tensor | None,
+                       scores: ScoreRule = STANDARD_SCORES) -> torch.Tensor:
     """Attention over a prefix shared by every sequence of the batch, then each sequence's own keys.
 
     q: (B, s_q, nh, hd); prefix_k, prefix_v: (P, nkv, hd), one copy for the whole batch; k, v: (s_k, B,
@@ -109,10 +145,10 @@ def attend_with_prefix(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.
     """
     if prefix_k.dtype != q.dtype:
         prefix_k, prefix_v, k, v = prefix_k.to(q.dtype), prefix_v.to(q.dtype), k.to(q.dtype), v.to(q.dtype)
-    if q.device.type == "cpu" and prefix_allowed is None and _FLASH_CPU is not None:
-        return _attend_with_prefix_merged(q, prefix_k, prefix_v, k, v, allowed)
-    return _in_query_chunks(_attend_with_prefix_matmul, q, prefix_k.shape[0] + k.shape[0], (allowed, prefix_allowed),
-                            prefix_k, prefix_v, k, v)
+    if q.device.type == "cpu" and prefix_allowed is None and _FLASH_CPU is not None and scores.softcap is None:
+        return _attend_with_prefix_merged(q, prefix_k, prefix_v, k, v, allowed, scores.scale)
+    return _in_query_chunks(_attend_matmul, q, prefix_k.shape[0] + k.shape[0], (allowed, prefix_allowed),
+                            prefix_k, prefix_v, k, v, scores)
 
 
 def _query_rows(q: torch.Tensor, nkv: int) -> torch.Tensor:
@@ -134,25 +170,32 @@ def _from_query_rows(out: torch.Tensor, q_shape) -> torch.Tensor:
     return out.reshape(batch, nkv, s_q, nh // nkv, hd).transpose(1, 2).reshape(batch, s_q, nh, hd)
 
 
-def _attend_with_prefix_matmul(q, prefix_k, prefix_v, k, v, allowed, prefix_allowed) -> torch.Tensor:
-    """Scores over [prefix] + [own keys] in one tensor, one float32 softmax, two products back."""
+def _attend_matmul(q, prefix_k, prefix_v, k, v, scores: ScoreRule, allowed, prefix_allowed) -> torch.Tensor:
+    """Scores over [prefix] + [own keys] (no prefix when `prefix_k` is None) in one tensor, soft-capped when
+    the rule says so, one float32 softmax, a product back per part."""
     batch, s_q, nh, hd = q.shape
-    num_prefix, nkv = prefix_k.shape[0], prefix_k.shape[1]
+    nkv = k.shape[2]
+    num_prefix = 0 if prefix_k is None else prefix_k.shape[0]
     group, rows = nh // nkv, s_q * (nh // nkv)
-    q_rows = _query_rows(q * hd ** -0.5, nkv)  # scaled once here: q has fewer elements than the scores
-    # (nkv, B * rows, hd) @ (nkv, hd, P): every query of the batch against the prefix.
-    prefix_scores = torch.bmm(q_rows.transpose(0, 1).reshape(nkv, batch * rows, hd), prefix_k.permute(1, 2, 0))
-    prefix_scores = prefix_scores.view(nkv, batch, rows, num_prefix).transpose(0, 1)  # (B, nkv, rows, P)
+    scale = hd ** -0.5 if scores.scale is None else scores.scale
+    q_rows = _query_rows(q * scale, nkv)  # scaled once here: q has fewer elements than the scores
     # The cache's (s_k, B, nkv, hd) read as (B, nkv, hd, s_k) and (B, nkv, s_k, hd): strided views.
-    own_scores = torch.matmul(q_rows, k.permute(1, 2, 3, 0))  # (B, nkv, rows, s_k)
-    scores = torch.cat((prefix_scores, own_scores), dim=-1)
+    logits = torch.matmul(q_rows, k.permute(1, 2, 3, 0))  # (B, nkv, rows, s_k)
+    if prefix_k is not None:
+        # (nkv, B * rows, hd) @ (nkv, hd, P): every query of the batch against the prefix.
+        prefix_scores = torch.bmm(q_rows.transpose(0, 1).reshape(nkv, batch * rows, hd), prefix_k.permute(1, 2, 0))
+        prefix_scores = prefix_scores.view(nkv, batch, rows, num_prefix).transpose(0, 1)  # (B, nkv, rows, P)
+        logits = torch.cat((prefix_scores, logits), dim=-1)
+    soft_cap_(logits, scores.softcap)
     if prefix_allowed is not None:
-        scores[..., :num_prefix].masked_fill_(~_row_mask(prefix_allowed, group), float("-inf"))
-    scores[..., num_prefix:].masked_fill_(~_row_mask(allowed, group), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    prefix_probs = probs[..., :num_prefix].transpose(0, 1).reshape(nkv, batch * rows, num_prefix)
-    out = torch.bmm(prefix_probs, prefix_v.transpose(0, 1)).view(nkv, batch, rows, hd).transpose(0, 1)
-    out = out + torch.matmul(probs[..., num_prefix:], v.permute(1, 2, 0, 3))  # (B, nkv, rows, hd)
+        logits[..., :num_prefix].masked_fill_(~_row_mask(prefix_allowed, group), float("-inf"))
+    logits[..., num_prefix:].masked_fill_(~_row_mask(allowed, group), float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs[..., num_prefix:], v.permute(1, 2, 0, 3))  # (B, nkv, rows, hd)
+    if prefix_k is not None:
+        prefix_probs = probs[..., :num_prefix].transpose(0, 1).reshape(nkv, batch * rows, num_prefix)
+        prefix_out = torch.bmm(prefix_probs, prefix_v.transpose(0, 1)).view(nkv, batch, rows, hd).transpose(0, 1)
+        out = prefix_out + out
     return _from_query_rows(out, q.shape)
 
 
@@ -168,7 +211,7 @@ def _flash_cpu_op():
 _FLASH_CPU = _flash_cpu_op()
 
 
-def _attend_with_prefix_merged(q, prefix_k, prefix_v, k, v, allowed) -> torch.Tensor:
+def _attend_with_prefix_merged(q, prefix_k, prefix_v, k, v, allowed, scale: float | None) -> torch.Tensor:
     """On the CPU: the prefix part and the own part each through the fused attention kernel, merged by
     their log-sum-exps, o = sum_i o_i * exp(lse_i - logaddexp(lse_1, lse_2)), which is the one softmax
     over both key sets. No (queries x keys) score tensor is materialised: several times faster in a
@@ -179,12 +222,12 @@ def _attend_with_prefix_merged(q, prefix_k, prefix_v, k, v, allowed) -> torch.Te
     group, rows = nh // nkv, s_q * (nh // nkv)
     q_rows = _query_rows(q, nkv)  # (B, nkv, rows, hd)
     prefix_out, prefix_lse = _FLASH_CPU(q_rows.transpose(0, 1).reshape(1, nkv, batch * rows, hd),
-                                        prefix_k.transpose(0, 1)[None], prefix_v.transpose(0, 1)[None])
+                                        prefix_k.transpose(0, 1)[None], prefix_v.transpose(0, 1)[None], scale=scale)
     prefix_out = prefix_out.view(nkv, batch, rows, hd).transpose(0, 1)  # (B, nkv, rows, hd)
     prefix_lse = prefix_lse.view(nkv, batch, rows).transpose(0, 1)
     bias = torch.zeros((batch, 1, rows, k.shape[0]), dtype=q.dtype).masked_fill_(~_row_mask(allowed, group),
                                                                                    float("-inf"))
-    own_out, own_lse = _FLASH_CPU(q_rows, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=bias)
+    own_out, own_lse = _FLASH_CPU(q_rows, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=bias, scale=scale)
     lse = torch.logaddexp(prefix_lse, own_lse)  # float32
     out = (prefix_out.float() * (prefix_lse - lse).exp()[..., None]
            + own_out.float() * (own_lse - lse).exp()[..., None])

@@ -107,7 +107,7 @@ def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     if hf.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"partial_rotary_factor {hf['partial_rotary_factor']} is not supported (only 1.0)")
     max_positions = config_int(hf, "max_position_embeddings", 4096)
-    theta, scaling = _rope_from_hf(hf, max_positions)
+    theta, scaling = rope_from_hf(hf, max_positions)
     return dict(
         num_layers=config_int(hf, "num_hidden_layers"),
         hidden_size=hidden,
@@ -126,7 +126,7 @@ def common_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _rope_from_hf(hf: Mapping[str, Any], max_positions: int) -> tuple[float, RopeScaling | None]:
+def rope_from_hf(hf: Mapping[str, Any], max_positions: int) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
     params = dict(hf.get("rope_scaling") or {})
     params.update(hf.get("rope_parameters") or {})
@@ -248,14 +248,14 @@ class Rotary:
 
 
 # Causal-LM checkpoints prefix "model."; bare LlamaModel ones do not.
-_NAMES = CheckpointNames(("model.", ""))
+NAMES = CheckpointNames(("model.", ""))
 
 
 class LlamaInput:
     kind = LayerKind.INPUT
 
     def __init__(self, cfg: LlamaConfig):
-        self.specs = [_NAMES.matrix("tokens", "embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)]
+        self.specs = [NAMES.matrix("tokens", "embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)]
         self.cfg, self.name = cfg, "input_embed"
 
     def forward(self, w, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -265,6 +265,8 @@ class LlamaInput:
 
 class LlamaAttention:
     kind = LayerKind.ATTENTION
+    scores = L.STANDARD_SCORES
+    norm = staticmethod(L.rms_norm)  # Gemma's: L.gemma_rms_norm
 
     def __init__(self, cfg: LlamaConfig, index: int, rotary: Rotary):
         self.cfg = cfg
@@ -276,43 +278,43 @@ class LlamaAttention:
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.kv_width
         # Order matters for placement (placement.weight_tiers: byte midpoints in spec order).
         if cfg.fused_projections:
-            projections = [_NAMES.matrix("qkv", p + "self_attn.qkv_proj.weight", q_width + 2 * kv_width, h)]
+            projections = [NAMES.matrix("qkv", p + "self_attn.qkv_proj.weight", q_width + 2 * kv_width, h)]
         else:
-            projections = [_NAMES.matrix("q", p + "self_attn.q_proj.weight", q_width, h),
-                           _NAMES.matrix("k", p + "self_attn.k_proj.weight", kv_width, h),
-                           _NAMES.matrix("v", p + "self_attn.v_proj.weight", kv_width, h)]
+            projections = [NAMES.matrix("q", p + "self_attn.q_proj.weight", q_width, h),
+                           NAMES.matrix("k", p + "self_attn.k_proj.weight", kv_width, h),
+                           NAMES.matrix("v", p + "self_attn.v_proj.weight", kv_width, h)]
         self.specs = projections + [
-            _NAMES.matrix("o", p + "self_attn.o_proj.weight", h, q_width),
-            _NAMES.vector("norm_w", p + "input_layernorm.weight", h),
+            NAMES.matrix("o", p + "self_attn.o_proj.weight", h, q_width),
+            NAMES.vector("norm_w", p + "input_layernorm.weight", h),
         ]
         if cfg.qkv_bias:
-            self.specs += [_NAMES.vector("q_b", p + "self_attn.q_proj.bias", q_width),
-                           _NAMES.vector("k_b", p + "self_attn.k_proj.bias", kv_width),
-                           _NAMES.vector("v_b", p + "self_attn.v_proj.bias", kv_width)]
+            self.specs += [NAMES.vector("q_b", p + "self_attn.q_proj.bias", q_width),
+                           NAMES.vector("k_b", p + "self_attn.k_proj.bias", kv_width),
+                           NAMES.vector("v_b", p + "self_attn.v_proj.bias", kv_width)]
         if cfg.o_bias:
-            self.specs.append(_NAMES.vector("o_b", p + "self_attn.o_proj.bias", h))
+            self.specs.append(NAMES.vector("o_b", p + "self_attn.o_proj.bias", h))
         if cfg.qk_norm is not None:
             per_head = cfg.qk_norm == "head"
             q_norm, k_norm = (cfg.head_dim, cfg.head_dim) if per_head else (q_width, kv_width)
-            self.specs += [_NAMES.vector("q_norm", p + "self_attn.q_norm.weight", q_norm),
-                           _NAMES.vector("k_norm", p + "self_attn.k_norm.weight", k_norm)]
+            self.specs += [NAMES.vector("q_norm", p + "self_attn.q_norm.weight", q_norm),
+                           NAMES.vector("k_norm", p + "self_attn.k_norm.weight", k_norm)]
 
     def qkv(self, w, x: torch.Tensor, positions: torch.Tensor):
         """(B, s, H) -> q (B, s, nh, hd), k and v (B, s, nkv, hd); q and k rotated by position."""
         cfg = self.cfg
-        y = L.rms_norm(x, w["norm_w"], cfg.rms_norm_eps)
+        y = self.norm(x, w["norm_w"], cfg.rms_norm_eps)
         if cfg.fused_projections:
             q, k, v = L.linear(y, w["qkv"]).split((cfg.num_heads * cfg.head_dim, cfg.kv_width, cfg.kv_width), dim=-1)
         else:
             q, k, v = (L.linear(y, w[name], w.get(f"{name}_b")) for name in ("q", "k", "v"))
         if cfg.qk_norm == "full":
-            q, k = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps), L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+            q, k = self.norm(q, w["q_norm"], cfg.rms_norm_eps), self.norm(k, w["k_norm"], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q = L.split_heads(q, cfg.num_heads)
         k, v = L.split_heads(k, cfg.num_kv_heads), L.split_heads(v, cfg.num_kv_heads)
         if cfg.qk_norm == "head":
-            q, k = L.rms_norm(q, w["q_norm"], cfg.rms_norm_eps), L.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+            q, k = self.norm(q, w["q_norm"], cfg.rms_norm_eps), self.norm(k, w["k_norm"], cfg.rms_norm_eps)
         cos, sin = self.rotary(positions, q.dtype)
         return L.apply_rotary(q, cos, sin), L.apply_rotary(k, cos, sin), v
 
@@ -330,17 +332,17 @@ class LlamaMLP:
         self.act = L.activation(cfg.activation)
         h, f, p = cfg.hidden_size, cfg.ffn_size, f"layers.{index}."
         if cfg.fused_projections:
-            projections = [_NAMES.matrix("gate_up", p + "mlp.gate_up_proj.weight", 2 * f, h)]
+            projections = [NAMES.matrix("gate_up", p + "mlp.gate_up_proj.weight", 2 * f, h)]
         else:
-            projections = [_NAMES.matrix("gate", p + "mlp.gate_proj.weight", f, h),
-                           _NAMES.matrix("up", p + "mlp.up_proj.weight", f, h)]
+            projections = [NAMES.matrix("gate", p + "mlp.gate_proj.weight", f, h),
+                           NAMES.matrix("up", p + "mlp.up_proj.weight", f, h)]
         self.specs = projections + [
-            _NAMES.matrix("down", p + "mlp.down_proj.weight", h, f),
-            _NAMES.vector("norm_w", p + "post_attention_layernorm.weight", h),
+            NAMES.matrix("down", p + "mlp.down_proj.weight", h, f),
+            NAMES.vector("norm_w", p + "post_attention_layernorm.weight", h),
         ]
         if cfg.mlp_bias:
-            self.specs += [_NAMES.vector("gate_b", p + "mlp.gate_proj.bias", f), _NAMES.vector("up_b", p + "mlp.up_proj.bias", f),
-                           _NAMES.vector("down_b", p + "mlp.down_proj.bias", h)]
+            self.specs += [NAMES.vector("gate_b", p + "mlp.gate_proj.bias", f), NAMES.vector("up_b", p + "mlp.up_proj.bias", f),
+                           NAMES.vector("down_b", p + "mlp.down_proj.bias", h)]
 
     def forward(self, w, x: torch.Tensor) -> torch.Tensor:
         y = L.rms_norm(x, w["norm_w"], self.cfg.rms_norm_eps)
@@ -363,9 +365,9 @@ class LlamaOutput:
         # A tied head reads the input embedding (HF checkpoints then usually omit lm_head.weight); an
         # untied one must have its own tensor, never silently the embedding's. Either way the engine
         # stores a separate copy, so each layer's weights move as a unit.
-        names = ("lm_head.weight",) + (_NAMES.keys("embed_tokens.weight") if cfg.tie_word_embeddings else ())
+        names = ("lm_head.weight",) + (NAMES.keys("embed_tokens.weight") if cfg.tie_word_embeddings else ())
         self.specs = [
-            _NAMES.vector("norm_w", "norm.weight", cfg.hidden_size),
+            NAMES.vector("norm_w", "norm.weight", cfg.hidden_size),
             WeightSpec("lm_head", names, (cfg.vocab_size, cfg.hidden_size), compress_group_dim=0),
         ]
 
@@ -377,7 +379,7 @@ def build_layers(cfg: LlamaConfig) -> list:
     rotary = Rotary(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     layers: list = [LlamaInput(cfg)]
     for i in range(cfg.num_layers):
-        mlp = SparseMoE(cfg, i, cfg.moe, _NAMES) if cfg.moe_layers and cfg.moe_layers[i] else LlamaMLP(cfg, i)
+        mlp = SparseMoE(cfg, i, cfg.moe, NAMES) if cfg.moe_layers and cfg.moe_layers[i] else LlamaMLP(cfg, i)
         layers += [LlamaAttention(cfg, i, rotary), mlp]
     layers.append(LlamaOutput(cfg))
     return layers

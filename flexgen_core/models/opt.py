@@ -92,6 +92,7 @@ class OPTInput:
 class OPTAttention:
     kind = LayerKind.ATTENTION
     sliding_window = None  # full causal attention
+    scores = L.STANDARD_SCORES
 
     def __init__(self, cfg: OPTConfig, index: int):
         self.cfg = cfg

@@ -43,6 +43,17 @@ def _llama_layers(name: str, module: str, parse: str = "config_from_hf") -> Call
     return load
 
 
+def _own_layers(name: str, module: str, parse: str) -> Callable[[], Family]:
+    """A family with a config parser `parse` and a layer builder `build_layers` of its own in `models/<module>.py`."""
+    def load() -> Family:
+        import importlib
+
+        loaded = importlib.import_module(f"flexgen_core.models.{module}")
+        return Family(name, getattr(loaded, parse), loaded.build_layers)
+
+    return load
+
+
 # The one registry: HF architecture name -> (model_type, family loader, imported lazily).
 _FAMILIES: dict[str, tuple[str, Callable[[], Family]]] = {
     "OPTForCausalLM": ("opt", _opt),
@@ -55,6 +66,8 @@ _FAMILIES: dict[str, tuple[str, Callable[[], Family]]] = {
     "OlmoeForCausalLM": ("olmoe", _llama_layers("olmoe", "olmoe")),
     "Qwen2MoeForCausalLM": ("qwen2_moe", _llama_layers("qwen2_moe", "qwen2_moe")),
     "Phi3ForCausalLM": ("phi3", _llama_layers("phi3", "phi3")),
+    "Gemma2ForCausalLM": ("gemma2", _own_layers("gemma2", "gemma", "gemma2_config_from_hf")),
+    "Gemma3ForCausalLM": ("gemma3_text", _own_layers("gemma3_text", "gemma", "gemma3_config_from_hf")),
 }
 
 

@@ -54,10 +54,10 @@ def attention_unit(layer, weights, x: torch.Tensor, positions: torch.Tensor, seg
             rows.append(seg.kv[start:start + 1])
         q_seg = q[:, :, seg.query_heads].to(seg.device)
         if seg.prefix_kv is None:
-            out = layer_math.attend(q_seg, kv[:, 0], kv[:, 1], seg.mask)
+            out = layer_math.attend(q_seg, kv[:, 0], kv[:, 1], seg.mask, layer.scores)
         else:
             out = layer_math.attend_with_prefix(q_seg, seg.prefix_kv[:, 0, 0], seg.prefix_kv[:, 1, 0], kv[:, 0],
-                                                kv[:, 1], seg.mask, seg.prefix_mask)
+                                                kv[:, 1], seg.mask, seg.prefix_mask, layer.scores)
         outputs.append(out.to(compute))
     attn = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return layer.finish(weights, x, attn), rows

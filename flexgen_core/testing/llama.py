@@ -39,8 +39,11 @@ ALPHABET_LIMIT = 96  # characters the BPE learns; rarer ones go through byte fal
 LLAMA_TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3_text")
+WINDOWED_ARCHITECTURES = ("mistral", "mixtral", "phi3", *GEMMA_ARCHITECTURES)
 # E[silu(g)^2] for g ~ N(0, 1) is 0.356: a SwiGLU of unit-variance gate and up inputs has std ~0.6.
 SWIGLU_STD = 0.356**0.5
 
@@ -73,6 +76,12 @@ class LlamaPreset:
     dense_layers: tuple[int, ...] = ()  # Qwen MoE: layers with a dense MLP (`mlp_only_layers`)
     clip_qkv: float | None = None  # OLMoE
     router_gain: float = 1.0  # router logits of std ~this: routing varied across tokens, rarely near a tie
+    # Gemma: scores scaled by query_pre_attn_scalar ** -0.5; soft caps of scores and logits (Gemma 2); local
+    # layers' RoPE base (Gemma 3). Gemma presets' even layers are local (sliding_window), odd ones global.
+    query_pre_attn_scalar: int = 256
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    local_rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -87,8 +96,8 @@ class LlamaPreset:
             )
         if self.tokenizer_vocab < len(LLAMA_SPECIAL_TOKENS) + NUM_BYTE_TOKENS + ALPHABET_LIMIT:
             raise ValueError(f"Preset {self.name!r}: tokenizer_vocab {self.tokenizer_vocab} is too small")
-        if self.sliding_window is not None and self.architecture not in ("mistral", "mixtral", "phi3"):
-            raise ValueError(f"Preset {self.name!r}: only mistral, mixtral and phi3 presets take a sliding_window")
+        if self.sliding_window is not None and self.architecture not in WINDOWED_ARCHITECTURES:
+            raise ValueError(f"Preset {self.name!r}: only {WINDOWED_ARCHITECTURES} presets take a sliding_window")
         if (self.architecture in MOE_ARCHITECTURES) != (self.experts > 0):
             raise ValueError(f"Preset {self.name!r}: experts are for the MoE architectures {MOE_ARCHITECTURES}")
 
@@ -115,8 +124,10 @@ class LlamaPreset:
         attention = 2 * h * self.q_width + 2 * h * self.kv_width
         if self.architecture in ("qwen2", "qwen2_moe"):
             attention += self.q_width + 2 * self.kv_width  # q/k/v biases
-        if self.architecture in ("qwen3", "qwen3_moe"):
+        if self.architecture in ("qwen3", "qwen3_moe", "gemma3_text"):
             attention += 2 * self.resolved_head_dim  # per-head q/k norms
+        if self.architecture in GEMMA_ARCHITECTURES:
+            attention += 2 * h  # the norms after attention and after the MLP
         if self.architecture == "olmoe":
             attention += self.q_width + self.kv_width  # q/k norms over the projections
         dense = 3 * h * f
@@ -158,6 +169,17 @@ class LlamaPreset:
             return transformers.Qwen2Config(**kwargs, use_sliding_window=False)
         if self.architecture == "qwen3":
             return transformers.Qwen3Config(**kwargs, use_sliding_window=False, attention_bias=False)
+        if self.architecture in GEMMA_ARCHITECTURES:
+            del kwargs["hidden_act"]
+            gemma = dict(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=self.query_pre_attn_scalar,
+                         sliding_window=self.sliding_window, attn_logit_softcapping=self.attn_softcap,
+                         final_logit_softcapping=self.final_softcap, attention_bias=False,
+                         layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(self.layers)])
+            if self.architecture == "gemma2":
+                return transformers.Gemma2Config(**kwargs, **gemma)
+            kwargs["rope_parameters"] = {"full_attention": rope, "sliding_attention": {
+                "rope_type": "default", "rope_theta": self.local_rope_theta}}
+            return transformers.Gemma3TextConfig(**kwargs, **gemma)
         if self.architecture == "phi3":
             return transformers.Phi3Config(**kwargs, sliding_window=self.sliding_window, resid_pdrop=0.0,
                                            embd_pdrop=0.0)
@@ -203,6 +225,16 @@ LLAMA_PRESETS: tuple[LlamaPreset, ...] = (
     # Phi-3: fused qkv and gate_up projections, a sliding window.
     LlamaPreset("phi3", "phi3", layers=2, hidden=96, heads=6, kv_heads=2, ffn=160, vocab=1001,
                 tokenizer_vocab=1000, max_positions=256, sliding_window=16),
+    # Gemma 2: a local layer (window 16) then a global one; scores scaled by 24 ** -0.5 against head_dim 32;
+    # caps on scores and logits that bite (the released 50 and 30 rarely do at this scale).
+    LlamaPreset("gemma2", "gemma2", layers=2, hidden=96, heads=4, kv_heads=2, ffn=160, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, head_dim=32, tie_word_embeddings=True, sliding_window=16,
+                query_pre_attn_scalar=24, attn_softcap=5.0, final_softcap=10.0),
+    # Gemma 3: per-head q/k norms; the local layer's RoPE at base 10000, the global one's at 1e6 scaled
+    # linearly (as the 4B-27B models' are).
+    LlamaPreset("gemma3", "gemma3_text", layers=2, hidden=96, heads=4, kv_heads=2, ffn=160, vocab=1001,
+                tokenizer_vocab=1000, max_positions=256, head_dim=32, tie_word_embeddings=True, sliding_window=16,
+                rope_theta=1000000.0, rope_scaling={"rope_type": "linear", "factor": 8.0}, query_pre_attn_scalar=48),
     # Mixture-of-experts presets: 4 to 8 experts, top 2, each token's routing its own.
     # Mixtral: top-2 of 4, renormalised, weighed in float32; a sliding window as Mistral's.
     LlamaPreset("mixtral", "mixtral", layers=2, hidden=64, heads=4, kv_heads=2, ffn=96, vocab=1001,
@@ -327,14 +359,19 @@ def _scaled_weight(name: str, noise: "torch.Tensor", preset: LlamaPreset, scales
     about unit variance to the residual stream; every RMSNorm weight and bias is visibly nontrivial.
     """
     hidden = preset.hidden
+    # Gemma scales the embedding by sqrt(hidden): its rows are that much shorter (the stream as Llama's), and
+    # the tied head's logits are made up by the final norm. Its norms store their scale's offset from 1.
+    gemma = preset.architecture in GEMMA_ARCHITECTURES
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-        values = noise * (scales.token_norm / hidden**0.5)
+        values = noise * (scales.token_norm / hidden**0.5) / (hidden**0.5 if gemma else 1.0)
         for rows in _rare_rows(preset):
             values[rows] *= scales.special_row_scale
         return values
     if name.endswith(("layernorm.weight", "model.norm.weight", "q_norm.weight", "k_norm.weight")):
         gain = scales.logit_std / scales.token_norm if name == "model.norm.weight" else 1.0
-        return gain * (1.0 + scales.norm_weight_std * noise)
+        if gemma and name == "model.norm.weight":
+            gain *= hidden**0.5
+        return gain * (1.0 + scales.norm_weight_std * noise) - (1.0 if gemma else 0.0)
     if name.endswith(".bias"):
         return scales.bias_std * noise
     std_by_suffix = {
