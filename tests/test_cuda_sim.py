@@ -35,6 +35,20 @@ def test_tensors_report_cuda_and_keep_their_values():
         assert type((on_device * 2).cpu()) is torch.Tensor
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_in_float32_out_softmaxes_run_as_on_cuda(dtype):
+    """softmax(x, dtype=float32) of a half tensor is one CUDA kernel (`half_to_float`) that the CPU lacks:
+    it runs, as on CUDA, with the values of softmax over the upcast input (an MoE router's, models/moe.py)."""
+    values = torch.randn(4, 7).to(dtype)
+    with simulated_cuda():
+        on_device = values.to("cuda")
+        probs = torch.softmax(on_device, dim=-1, dtype=torch.float32)
+        logprobs = torch.log_softmax(on_device, dim=-1, dtype=torch.float32)
+        assert probs.is_cuda and probs.dtype == torch.float32
+    assert torch.equal(probs.cpu(), torch.softmax(values.float(), dim=-1))
+    assert torch.equal(logprobs.cpu(), torch.log_softmax(values.float(), dim=-1))
+
+
 def test_mixing_devices_raises_as_cuda_does():
     with simulated_cuda():
         q, k, v = (torch.randn(1, 2, 4, 8, device="cuda") for _ in range(3))

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from flexgen_core import Engine
 from flexgen_core.testing import build_checkpoint, sample_prompts
 
-PRESETS = ["tiny", "odd", "proj", "llama", "llama3", "mistral", "qwen2"]
+PRESETS = ["tiny", "odd", "proj", "llama", "llama3", "mistral", "qwen2", "gemma2", "gemma3", "mixtral"]
 RATIO, SLACK = 1.25, 1e-3
 TOP_K = 3
 
@@ -85,12 +85,12 @@ def test_the_check_sees_a_wrong_half_precision_engine(models, tmp_path, monkeypa
     import flexgen_core.models.layers as layers
 
     path, truth = models
-    original = layers._attend
+    original = layers.attend
 
-    def too_sharp(q, k, v, allowed):
-        return original(q * 1.05, k, v, allowed)
+    def too_sharp(q, k, v, allowed, scores=layers.STANDARD_SCORES):
+        return original(q * 1.05, k, v, allowed, scores)
 
-    monkeypatch.setattr(layers, "_attend", too_sharp)
+    monkeypatch.setattr(layers, "attend", too_sharp)
     prompts = sample_prompts(path, 3, 8, 20, seed=2)
     with Engine.from_pretrained(path, policy=PLACEMENTS["all-on-device"], offload_dir=tmp_path, device="cpu",
                                 dtype="float16") as engine:

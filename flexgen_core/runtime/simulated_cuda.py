@@ -49,6 +49,11 @@ _CROSS_DEVICE_OPS = {
     torch.ops.aten._index_put_impl_.default,
 }
 
+# Softmaxes that read float16/bfloat16 and write float32 in one CUDA kernel (`half_to_float`, what
+# `softmax(x, dtype=torch.float32)` dispatches to on CUDA); the CPU kernel has no such mode, and upcasting
+# first gives the same values.
+_HALF_TO_FLOAT_OPS = {torch.ops.aten._softmax.default, torch.ops.aten._log_softmax.default}
+
 
 class SimulatedMemory:
     """Live and peak bytes of the simulated device, as CUDA's allocator counts them (per storage,
@@ -145,6 +150,8 @@ class SimulatedCudaTensor(torch.Tensor):
         if "device" in kwargs and not _is_cpu(kwargs["device"]):
             kwargs = dict(kwargs, device=torch.device("cpu"))
         plain_inputs = {id(t) for t in flat if isinstance(t, torch.Tensor) and type(t) is torch.Tensor}
+        if func in _HALF_TO_FLOAT_OPS and len(args) > 2 and args[2]:
+            return SimulatedCudaTensor(func(_unwrap(args[0]).float(), args[1], False))
         out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
         if to_cpu:
             return out
