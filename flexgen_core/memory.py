@@ -104,7 +104,13 @@ def weight_nbytes(spec, dtype_bytes: int, compression=None) -> int:
 
 def place_layer_weights(specs, policy, dtype_bytes: int, compression=None) -> list[WeightPlacement]:
     compression = compression or weight_compression(policy)
-    parts = [weight_part_nbytes(s, dtype_bytes, compression) for s in specs]
+    by_shape: dict = {}  # an MoE layer's experts share a few shapes: each sized once (planning calls this a lot)
+    parts = []
+    for spec in specs:
+        key = (spec.shape, spec.compress_group_dim)
+        if key not in by_shape:
+            by_shape[key] = weight_part_nbytes(spec, dtype_bytes, compression)
+        parts.append(by_shape[key])
     tiers = weight_tiers([sum(p) for p in parts], policy.w_gpu_percent, policy.w_cpu_percent)
     return [WeightPlacement(s.name, t, sum(p), tuple(p)) for s, t, p in zip(specs, tiers, parts)]
 
