@@ -198,8 +198,10 @@ def run_helm(
     num_threads: int = 4,
     extra_args: Sequence[str] = (),
     timeout_s: float = 600,
+    extra_env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`helm-run` on `entries` (run-entry descriptions without the model) for one deployment."""
+    """`helm-run` on `entries` (run-entry descriptions without the model) for one deployment;
+    `extra_env`: variables set for it on top of the offline ones (e.g. FLEXGEN_HARDWARE for policy auto)."""
     descriptions = [f"{entry},model={TEST_MODEL},model_deployment={deployment}" for entry in entries]
     command = [
         helm_bin("helm-run"),
@@ -213,7 +215,8 @@ def run_helm(
         *extra_args,
     ]
     completed = subprocess.run(
-        command, env=offline_env(), capture_output=True, text=True, timeout=timeout_s, cwd=str(local_path.parent)
+        command, env={**offline_env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout_s,
+        cwd=str(local_path.parent),
     )
     if completed.returncode != 0:
         raise AssertionError(

@@ -230,6 +230,36 @@ def test_real_demo_deployment_matches_the_real_model():
     assert deployment["client_spec"]["args"]["pretrained_model_name_or_path"] == str(demo.model_dir(demo.REAL_DEPLOYMENT))
 
 
+def test_packaged_tokenizers_are_checked_and_agree_with_helms_own():
+    """Every packaged deployment's tokenizer is packaged, loads through the preflight
+    (CheckedHuggingFaceTokenizer), and, for a model HELM serves itself, has the special tokens of HELM's
+    own tokenizer config for that model: both clients then frame prompts alike (HELM's language-modeling
+    adapter prepends `prefix_token`; `end_of_text_token` ends generated text)."""
+    import helm
+
+    helm_configs = Path(helm.__file__).parent / "config"
+    helm_tokenizers: dict = {}
+    for tokenizer in yaml.safe_load((helm_configs / "tokenizer_configs.yaml").read_text())["tokenizer_configs"]:
+        helm_tokenizers.setdefault(tokenizer["name"], tokenizer)  # HELM's file names one twice, alike
+    helm_deployments = yaml.safe_load((helm_configs / "model_deployments.yaml").read_text())["model_deployments"]
+    ours = {t["name"]: t for t in configs.load_config(configs.TOKENIZER_CONFIGS_FILE)["tokenizer_configs"]}
+    compared = []
+    for deployment in configs.load_config(configs.MODEL_DEPLOYMENTS_FILE)["model_deployments"]:
+        tokenizer = ours[deployment["tokenizer_name"]]
+        assert tokenizer["tokenizer_spec"]["class_name"] == "flexgen_helm.tokenizer.CheckedHuggingFaceTokenizer"
+        tokens = (tokenizer["end_of_text_token"], tokenizer["prefix_token"])
+        helms = {(helm_tokenizers[d["tokenizer_name"]]["end_of_text_token"],
+                  helm_tokenizers[d["tokenizer_name"]]["prefix_token"])
+                 for d in helm_deployments
+                 if d["model_name"] == deployment["model_name"] and d.get("tokenizer_name") in helm_tokenizers}
+        if helms:
+            assert helms == {tokens}, (deployment["name"], tokens, helms)
+            compared.append(deployment["model_name"])
+    # The MoE and Phi-3 models HELM knows among them (Qwen3-8B and Qwen3-30B-A3B it does not).
+    assert {"mistralai/mixtral-8x7b-32kseqlen", "allenai/olmoe-1b-7b-0125-instruct",
+            "microsoft/phi-3-medium-4k-instruct", "meta/llama-2-7b"} <= set(compared)
+
+
 _REGISTRATION_CHECK = """
 import json, sys
 from helm.benchmark.config_registry import register_builtin_configs_from_helm_package, register_configs_from_directory
@@ -240,13 +270,14 @@ from helm.benchmark.tokenizer_config_registry import get_tokenizer_config
 register_builtin_configs_from_helm_package()
 if len(sys.argv) > 1:
     register_configs_from_directory(sys.argv[1])
+from flexgen_helm import configs
 load_entry_point_plugins()  # what helm-run does after reading prod_env/
-names = ["flexgen/opt-iml-30b", "flexgen/opt-iml-30b-long", "flexgen/opt-30b", "flexgen/opt-6.7b",
-         "flexgen/opt-1.3b", "flexgen/opt-demo"]
+names = [d["name"] for d in configs.load_config(configs.MODEL_DEPLOYMENTS_FILE)["model_deployments"]]
 out = {}
 for name in names:
     deployment = get_model_deployment(name)
-    get_model_metadata(deployment.model_name)
+    # Real metadata (HELM's or ours), not the placeholder HELM invents for a model it has none for.
+    assert get_model_metadata(deployment.model_name).creator_organization_name != "Unknown", deployment.model_name
     assert get_tokenizer_config(deployment.tokenizer_name) is not None, deployment.tokenizer_name
     out[name] = {"class": deployment.client_spec.class_name, "args": deployment.client_spec.args,
                  "model": deployment.model_name}
@@ -266,6 +297,8 @@ def _registered(tmp_path, prod_env=None) -> dict:
 def test_entry_point_registers_the_deployments(tmp_path):
     registered = _registered(tmp_path)
     assert {d["class"] for d in registered.values()} == {"flexgen_helm.client.FlexGenClient"}
+    assert registered["flexgen/mixtral-8x7b-32kseqlen"]["model"] == "mistralai/mixtral-8x7b-32kseqlen"
+    assert registered["flexgen/qwen3-30b-a3b"]["args"]["policy"] == "auto"
     paper = registered["flexgen/opt-iml-30b"]
     assert paper["model"] == "meta/opt-iml-30b"
     assert paper["args"]["pretrained_model_name_or_path"] == "facebook/opt-iml-30b"

@@ -8,10 +8,15 @@ disk (none of it on the compute device). Scenario data is written in HELM's layo
 Compared: the prompts (same adapter, same tokenizer), every generated text (HELM's client samples at
 temperature 1e-7 where we decode greedily: the texts must still agree), and for scoring requests
 (echo, max_tokens=0) every token text and logprob, within 2e-4.
+
+A mixture of experts goes through a packaged deployment: the `mixtral` random checkpoint (4 experts, each
+token's top 2) served by `flexgen/mixtral-8x7b-32kseqlen` as packaged (its client, `policy: auto`, its
+tokenizer config's special tokens), only the checkpoint and where it runs replaced.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,6 +33,7 @@ from helm_support import (
 )
 
 from flexgen_core.testing import PRESETS, build_checkpoint
+from flexgen_helm import configs
 
 LOGPROB_TOLERANCE = 2e-4
 MAX_EVAL_INSTANCES = 6
@@ -40,11 +46,41 @@ ENTRIES = {
 
 
 # An OPT model, and a Llama-family one (grouped-query attention, RoPE, a Llama-style tokenizer that
-# prepends <s> and drops a word's leading space when decoded alone).
+# prepends <s> and drops a word's leading space when decoded alone), under the offloading policy.
 MODELS = {"tiny": "</s>", "llama": "<s>"}
+# Presets served through a packaged deployment: the random checkpoint has the packaged model's
+# architecture and a tokenizer with its special tokens (the Llama-style test tokenizer's <s> and </s> are
+# Mixtral's).
+PACKAGED = {"mixtral": "flexgen/mixtral-8x7b-32kseqlen"}
+# What a packaged deployment's args say about the machine rather than the model: replaced here (float32,
+# the precision HELM's client computes in on the CPU).
+LOCAL_ARGS = ("pretrained_model_name_or_path", "offload_dir", "device", "dtype")
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+def _packaged_deployment(preset: str, checkpoint: Path, tmp_path: Path) -> dict:
+    """write_prod_env's arguments and helm-run's environment for serving `checkpoint` through the packaged
+    deployment of PACKAGED[preset]."""
+    from test_planner import cpu_host
+
+    deployment = configs.packaged_deployment(PACKAGED[preset])
+    assert deployment["client_spec"]["class_name"] == "flexgen_helm.client.FlexGenClient"
+    (tokenizer,) = [t for t in configs.load_config(configs.TOKENIZER_CONFIGS_FILE)["tokenizer_configs"]
+                    if t["name"] == deployment["tokenizer_name"]]
+    hf_config = json.loads((checkpoint / "config.json").read_text())
+    # The packaged model's own architecture, and routing that matters: each token picks among the experts.
+    assert hf_config["architectures"] == [PRESETS[preset].hf_model_class().__name__]
+    assert hf_config["num_local_experts"] > hf_config["num_experts_per_tok"] > 1
+    special = json.loads((checkpoint / "special_tokens_map.json").read_text())
+    assert (special["eos_token"], special["bos_token"]) == (tokenizer["end_of_text_token"], tokenizer["prefix_token"])
+    args = {k: v for k, v in deployment["client_spec"]["args"].items() if k not in LOCAL_ARGS}
+    assert args["policy"] == "auto"
+    hardware = cpu_host().save(tmp_path / "hardware.json")  # policy auto plans for this host, not a measured one
+    return dict(prod_env=dict(flexgen_args=args, prefix_token=tokenizer["prefix_token"],
+                              end_of_text_token=tokenizer["end_of_text_token"]),
+                env={"FLEXGEN_HARDWARE": str(hardware)})
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS) + sorted(PACKAGED))
 def helm_runs(request, tmp_path_factory) -> dict[str, dict[str, Path]]:
     preset = request.param
     root = tmp_path_factory.mktemp(f"helm_parity_{preset}")
@@ -52,11 +88,15 @@ def helm_runs(request, tmp_path_factory) -> dict[str, dict[str, Path]]:
     output_path = root / "benchmark_output"
     write_mmlu(output_path, "anatomy", num_dev=5, num_test=MAX_EVAL_INSTANCES)
     write_twitter_aae(output_path, "aa", count=MAX_EVAL_INSTANCES)
-    prod_env = write_prod_env(root / "prod_env", checkpoint, PRESETS[preset].max_positions,
-                              prefix_token=MODELS[preset])
+    if preset in PACKAGED:
+        packaged = _packaged_deployment(preset, checkpoint, root)
+        prod_env_args, env = packaged["prod_env"], packaged["env"]
+    else:
+        prod_env_args, env = dict(prefix_token=MODELS[preset]), {}
+    prod_env = write_prod_env(root / "prod_env", checkpoint, PRESETS[preset].max_positions, **prod_env_args)
     runs = {}
     for suite, deployment in (("hf", HF_DEPLOYMENT), ("flexgen", FLEXGEN_DEPLOYMENT)):
-        run_helm(list(ENTRIES), deployment, prod_env, output_path, suite, MAX_EVAL_INSTANCES)
+        run_helm(list(ENTRIES), deployment, prod_env, output_path, suite, MAX_EVAL_INSTANCES, extra_env=env)
         runs[suite] = run_dirs(output_path, suite)
     return runs
 
