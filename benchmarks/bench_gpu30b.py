@@ -1,6 +1,6 @@
-"""gpu-30b suite: an OPT-30B-shaped model on one GPU capped at 16 GiB, as in the FlexGen paper's headline.
+"""GPU suites: gpu-30b, OPT-30B's shape on one GPU capped at 16 GiB (the paper's headline); gpu-moe, OLMoE's.
 
-The paper ran OPT-30B on a 16 GB T4, prompt 512, 32 generated tokens: FlexGen 7.32 tokens/s, Hugging Face
+gpu-30b. The paper ran OPT-30B on a 16 GB T4, prompt 512, 32 generated tokens: FlexGen 7.32 tokens/s, Hugging Face
 Accelerate 0.62, DeepSpeed ZeRO-Inference 0.60. This suite runs the same workload shape here:
 
 - the checkpoint: OPT-30B's shape (or another, `--shape`, e.g. opt-6.7b) with random weights
@@ -29,12 +29,21 @@ Baselines run one batch (batch b on the first b prompts): `generate` treats batc
 batches would repeat the same rate for a long time (a forward pass that streams its weights over PCIe takes
 seconds).
 
-Without CUDA the suite says why and exits 3 (skipped: nothing measured). OPT-30B's shape needs ~60 GB of free
-disk for the checkpoint and ~100 GiB of RAM; OPT-6.7B's 13 GB and ~40 GiB.
+gpu-moe (`--suite gpu-moe`). The same machinery for a mixture of experts: OLMoE-1B-7B's shape
+(allenai/OLMoE-1B-7B-0125-Instruct: 16 layers of 64 experts, each token routed to 8; 13.8 GB of float16 weights,
+`random_checkpoint.py` builds it from the planner's table of known models) under a GPU cap that forces offloading
+(default 3 GiB); the engine under the planner's policy (and with 4-bit weights and cache) against Accelerate at
+the same cap and transformers where it fits. Every step of a decode pass streams all 64 experts of each layer
+from the CPU, though a token uses 8: the planner's blocks amortise that over many sequences, Accelerate's batch
+is bounded by its KV cache on the GPU. FlexGen 0.1.8 runs OPT only (a skipped row where asked for).
+
+Without CUDA a suite says why and exits 3 (skipped: nothing measured). OPT-30B's shape needs ~60 GB of free
+disk for the checkpoint and ~100 GiB of RAM; OPT-6.7B's 13 GB and ~40 GiB; OLMoE-1B-7B's 14 GB and ~40 GiB.
 
     python benchmarks/bench_gpu30b.py --checkpoint-dir /data/opt-30b-random
     python benchmarks/bench_gpu30b.py --shape opt-6.7b --budget 6GiB --quick-profile --system-timeout 90
     python benchmarks/bench_gpu30b.py --systems engine accelerate --num-prompts 32   # a part, a smaller block
+    python benchmarks/bench_gpu30b.py --suite gpu-moe --budget 3GiB --quick-profile --num-prompts 64
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +63,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import suites  # noqa: E402
 from flexgen_baseline import SYSTEM as FLEXGEN, flexgen_unavailable, policy_problem, run_flexgen  # noqa: E402
 from isolated import FAILURES, JobRow, child_main, default_log_dir, exit_on_sigterm, run_isolated  # noqa: E402
-from random_checkpoint import OPT_SHAPES, build_random_opt, checkpoint_bytes, opt_config  # noqa: E402
+from random_checkpoint import (  # noqa: E402
+    MOE_SHAPES,
+    OPT_SHAPES,
+    SHAPES,
+    build_random_checkpoint,
+    checkpoint_bytes,
+    describe,
+    model_config,
+    opt_config,
+)
 from roofline import ModelFacts, Rates, load_or_measure  # noqa: E402
 from systems import (  # noqa: E402
     Measurement,
@@ -74,6 +93,7 @@ DTYPE, DTYPE_BYTES = "float16", 2
 SYSTEMS = ("transformers", "engine-paper", "engine", "engine-4bit", "ablations", "flexgen-paper",
            "flexgen-gpu-attention", "flexgen-planner", "accelerate", "deepspeed")
 DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "flexgen-planner")
+MOE_SYSTEMS = ("transformers", "engine", "engine-4bit", "ablations", "accelerate", "deepspeed")  # FlexGen: OPT only
 PAPER_T4 = {"FlexGen": 7.32, "Hugging Face Accelerate": 0.62, "DeepSpeed ZeRO-Inference": 0.60}
 CHECKPOINT_ROOT = Path("~/.cache/flexgen-helm/bench-models").expanduser()
 # A 30B run streams ~45 GiB of weights per generated token: minutes per system, where 6.7B takes one.
@@ -81,9 +101,26 @@ SYSTEM_TIMEOUT_S = {"opt-30b": 1800.0, "opt-13b": 900.0}
 DEFAULT_SYSTEM_TIMEOUT_S = 150.0
 MIN_SYSTEM_TIME_S = 10.0  # under --time-limit, a system with less time left than this is not started
 WRITE_RESERVE_S = 5.0  # of --time-limit, kept for writing the results
-ACCELERATE_MARGIN = 2 * GiB  # Accelerate's activations and allocator reserve beside its weights and KV cache
 ACCELERATE_MIN_WEIGHTS = 256 * MiB  # a batch whose KV cache leaves less GPU than this for weights is not tried
 PROMPT_SEED = 0
+
+
+@dataclass(frozen=True)
+class SuiteDefaults:
+    """What a suite of this script runs unless told otherwise."""
+
+    shapes: tuple[str, ...]         # the model shapes it takes; the first is its default
+    budget: str                     # the GPU cap of each system's process
+    systems: tuple[str, ...]
+    # Accelerate's activations and allocator reserve on the GPU beside its weights and KV cache (within its
+    # max_memory Accelerate itself keeps room for the largest layer it streams in: OLMoE's, ~0.8 GiB).
+    accelerate_margin: int
+
+
+SUITES = {
+    "gpu-30b": SuiteDefaults(("opt-30b", *sorted(set(OPT_SHAPES) - {"opt-30b"})), "16GiB", DEFAULT_SYSTEMS, 2 * GiB),
+    "gpu-moe": SuiteDefaults(("olmoe-1b-7b", *sorted(set(MOE_SHAPES) - {"olmoe-1b-7b"})), "3GiB", MOE_SYSTEMS, GiB),
+}
 
 
 def no_cuda_reason() -> str | None:
@@ -133,13 +170,13 @@ def gpu_attention_policy(paper: Policy) -> Policy:
 
 
 def accelerate_memory(shape, prompt_len: int, gen_len: int, batch: int, budget: int, cpu_limit: int,
-                      device: str) -> dict | None:
-    """Accelerate's max_memory at `batch`: the GPU budget less the KV cache and a margin for activations
+                      device: str, *, margin: int) -> dict | None:
+    """Accelerate's max_memory at `batch`: the GPU budget less the KV cache and `margin` for activations
     (Accelerate keeps both on the GPU), and the CPU limit; None where that leaves too little for weights."""
     if device != "cuda":
         return {"cpu": cpu_limit}
     per_seq = 2 * shape.num_layers * (prompt_len + gen_len) * shape.kv_width * DTYPE_BYTES
-    gpu = budget - per_seq * batch - ACCELERATE_MARGIN
+    gpu = budget - per_seq * batch - margin
     return {0: gpu, "cpu": cpu_limit} if gpu >= ACCELERATE_MIN_WEIGHTS else None
 
 
@@ -184,7 +221,7 @@ def run_suite(args) -> Path | None:
     cuda = args.device == "cuda"
     why = no_cuda_reason() if cuda else None
     if why:
-        print(f"gpu-30b skipped: {why}. It needs one GPU with at least {args.budget}, the disk for the "
+        print(f"{args.suite} skipped: {why}. It needs one GPU with at least {args.budget}, the disk for the "
               f"{args.shape} checkpoint and RAM for its offloaded weights.")
         return None
     suites.check_sizes(args)
@@ -202,11 +239,11 @@ def run_suite(args) -> Path | None:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cpu_limit = int(args.cpu_fraction * ram)
 
-    config = opt_config(args.shape)
+    config = model_config(args.shape)
     checkpoint_dir = args.checkpoint_dir or CHECKPOINT_ROOT / f"{args.shape}-random-{DTYPE}"
     weight_bytes = checkpoint_bytes(config, torch.float16)
     print(f"checkpoint: {format_size(weight_bytes)} in {checkpoint_dir}", flush=True)
-    path = build_random_opt(checkpoint_dir, config, DTYPE, device=args.device, progress=cuda)
+    path = build_random_checkpoint(checkpoint_dir, config, DTYPE, device=args.device, progress=cuda)
     model = ModelFacts.from_checkpoint(path)
     try:
         measured = load_or_measure(args.profile, args.device, args.offload_dir, quick=args.quick_profile)
@@ -223,6 +260,7 @@ def run_suite(args) -> Path | None:
     common = {"device": args.device, "dtype": DTYPE, "budget_bytes": budget, "cpu_limit_bytes": cpu_limit,
               "checkpoint": str(path), "shape": args.shape, "num_prompts": args.num_prompts,
               "prompt_len": args.prompt_len, "gen_len": args.gen_len, "vocab_size": config.vocab_size,
+              "accelerate_margin_bytes": args.accelerate_margin,
               "offload_dir": args.offload_dir}
     jobs = Jobs(args, common, started)
     measurements: list[Measurement] = []
@@ -261,7 +299,8 @@ def run_suite(args) -> Path | None:
             return [skipped(FLEXGEN, label, policy)]
         batch = f"{policy.gpu_batch_size}x{policy.num_gpu_batches}"
         weights = "percent " + " ".join(map(str, policy.percent[:2]))
-        why = flexgen_unavailable(args.device) or policy_problem(policy)
+        why = (None if args.shape in OPT_SHAPES else "FlexGen 0.1.8 runs OPT models only")
+        why = why or flexgen_unavailable(args.device) or policy_problem(policy)
         if why:
             return [skipped(FLEXGEN, label, why, batch, weights)]
         usable = args.num_prompts // policy.block_size * policy.block_size
@@ -321,11 +360,11 @@ def run_suite(args) -> Path | None:
         "deepspeed": deepspeed_run,
     }
     for index, system in enumerate(wanted):
-        print(f"[gpu-30b] {system}", flush=True)
+        print(f"[{args.suite}] {system}", flush=True)
         rows = steps[system](len(wanted) - index)
         for m in rows:
             rate = f", {m.tokens_per_s:.3g} tokens/s" if m.tokens_per_s else ""
-            print(f"[gpu-30b]   {m.label} [{m.batch}]: {m.status}{rate}", flush=True)
+            print(f"[{args.suite}]   {m.label} [{m.batch}]: {m.status}{rate}", flush=True)
         measurements += rows
 
     rows = [suites.to_row(m, model, rates, profile, args.prompt_len, args.gen_len, DTYPE_BYTES) for m in measurements]
@@ -335,18 +374,19 @@ def run_suite(args) -> Path | None:
                 row[key] = m.extra[key]
     where = (f"{torch.cuda.get_device_name(0)} capped at {format_size(budget)}" if cuda
              else "the CPU (a testing run: no GPU, no cap)")
-    title = (f"gpu-30b: {args.shape} shape (random weights, float16) on {where}, "
+    title = (f"{args.suite}: {args.shape} shape (random weights, float16) on {where}, "
              f"{args.num_prompts} prompts x {args.prompt_len} tokens, {args.gen_len} generated")
     sections = [_comparison_section(rows, where, args.shape)]
     failed = any(r["status"].startswith(("failed", "timed out")) for r in rows)
     notes = _notes(args, config, budget, cpu_limit, rates, jobs, failed, time.time() - started)
-    extra = {"suite": "gpu-30b", "model": {"shape": args.shape, "weight_bytes": weight_bytes, "dtype": DTYPE},
+    extra = {"suite": args.suite, "model": {"shape": args.shape, "weight_bytes": weight_bytes, "dtype": DTYPE},
              "workload": {"num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "gen_len": args.gen_len},
              "device": args.device, "budget_bytes": budget, "cpu_limit_bytes": cpu_limit,
              "system_timeout_s": args.system_timeout, "time_limit_s": args.time_limit,
              "rates": rates.to_dict() if rates else None, "profile": measured.to_dict() if measured else None,
-             "paper_t4_tokens_per_s": PAPER_T4, "wall_s": round(time.time() - started, 1)}
-    name = args.name or ("gpu-30b" if args.shape == "opt-30b" else f"gpu-30b-{args.shape}")
+             "paper_t4_tokens_per_s": PAPER_T4 if args.shape in OPT_SHAPES else None,
+             "wall_s": round(time.time() - started, 1)}
+    name = args.name or (args.suite if args.shape == SUITES[args.suite].shapes[0] else f"{args.suite}-{args.shape}")
     out = suites.write_suite(name, title, rows, args.out, "\n\n".join([*sections, notes]), [], extra,
                              columns=suites.GPU_COLUMNS)
     if not args.logs and not failed:
@@ -362,6 +402,8 @@ def _comparison_section(rows: list[dict], where: str, shape: str) -> str:
     here = ", ".join(f"{name} {row['tokens_per_s']:.3g}" for name, row in
                      (("engine", engine), *others.items()) if row)
     paper_ratio = {FLEXGEN: None, "Accelerate": 7.32 / 0.62, "DeepSpeed": 7.32 / 0.60}
+    if shape not in OPT_SHAPES:  # a mixture of experts: the paper has no figure to hold it against
+        paper_ratio = dict.fromkeys(paper_ratio)
     if shape == "opt-30b":
         lines = ["## Against the paper", "",
                  "The paper's OPT-30B figures (prompt 512, 32 generated) are from one NVIDIA T4 (16 GB, PCIe 3.0, "
@@ -374,7 +416,8 @@ def _comparison_section(rows: list[dict], where: str, shape: str) -> str:
         lines = ["## Between the systems", "",
                  f"{shape}'s shape on {where}: {here or 'no system ran'} tokens/s "
                  "(best row of each). The paper's ratios (FlexGen 11.8x Accelerate, 12.2x DeepSpeed) are for "
-                 "OPT-30B on a 16 GB T4."]
+                 "OPT-30B on a 16 GB T4" + ("." if shape in OPT_SHAPES else
+                                           ", a dense model; the paper has no mixture of experts.")]
     for name, row in others.items():
         r = suites.ratio(engine, row)
         if r is not None:
@@ -389,11 +432,11 @@ def _notes(args, config, budget, cpu_limit, rates, jobs: Jobs, failed: bool, wal
         limit += f", and the suite's {args.time_limit:.0f} s shared among the systems left"
     lines = [
         "## Notes", "",
-        f"- Model: {args.shape}'s shape ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"{config.num_attention_heads} heads, FFN {config.ffn_dim}, vocabulary {config.vocab_size}), random float16 "
-        "weights from `benchmarks/random_checkpoint.py` (the EOS embedding row is zero, so greedy generation runs "
-        "the full length); FlexGen 0.1.8 runs its own dummy weights (all ones) of the same shape. Prompts: random "
-        "token ids, all the same length; greedy.",
+        f"- Model: {args.shape}'s shape ({describe(config)}), random float16 weights from "
+        "`benchmarks/random_checkpoint.py` (the EOS row of the output embedding is zero, so greedy generation runs "
+        "the full length)" + ("; FlexGen 0.1.8 runs its own dummy weights (all ones) of the same shape"
+                              if args.shape in OPT_SHAPES else "") +
+        ". Prompts: random token ids, all the same length; greedy.",
         f"- Each system ran in a process of its own ({limit}). "
         + (f"GPU budget: each process held itself to {format_size(budget)} with "
            "`torch.cuda.set_per_process_memory_fraction`; `gpu_max_allocated_mib` and `gpu_max_reserved_mib` are "
@@ -404,12 +447,14 @@ def _notes(args, config, budget, cpu_limit, rates, jobs: Jobs, failed: bool, wal
         f"for the plans and Accelerate: {format_size(cpu_limit)} ({args.cpu_fraction:.0%} of RAM).",
         "- Accelerate ran the largest batch of " + ", ".join(map(str, args.accelerate_batches)) + " whose KV cache "
         f"left it at least {format_size(ACCELERATE_MIN_WEIGHTS)} of GPU for weights beside a "
-        f"{format_size(ACCELERATE_MARGIN)} margin, then smaller ones until one ran without running out of memory, "
+        f"{format_size(args.accelerate_margin)} margin, then smaller ones until one ran without running out of memory, "
         "on that many prompts.",
-        f"- {FLEXGEN} rows: its `weights_in_budget_mib`, roofline and `predicted_tokens_per_s` are our accounting "
-        "and cost model of the same policy (FlexGen places weights by the same per-layer midpoint rule); its own "
-        "timer's prefill and decode seconds are in the JSON (`flexgen_timer`).",
     ]
+    if args.shape in OPT_SHAPES:
+        lines.append(
+            f"- {FLEXGEN} rows: its `weights_in_budget_mib`, roofline and `predicted_tokens_per_s` are our accounting "
+            "and cost model of the same policy (FlexGen places weights by the same per-layer midpoint rule); its own "
+            "timer's prefill and decode seconds are in the JSON (`flexgen_timer`).")
     if rates is not None:
         lines.append(
             "- Roofline: per phase max(FLOPs / measured fp16 matmul rate, weight bytes streamed / measured bandwidth "
@@ -419,9 +464,9 @@ def _notes(args, config, budget, cpu_limit, rates, jobs: Jobs, failed: bool, wal
     if failed:
         lines.append(f"- The failed systems' output: {jobs.log_dir}/ (one log per system).")
     lines.append(
-        f"- The suite took {wall_s / 60:.1f} min. Reproduce: `flexgen bench gpu-30b --shape {args.shape} --budget "
-        f"{args.budget}` (`python benchmarks/bench_gpu30b.py --shape {args.shape} --num-prompts {args.num_prompts} "
-        f"--prompt-len {args.prompt_len} --gen-len {args.gen_len} --budget {args.budget}"
+        f"- The suite took {wall_s / 60:.1f} min. Reproduce: `flexgen bench {args.suite} --shape {args.shape} --budget "
+        f"{args.budget}` (`python benchmarks/bench_gpu30b.py --suite {args.suite} --shape {args.shape} --num-prompts "
+        f"{args.num_prompts} --prompt-len {args.prompt_len} --gen-len {args.gen_len} --budget {args.budget}"
         f"{'' if args.device == 'cuda' else ' --device cpu'}`).")
     return "\n".join(lines)
 
@@ -448,16 +493,18 @@ def _flexgen_job(job: dict) -> list[Measurement]:
 def _accelerate_job(job: dict) -> list[Measurement]:
     model = ModelFacts.from_checkpoint(job["checkpoint"])
     prompts = _job_prompts(job)
-    fitting = [b for b in job["batches"] if accelerate_memory(model.shape, job["prompt_len"], job["gen_len"], b,
-                                                              job["budget_bytes"], job["cpu_limit_bytes"],
-                                                              job["device"])]
+
+    def max_memory(batch: int) -> dict | None:
+        return accelerate_memory(model.shape, job["prompt_len"], job["gen_len"], batch, job["budget_bytes"],
+                                 job["cpu_limit_bytes"], job["device"], margin=job["accelerate_margin_bytes"])
+
+    fitting = [b for b in job["batches"] if max_memory(b)]
     if not fitting:
         return [skipped("Accelerate", job["row"]["label"], "the KV cache of every batch tried leaves no GPU budget "
                         "for weights", job["row"]["batch"])]
-    max_memory = accelerate_memory(model.shape, job["prompt_len"], job["gen_len"], fitting[0], job["budget_bytes"],
-                                   job["cpu_limit_bytes"], job["device"])
-    return run_accelerate(job["checkpoint"], prompts, job["gen_len"], fitting, max_memory, job["device"], job["dtype"],
-                          job["offload_dir"], prompts_for_batch={b: prompts[:b] for b in fitting}, first_fit=True)
+    return run_accelerate(job["checkpoint"], prompts, job["gen_len"], fitting, max_memory(fitting[0]), job["device"],
+                          job["dtype"], job["offload_dir"], prompts_for_batch={b: prompts[:b] for b in fitting},
+                          first_fit=True)
 
 
 def _transformers_job(job: dict) -> list[Measurement]:
@@ -479,18 +526,25 @@ CHILD_RUNNERS = {"engine": _engine_job, "flexgen": _flexgen_job, "accelerate": _
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--shape", choices=sorted(OPT_SHAPES), default="opt-30b",
-                        help="the OPT shape of the random checkpoint (default opt-30b)")
-    parser.add_argument("--budget", default="16GiB", help="GPU memory each system's process may use (default 16GiB)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="gpu-30b",
+                        help="gpu-30b (OPT shapes) or gpu-moe (mixtures of experts) (default gpu-30b)")
+    parser.add_argument("--shape", choices=SHAPES, default=None,
+                        help="the shape of the random checkpoint (default: gpu-30b opt-30b, gpu-moe olmoe-1b-7b)")
+    parser.add_argument("--budget", default=None, help="GPU memory each system's process may use (default: gpu-30b "
+                                                       "16GiB, gpu-moe 3GiB)")
+    parser.add_argument("--accelerate-margin", default=None,
+                        help="GPU memory Accelerate keeps for activations beside its weights and KV cache (default: "
+                             "gpu-30b 2GiB, gpu-moe 1GiB)")
     parser.add_argument("--cpu-fraction", type=float, default=0.85, help="share of RAM plans may use (default 0.85)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help=f"where the random checkpoint is built (default {CHECKPOINT_ROOT}/SHAPE-random-float16; "
-                             "~56 GiB for opt-30b, 12.4 GiB for opt-6.7b)")
+                             "~56 GiB for opt-30b, 12.4 GiB for opt-6.7b, 12.9 GiB for olmoe-1b-7b)")
     parser.add_argument("--accelerate-batches", type=int, nargs="+", default=[16, 8, 4, 2, 1],
                         help="Accelerate's batches, tried largest first until one fits (default 16 8 4 2 1); the "
                              "largest also sets the transformers and DeepSpeed batch")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(DEFAULT_SYSTEMS),
-                        help="run only these (default: all but flexgen-planner)")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
+                        help="run only these (default: gpu-30b all but flexgen-planner; gpu-moe "
+                             f"{' '.join(MOE_SYSTEMS)})")
     parser.add_argument("--system-timeout", type=float, default=None,
                         help="wall-clock limit of each system's process, seconds (default "
                              f"{DEFAULT_SYSTEM_TIMEOUT_S:.0f}; "
@@ -512,6 +566,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_suite_defaults(args) -> None:
+    """Fill what was not given from the suite's defaults, and check the shape is one of the suite's."""
+    suite = SUITES[args.suite]
+    if args.shape is None:
+        args.shape = suite.shapes[0]
+    elif args.shape not in suite.shapes:
+        raise SystemExit(f"error: {args.suite} takes --shape {', '.join(suite.shapes)}; got {args.shape!r}")
+    args.budget = args.budget or suite.budget
+    args.systems = args.systems or list(suite.systems)
+    args.accelerate_margin = parse_size(args.accelerate_margin) if args.accelerate_margin else suite.accelerate_margin
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -520,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("error: --run-one needs --result")
         return child_main(args.run_one, args.result, CHILD_RUNNERS)
     if args.shapes:
-        raise SystemExit("error: gpu-30b takes no --shapes: the planner chooses the engine's blocks")
+        raise SystemExit(f"error: {args.suite} takes no --shapes: the planner chooses the engine's blocks")
+    apply_suite_defaults(args)
     if args.system_timeout is None:
         args.system_timeout = SYSTEM_TIMEOUT_S.get(args.shape, DEFAULT_SYSTEM_TIMEOUT_S)
     exit_on_sigterm()

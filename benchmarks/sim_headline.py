@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_results  # noqa: E402
-from random_checkpoint import build_random_opt, opt_config  # noqa: E402
+from random_checkpoint import build_random_checkpoint, opt_config  # noqa: E402
 
 from flexgen_core import Engine, Policy  # noqa: E402
 from flexgen_core.plan.workload import Workload  # noqa: E402
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     label, now, full = planned_now(args.shape, args.budget, args.cpu, args.prompt_len, 32)
     policies = [(label, now, full)] + [(label, policy, {}) for label, policy in POLICIES.items()]
     with tempfile.TemporaryDirectory() as scratch:
-        path = build_random_opt(args.checkpoint_dir or Path(scratch) / "model", config, "float32", progress=False)
+        path = build_random_checkpoint(args.checkpoint_dir or Path(scratch) / "model", config, "float32", progress=False)
         rows = []
         for label, policy, full in policies:
             # One layer computes one GPU batch at a time: the block's other batches add no transient.

@@ -2,10 +2,10 @@
 
 The suites are scripts in `benchmarks/` (not an installed package), found next to this package: `flexgen
 bench` works from a repository checkout installed with `pip install -e .`. Each suite runs its systems
-side by side (gpu-30b: each in a process of its own, under a time limit) and writes `<out>/<suite>.md`,
-`.json` and `.png` (gpu-30b with `--shape S`: `<out>/gpu-30b-S.*`), by default into a scratch
-folder of the user's own (`$TMPDIR/flexgen-bench-<uid>/`, made 0700 and refused if another user
-made it or may write to it): the checkout's committed `benchmarks/results/` changes only with
+side by side (gpu-30b and gpu-moe: each in a process of its own, under a time limit) and writes
+`<out>/<suite>.md`, `.json` and `.png` (gpu-30b or gpu-moe with another `--shape S`: `<out>/<suite>-S.*`),
+by default into a scratch folder of the user's own (`$TMPDIR/flexgen-bench-<uid>/`, made 0700 and refused if
+another user made it or may write to it): the checkout's committed `benchmarks/results/` changes only with
 `--out benchmarks/results`. The suite scripts take a few more options than these (`python
 benchmarks/<script> --help`).
 """
@@ -24,7 +24,7 @@ from flexgen_core.runtime.private_dir import private_folder, user_temp_folder
 
 BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRATCH_OUT = user_temp_folder("flexgen-bench")
-# A suite script that ran but could not measure (gpu-30b without CUDA) exits with this code.
+# A suite script that ran but could not measure (gpu-30b or gpu-moe without CUDA) exits with this code.
 SKIPPED_EXIT = 3
 
 
@@ -46,23 +46,29 @@ SUITES = {
     "gpu-30b": Suite("bench_gpu30b.py", (),
                      "OPT-30B shape (or --shape), random weights, GPU capped at 16 GiB, vs FlexGen 0.1.8 and "
                      "Accelerate (needs CUDA; ~60 GB disk)"),
+    "gpu-moe": Suite("bench_gpu30b.py", ("--suite", "gpu-moe"),
+                     "OLMoE-1B-7B shape (64 experts, top 8), random weights, GPU capped at 3 GiB, vs Accelerate "
+                     "(needs CUDA; ~14 GB disk)"),
     "helm": Suite("bench_helm.py", (), "the same helm-run through FlexGenClient and HELM's HuggingFaceClient"),
 }
 # Options passed on to the suite scripts as given (none apply to the helm suite).
 _PASSED = (
-    ("--budget", str, "cpu-offload and cpu-moe: RAM for weights (default 256MiB); gpu-30b: GPU memory "
-                      "cap (default 16GiB)"),
+    ("--budget", str, "cpu-offload and cpu-moe: RAM for weights (default 256MiB); gpu-30b and gpu-moe: GPU "
+                      "memory cap (default 16GiB, 3GiB)"),
     ("--shapes", str, "engine block shapes to sweep, GPU batch x batches per block, e.g. 16x1 4x4"),
     ("--batch1-prompts", int, "batch-1 baselines run on the first N prompts (0 = all)"),
     ("--profile", str, "hardware profile JSON for the roofline and cost model instead of measuring now"),
     ("--offload-dir", str, "folder for offload files (default: the temp folder)"),
-    ("--checkpoint-dir", str, "gpu-30b: where the random checkpoint is built (~60 GB for OPT-30B's shape)"),
-    ("--shape", str, "gpu-30b: the OPT shape of the random checkpoint, e.g. opt-6.7b (default opt-30b)"),
-    ("--system-timeout", float, "gpu-30b: wall-clock limit of each system's process, seconds"),
-    ("--time-limit", float, "gpu-30b: the whole suite's wall-clock budget, seconds"),
+    ("--checkpoint-dir", str, "gpu-30b and gpu-moe: where the random checkpoint is built (~60 GB for OPT-30B's "
+                              "shape)"),
+    ("--shape", str, "gpu-30b: the OPT shape of the random checkpoint, e.g. opt-6.7b (default opt-30b); gpu-moe: "
+                     "olmoe-1b-7b (default) or olmoe-tiny"),
+    ("--system-timeout", float, "gpu-30b and gpu-moe: wall-clock limit of each system's process, seconds"),
+    ("--time-limit", float, "gpu-30b and gpu-moe: the whole suite's wall-clock budget, seconds"),
 )
-# Options of the gpu-30b suite only.
-_GPU_30B_ONLY = ("--checkpoint-dir", "--shape", "--system-timeout", "--time-limit")
+# The suites whose systems run in processes of their own (bench_gpu30b.py), and their options.
+_GPU_SUITES = ("gpu-30b", "gpu-moe")
+_GPU_ONLY = ("--checkpoint-dir", "--shape", "--system-timeout", "--time-limit")
 # Tiny sizes that run every system of a suite end to end in a minute or two.
 SMOKE = {"num_prompts": 2, "prompt_len": 32, "gen_len": 4}
 
@@ -73,8 +79,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench", help="run a benchmark suite against the alternatives (table, JSON and plot)",
         description="Run a benchmark suite: our engine and the alternatives on the same model, prompts and "
-                    "memory budget (gpu-30b: each system in a process of its own); writes <out>/<suite>.md, "
-                    ".json and .png.",
+                    "memory budget (gpu-30b, gpu-moe: each system in a process of its own); writes "
+                    "<out>/<suite>.md, .json and .png.",
         epilog=f"suites:\n{listing}\n\nRuns from a repository checkout (pip install -e .). The scripts in "
                "benchmarks/ take these options and a few more (python benchmarks/<script> --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,10 +133,10 @@ def suite_command(args) -> list[str]:
         for flag, value in passed.items():
             if flag == "--budget" and args.suite == "cpu-small":
                 raise ValueError("--budget does not apply to cpu-small (weights all in RAM or all on disk)")
-            if flag in _GPU_30B_ONLY and args.suite != "gpu-30b":
-                raise ValueError(f"{flag} applies to gpu-30b only, not {args.suite}")
-            if flag == "--shapes" and args.suite == "gpu-30b":
-                raise ValueError("--shapes does not apply to gpu-30b: the planner chooses the engine's blocks")
+            if flag in _GPU_ONLY and args.suite not in _GPU_SUITES:
+                raise ValueError(f"{flag} applies to {' and '.join(_GPU_SUITES)} only, not {args.suite}")
+            if flag == "--shapes" and args.suite in _GPU_SUITES:
+                raise ValueError(f"--shapes does not apply to {args.suite}: the planner chooses the engine's blocks")
             command += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
     return command
 

@@ -129,13 +129,14 @@ def test_bench_outside_a_checkout_says_so(tmp_path, monkeypatch):
         bench_cli.suite_command(_bench_args("cpu-small", "--smoke"))
 
 
-def test_gpu_30b_without_cuda_exits_non_zero():
+@pytest.mark.parametrize("suite", ["gpu-30b", "gpu-moe"])
+def test_gpu_suites_without_cuda_exit_non_zero(suite):
     """A suite that measured nothing must not look like a success to a script running it."""
     if torch.cuda.is_available():
         pytest.skip("CUDA is here: the suite would run for real")
-    out = subprocess.run([sys.executable, "-m", "flexgen_core.cli", "bench", "gpu-30b"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "flexgen_core.cli", "bench", suite], capture_output=True, text=True)
     assert out.returncode == bench_cli.SKIPPED_EXIT
-    assert "gpu-30b skipped: no CUDA device" in out.stdout and "nothing was measured" in out.stderr
+    assert f"{suite} skipped: no CUDA device" in out.stdout and "nothing was measured" in out.stderr
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,3 +186,105 @@ def test_gpu_30b_suite_end_to_end_on_a_tiny_shape(tmp_path):
     assert flexgen["status"].startswith("skipped: ")
     for label in ("engine: the paper's HELM policy for OPT-IML-30B", "engine: planner's policy"):
         assert any(line.startswith(f"| {label} | 4x1 |") and "| ok |" in line for line in table.splitlines())
+
+
+def test_gpu_moe_suite_command_and_defaults(tmp_path):
+    """`flexgen bench gpu-moe` runs bench_gpu30b.py's gpu-moe suite with the GPU suites' options; the script
+    fills the suite's shape, cap, systems and Accelerate margin, and takes only mixture-of-experts shapes."""
+    command = bench_cli.suite_command(_bench_args("gpu-moe", "--shape", "olmoe-tiny", "--time-limit", "120",
+                                                  "--out", str(tmp_path)))
+    assert command[1].endswith("bench_gpu30b.py")
+    assert command[2:] == ["--suite", "gpu-moe", "--out", str(tmp_path), "--shape", "olmoe-tiny", "--time-limit",
+                           "120.0"]
+    with pytest.raises(ValueError):
+        bench_cli.suite_command(_bench_args("gpu-moe", "--shapes", "4x1"))
+    bench = pytest.importorskip("bench_gpu30b")
+    args = bench.build_parser().parse_args(["--suite", "gpu-moe"])
+    bench.apply_suite_defaults(args)
+    assert (args.shape, args.budget, args.accelerate_margin) == ("olmoe-1b-7b", "3GiB", 2**30)
+    assert "accelerate" in args.systems and not any(s.startswith("flexgen") for s in args.systems)
+    for suite, shape in (("gpu-moe", "opt-6.7b"), ("gpu-30b", "olmoe-tiny")):
+        with pytest.raises(SystemExit, match="takes --shape"):
+            bench.apply_suite_defaults(bench.build_parser().parse_args(["--suite", suite, "--shape", shape]))
+
+
+def test_random_moe_checkpoint_is_in_the_hub_layout(tmp_path):
+    """A random OLMoE checkpoint holds one tensor per expert (as the hub's, which transformers 5 fuses on
+    loading), one shard per decoder layer, unit norms and a zero EOS row in the (untied) output embedding."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    random_checkpoint = pytest.importorskip("random_checkpoint")
+    config = random_checkpoint.model_config("olmoe-tiny")
+    path = random_checkpoint.build_random_checkpoint(tmp_path / "olmoe", config, "float32", device="cpu",
+                                                     progress=False)
+    weight_map = json.loads((path / random_checkpoint.INDEX).read_text())["weight_map"]
+    assert len(set(weight_map.values())) == config.num_hidden_layers + 1
+    last = config.num_experts - 1
+    for name in (f"model.layers.1.mlp.experts.{last}.down_proj.weight", "model.layers.0.mlp.gate.weight",
+                 "model.layers.0.self_attn.q_norm.weight", "lm_head.weight"):
+        assert name in weight_map, name
+    with safe_open(str(path / weight_map["lm_head.weight"]), "pt") as shard:
+        assert not shard.get_tensor("lm_head.weight")[config.eos_token_id].any()
+    with safe_open(str(path / weight_map["model.layers.0.self_attn.q_norm.weight"]), "pt") as shard:
+        assert (shard.get_tensor("model.layers.0.self_attn.q_norm.weight") == 1).all()
+    _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info
+    assert random_checkpoint.checkpoint_bytes(config, torch.float32) == sum(
+        f.stat().st_size for f in path.glob("model-*.safetensors")) - _safetensors_headers(path)
+
+
+def _safetensors_headers(path: Path) -> int:
+    """Bytes of the safetensors files that are not tensor data: each file's 8-byte length and JSON header."""
+    total = 0
+    for file in path.glob("model-*.safetensors"):
+        with open(file, "rb") as f:
+            total += 8 + int.from_bytes(f.read(8), "little")
+    return total
+
+
+def test_gpu_moe_suite_end_to_end_on_a_tiny_shape(tmp_path):
+    """The gpu-moe suite's whole path on the CPU (its testing device) with a tiny OLMoE shape: the engine under
+    the planner's policy and Accelerate, each in a process of its own, one table; FlexGen 0.1.8 (OPT only) is
+    a skipped row."""
+    from test_planner import cpu_host
+
+    profile = cpu_host(8).save(tmp_path / "cpu-profile.json")
+    out_dir = tmp_path / "results"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_gpu30b.py"), "--suite", "gpu-moe", "--device", "cpu",
+               "--shape", "olmoe-tiny", "--budget", "64MiB", "--num-prompts", "4", "--prompt-len", "16",
+               "--gen-len", "4", "--profile", str(profile), "--checkpoint-dir", str(tmp_path / "checkpoint"),
+               "--out", str(out_dir), "--offload-dir", str(tmp_path), "--logs", str(tmp_path / "logs"),
+               "--system-timeout", "60", "--systems", "engine", "flexgen-paper", "accelerate"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (out_dir / "gpu-moe-olmoe-tiny.md").read_text()
+    assert table in done.stdout and table.startswith("# gpu-moe: olmoe-tiny shape")
+    data = json.loads((out_dir / "gpu-moe-olmoe-tiny.json").read_text())
+    assert data["suite"] == "gpu-moe"
+    rows = {row["system"]: row for row in data["rows"]}
+    engine = rows["engine: planner's policy"]
+    assert engine["status"] == "ok" and engine["tokens_per_s"] > 0 and engine["process"]["exit_code"] == 0
+    accelerate = next(row for name, row in rows.items() if name.startswith("Accelerate"))
+    assert accelerate["status"] == "ok" and accelerate["batch"] == "4"
+    flexgen = next(row for name, row in rows.items() if name.startswith("FlexGen"))
+    assert flexgen["status"] == "skipped: FlexGen 0.1.8 runs OPT models only"
+    assert "Engine vs Accelerate on this machine" in table and "experts per layer" in table
+
+
+def test_gpu_check_skips_the_moe_benchmark_when_time_is_short(tmp_path):
+    """scripts/gpu_check.sh's testing path on the CPU: with too little of its time limit left, the MoE benchmark
+    is skipped and says so (a skip, not a failure: the exit code is the headline benchmark's, here not run)."""
+    from test_planner import cpu_host
+
+    profile = cpu_host(8).save(tmp_path / "cpu-profile.json")
+    env = os.environ | {"PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SHAPE": "opt-tiny",
+                        "GPU_CHECK_MOE_SHAPE": "olmoe-tiny", "GPU_CHECK_PROFILE": str(profile),
+                        "GPU_CHECK_TIME_LIMIT": "70"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "out")], capture_output=True,
+                         text=True, env=env, timeout=240)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "gpu_check: no time left for the benchmark" in out.stdout
+    assert "gpu_check: MoE benchmark skipped:" in out.stdout
+    assert "MoE benchmark skipped (see " in out.stdout.splitlines()[-1]
+    assert "MoE benchmark skipped:" in (tmp_path / "out" / "gpu-check-moe.log").read_text()
