@@ -212,6 +212,31 @@ def test_packed_batches_match_transformers(preset, device, tmp_path):
         check_result(hf, prompt, result, logprob_tol=LOGPROB_TOL, tie_tol=TIE_TOL, echo=True, top_k=2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("preset", ["mixtral", "olmoe", "gemma2"])
+def test_sampled_sequences_are_scored_as_transformers_scores_them(preset, device, tmp_path):
+    """Sampling (temperature 1.5, top-p 0.95) through an offloaded placement: each sampled sequence leaves
+    the greedy path, and every token's logprob is transformers' log-softmax at that position of that very
+    sequence, so routing and caches follow the sampled tokens."""
+    path = build_checkpoint(preset)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = sample_prompts(path, 3, 5, 30, seed=4)
+    with Engine.from_pretrained(path, policy=PLACEMENTS["cache-split-cpu-attention"], offload_dir=tmp_path,
+                                device=device) as engine:
+        greedy = engine.generate(prompts, max_new_tokens=8)
+        results = engine.generate(prompts, max_new_tokens=8, num_completions=3, temperature=1.5, top_p=0.95, seed=5)
+    off_greedy = 0
+    for prompt, result, first in zip(prompts, results, greedy):
+        for completion in result.completions:
+            tokens = list(completion.token_ids)
+            off_greedy += tokens != list(first.completions[0].token_ids)
+            with torch.no_grad():
+                ref = torch.log_softmax(hf(torch.tensor([list(prompt) + tokens])).logits[0].float(), dim=-1)
+            for step, token in enumerate(tokens):
+                assert abs(completion.logprobs[step] - ref[len(prompt) - 1 + step, token].item()) <= LOGPROB_TOL
+    assert off_greedy >= 3  # the test's power: sampled paths differ from the greedy one
+
+
 @pytest.mark.parametrize("name", ["all-on-device", "mixed-three-tiers", "cache-split-cpu-attention",
                                   "activations-on-cpu"])
 @pytest.mark.parametrize("preset", MOE_PRESETS + GEMMA_PRESETS)
