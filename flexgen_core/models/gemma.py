@@ -25,9 +25,8 @@ from typing import Any, Mapping
 import torch
 
 from flexgen_core.models import layers as L
-from flexgen_core.models.base import LayerKind
-from flexgen_core.models.llama import (DEFAULT_ROPE_THETA, NAMES, LlamaAttention, LlamaConfig, LlamaInput, LlamaOutput,
-                                       RopeScaling, Rotary, common_fields, rope_from_hf, rope_inv_freq)
+from flexgen_core.models.llama import (DEFAULT_ROPE_THETA, NAMES, LlamaAttention, LlamaConfig, LlamaInput, LlamaMLP,
+                                       LlamaOutput, RopeScaling, Rotary, common_fields, rope_from_hf, rope_inv_freq)
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 GEMMA3_GLOBAL_THETA, GEMMA3_LOCAL_THETA = 1_000_000.0, 10_000.0  # transformers' Gemma3TextConfig defaults
@@ -132,21 +131,14 @@ class GemmaAttention(LlamaAttention):
         return x + self.norm(out, w["post_norm"], self.cfg.rms_norm_eps)
 
 
-class GemmaMLP:
-    kind = LayerKind.MLP
-
+class GemmaMLP(LlamaMLP):
     def __init__(self, cfg: GemmaConfig, index: int):
-        self.cfg = cfg
-        self.name = f"layer{index}.mlp"
-        self.act = L.activation(cfg.activation)
-        h, f, p = cfg.hidden_size, cfg.ffn_size, f"layers.{index}."
-        self.specs = [
-            NAMES.matrix("gate", p + "mlp.gate_proj.weight", f, h),
-            NAMES.matrix("up", p + "mlp.up_proj.weight", f, h),
-            NAMES.matrix("down", p + "mlp.down_proj.weight", h, f),
-            NAMES.vector("norm_w", p + "pre_feedforward_layernorm.weight", h),
-            NAMES.vector("post_norm", p + "post_feedforward_layernorm.weight", h),
-        ]
+        super().__init__(cfg, index)
+        p, h = f"layers.{index}.", cfg.hidden_size
+        # Gemma normalises before the MLP with a norm of its own (post_attention_layernorm is GemmaAttention's).
+        assert self.specs[-1].name == "norm_w", "LlamaMLP's specs end with its norm (no MLP biases in Gemma)"
+        self.specs[-1] = NAMES.vector("norm_w", p + "pre_feedforward_layernorm.weight", h)
+        self.specs.append(NAMES.vector("post_norm", p + "post_feedforward_layernorm.weight", h))
 
     def forward(self, w, x: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
